@@ -1,0 +1,374 @@
+"""The ``wsss-bench`` command line (Typer).  Plugins may add commands via register_commands."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from wsss_bench.errors import UserError
+from wsss_bench.progress import console, err_console, say
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark harness for weakly supervised medical image segmentation.")
+data_app = typer.Typer(no_args_is_help=True, help="Write phantoms and prepare slice stores.")
+app.add_typer(data_app, name="data")
+
+_STATE: dict[str, Any] = {"strict": None, "plugins_dirs": [], "trace": None, "host": None}
+
+DEFAULT_CACHE = Path(os.environ.get("WSSS_BENCH_CACHE", Path.home() / ".cache" / "wsss-bench"))
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a UserError as one line and exit 2 (no traceback for a user's mistake)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            err_console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True, markup=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def get_host(extra_dirs: list[str] | None = None, strict: bool | None = None):
+    from wsss_bench.plugins import load_plugins
+
+    dirs = list(_STATE["plugins_dirs"]) + list(extra_dirs or [])
+    strict = _STATE["strict"] if strict is None else strict
+    key = (tuple(dirs), strict, _STATE["trace"])
+    host = _STATE["host"]
+    if host is None or _STATE.get("host_key") != key:
+        host = load_plugins(strict=strict or None, plugins_dirs=dirs, trace=_STATE["trace"])
+        _STATE.update(host=host, host_key=key)
+    return host
+
+
+@app.callback()
+@user_errors
+def main_options(
+    strict: bool = typer.Option(False, "--strict", help="Fail on a plugin that cannot load (default: warn and skip)."),
+    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
+    trace: bool = typer.Option(False, "--trace", help="Print every plugin hook call."),
+) -> None:
+    _STATE["strict"] = True if strict else None
+    _STATE["plugins_dirs"] = [str(p) for p in plugins_dir]
+    _STATE["trace"] = True if trace else None
+
+
+def _split_csv(values: list[str]) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        out += [s.strip() for s in v.split(",") if s.strip()]
+    return out
+
+
+def _seeds(values: list[str]) -> list[int]:
+    try:
+        return [int(s) for s in _split_csv(values)] or [0]
+    except ValueError:
+        raise UserError(f"--seed {values}: seeds are integers, e.g. --seed 0 or --seed 0,1,2") from None
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_")[:80]
+
+
+# ---------------------------------------------------------------------------- run
+@app.command()
+@user_errors
+def run(
+    method: str = typer.Option(..., "--method", "-m", help="Refiner spec, e.g. threshold or cldf[tau=[0.1,0.5]]."),
+    cam: Optional[str] = typer.Option(None, "--cam", "-c", help="CAM source spec(s), e.g. gradcam or gradcam,layercam."),
+    task: List[str] = typer.Option(["brats"], "--task", "-t", help="brats, flare21-kidney, flare21-spleen, flare21-liver (repeatable / comma list)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real dataset folder (BraTS21 or FLARE21 layout). Default: the embedded synthetic phantom."),
+    profile: str = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md)."),
+    seed: List[str] = typer.Option(["0"], "--seed", help="Base seed(s); several form a grid axis."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<task>_<cam>_<method>_<profile>_s<seed>)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write cached artifacts."),
+    force: bool = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Artifact, phantom and slice cache (env WSSS_BENCH_CACHE)."),
+    phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantom (the data, not the training)."),
+    executor: str = typer.Option("local", "--executor", help="Executor spec: local or slurm[partition=gpu,gpus=1]."),
+    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
+) -> None:
+    """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
+    from wsss_bench.profiles import load_profile
+    from wsss_bench.runner import CellJob, RunConfig, plan_cells
+    from wsss_bench.spec import parse_specs
+
+    host = get_host([str(p) for p in plugins_dir])
+    load_profile(profile)
+    if data_root is not None and not Path(data_root).is_dir():
+        raise UserError(f"--data-root {data_root}: no such directory; give the folder holding the "
+                        f"BraTS2021_* case folders or the FLARE21 TrainingImg/TrainingMask (or imagesTr/labelsTr) folders")
+    tasks, seeds = _split_csv(task), _seeds(seed)
+    cells = plan_cells(host, tasks, cam, method, seeds)
+    if out is None:
+        out = Path("runs") / _slug(f"{'+'.join(tasks)}_{cam or 'nocam'}_{method}_{profile}_s{'-'.join(map(str, seeds))}")
+    ex_spec = parse_specs(executor)[0]
+    ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
+    cfg = RunConfig(profile=profile, out=Path(out), data_root=data_root, device=device,
+                    cache_dir=Path(cache_dir), bf16=bf16, use_cache=not no_cache, force=force,
+                    phantom_seed=phantom_seed, plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
+                    strict=bool(_STATE["strict"]), executor=executor)
+    say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {profile}, "
+        f"data {'phantom' if data_root is None else data_root}, out {out}")
+    t0 = time.perf_counter()
+    job = CellJob(cfg, host=host)
+    outcomes = ex.map(job, cells)
+    _finish_run(cfg, host, cells, outcomes, time.perf_counter() - t0, job)
+
+
+def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
+    from wsss_bench import results
+    from wsss_bench.manifest import environment, plugin_distributions
+    from wsss_bench.runner import CellOutcome
+
+    failed = 0
+    user_fail = True
+    for cell, oc in zip(cells, outcomes):
+        if isinstance(oc, BaseException):
+            oc = CellOutcome(cell, "failed", error=f"{type(oc).__name__}: {oc}")
+        if oc.status == "failed":
+            failed += 1
+            user_fail = user_fail and oc.user_error
+            err_console.print(f"[bold red]cell failed[/bold red] {cell.task} {cell.method} seed {cell.seed}: {oc.error}",
+                              soft_wrap=True, highlight=False)
+        elif oc.status == "resumed":
+            say(f"  {cell.task} {cell.method} seed {cell.seed}: already done, reused (use --force to redo)")
+        else:
+            say(f"  {cell.task} {cell.method} seed {cell.seed}: done in {oc.seconds:.1f}s")
+    frame = results.collect(cfg.out)
+    session = job.session()
+    manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
+                "config": cfg.to_json(), "wall_seconds": round(seconds, 2),
+                "environment": environment(session.device), "plugins": plugin_distributions(host),
+                "profile": dict(session.profile),
+                "data": {f"{t}/seed{s}": ctx.data.summary() for (t, s), ctx in session._contexts.items()},
+                "cache_events": session.cache.events}
+    results.write_manifest(cfg.out, manifest)
+    if frame is not None:
+        keys = {(c.task, c.method, c.seed) for c in cells}
+        mine = frame[[k in keys for k in zip(frame["task"], frame["method"], frame["seed"])]]
+        if len(mine):
+            print_summary(mine, cfg.out)
+    say(f"results: {Path(cfg.out) / 'results.parquet'}  manifest: {Path(cfg.out) / 'manifest.json'}  "
+        f"({seconds:.1f}s)")
+    if failed:
+        raise typer.Exit(2 if user_fail else 1)
+
+
+def print_summary(frame, out: Path) -> None:
+    """Rich table: Dice and IoU mean ± std (all slices, positive slices) per method and gate."""
+    from rich.table import Table
+
+    from wsss_bench.cache import atomic_write_text
+    header, rows = summary_rows(frame)
+    table = Table(title="Dice / IoU per gate (mean ± std over test slices)")
+    for h in header:
+        table.add_column(h, justify="left" if h in ("task", "method", "gate") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    atomic_write_text(Path(out) / "summary.md", "\n".join(md) + "\n")
+
+
+def summary_rows(frame) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the end-of-run table, from the aggregate view."""
+    from wsss_bench.metrics import aggregate
+
+    agg = aggregate(frame)
+    header = ["task", "method", "gate", "Dice (all)", "IoU (all)", "Dice (pos)", "IoU (pos)", "slices pos/neg"]
+    rows = []
+    for _, r in agg.iterrows():
+        rows.append([str(r["task"]), str(r["method"]), str(r["gate"]),
+                     f"{r['dice_mean']:.3f} ± {r['dice_std']:.2f}", f"{r['iou_mean']:.3f} ± {r['iou_std']:.2f}",
+                     f"{r['dice_pos_mean']:.3f} ± {r['dice_pos_std']:.2f}", f"{r['iou_pos_mean']:.3f} ± {r['iou_pos_std']:.2f}",
+                     f"{int(r['n_pos'])}/{int(r['n_neg'])}"])
+    return header, rows
+
+
+# ---------------------------------------------------------------------------- plugins / list
+@app.command()
+@user_errors
+def plugins(
+    all_: bool = typer.Option(False, "--all", help="Also list what each plugin registered."),
+    trace: bool = typer.Option(False, "--trace", help="Print every hook call while loading."),
+) -> None:
+    """Installed plugins: name, kind(s), distribution, version, load errors."""
+    from rich.table import Table
+
+    if trace:
+        _STATE["trace"] = True
+    host = get_host()
+    table = Table(title="wsss-bench plugins")
+    for col in ("plugin", "kinds", "distribution", "version", "status"):
+        table.add_column(col)
+    for name, info in sorted(host.infos.items(), key=lambda kv: (not kv[1].builtin, kv[0])):
+        kinds = sorted({p.split(":")[0] for p in info.provides})
+        status = f"[red]error: {info.error}[/red]" if info.error else "ok"
+        table.add_row(name, ",".join(kinds) or "-", info.distribution, info.version, status)
+        if all_ and info.provides:
+            table.add_row("", "  " + ", ".join(info.provides), "", "", "")
+    console.print(table)
+
+
+KINDS = ("cams", "refiners", "backbones", "datasets", "tasks", "exporters", "executors", "commands")
+
+
+@app.command("list")
+@user_errors
+def list_(
+    kind: str = typer.Argument(..., help=f"One of: {', '.join(KINDS)}."),
+    pattern: str = typer.Argument("*", help="Wildcard filter on names, e.g. 'grad*'."),
+) -> None:
+    """List registered plugins of one kind (with their parameters)."""
+    import fnmatch
+
+    host = get_host()
+    if kind not in KINDS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, KINDS, n=1)
+        raise UserError(f"unknown kind '{kind}'." + (f" Did you mean '{close[0]}'?" if close else "")
+                        + f" Choose one of: {', '.join(KINDS)}")
+    if kind == "tasks":
+        for task_id, cls in sorted(host.tasks().items()):
+            if fnmatch.fnmatchcase(task_id, pattern):
+                console.print(f"{task_id}  [dim](dataset {cls.name})[/dim]", highlight=False)
+        return
+    for entry in host.registries[kind].list(pattern):
+        obj = entry.obj
+        params = getattr(obj, "params", {}) or {}
+        ptxt = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        desc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n")[0]
+        console.print(f"[bold]{entry.name}[/bold]  [dim]({entry.plugin})[/dim]  {desc}"
+                      + (f"\n    params: {ptxt}" if ptxt else ""), highlight=False)
+
+
+# ---------------------------------------------------------------------------- report
+@app.command()
+@user_errors
+def report(
+    run_dir: List[Path] = typer.Argument(..., help="Run directory (or several)."),
+    fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, ..."),
+    gate: Optional[str] = typer.Option(None, "--gate", help="label | classifier | none (default: all)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write to this file instead of stdout."),
+) -> None:
+    """Print a run's summary table in a format (LaTeX booktabs, Markdown, CSV)."""
+    from wsss_bench.report import load_results, render, summary_table, write_report
+
+    host = get_host()
+    exporter = host.get("exporters", fmt)()
+    frame = load_results(run_dir)
+    table = summary_table(frame, gate=gate)
+    if output:
+        write_report(table, exporter, output)
+        say(f"wrote {output}")
+    else:
+        sys.stdout.write(render(table, exporter))
+
+
+# ---------------------------------------------------------------------------- data
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    kind: str = typer.Option(..., "--kind", help="brats or flare."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the phantom into (real dataset layout)."),
+    cases: Optional[int] = typer.Option(None, "--cases", help="Number of cases (default: the profile's)."),
+    seed: int = typer.Option(0, "--seed", help="Phantom seed."),
+    profile: str = typer.Option("cpu", "--profile", help="Volume size and voxel spacing from this profile."),
+) -> None:
+    """Write a synthetic phantom in the real BraTS21 / FLARE21 on-disk layout."""
+    from wsss_bench.profiles import load_profile
+
+    names = {"brats": "brats", "flare": "flare21", "flare21": "flare21"}
+    if kind not in names:
+        raise UserError(f"--kind {kind}: choose brats or flare")
+    if cases is not None and cases < 1:
+        raise UserError(f"--cases {cases}: need at least 1 case")
+    host = get_host()
+    ds = host.get("datasets", names[kind])()
+    t0 = time.perf_counter()
+    ds.synthesize(Path(out), load_profile(profile), seed, cases)
+    say(f"wrote {kind} phantom to {out} ({time.perf_counter() - t0:.1f}s)")
+
+
+@data_app.command("prepare")
+@user_errors
+def data_prepare(
+    task: str = typer.Option(..., "--task", help="Task id, e.g. brats or flare21-kidney."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset folder (default: the phantom)."),
+    profile: str = typer.Option("cpu", "--profile"),
+    seed: int = typer.Option(0, "--seed", help="Base seed (splits)."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir"),
+) -> None:
+    """Read, reorient, preprocess and store the slices of a task; print its split summary."""
+    import json
+
+    from wsss_bench.data.taskdata import load_task_data
+    from wsss_bench.profiles import load_profile
+
+    host = get_host()
+    cls, _ = host.task(task)
+    t0 = time.perf_counter()
+    data = load_task_data(cls(), task, data_root, load_profile(profile), seed, Path(cache_dir))
+    say(json.dumps(data.summary(), indent=1, default=str)[:4000])
+    say(f"prepared {task} in {time.perf_counter() - t0:.1f}s")
+
+
+@app.command()
+def profiles() -> None:
+    """Show the profile table (the values of PROTOCOL section 10)."""
+    from wsss_bench.profiles import markdown_table
+
+    console.print(markdown_table(), highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------- entry point
+def _prescan(argv: list[str]) -> tuple[list[str], bool]:
+    dirs, strict = [], False
+    for i, a in enumerate(argv):
+        if a == "--plugins-dir" and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif a.startswith("--plugins-dir="):
+            dirs.append(a.split("=", 1)[1])
+        elif a == "--strict":
+            strict = True
+    return dirs, strict
+
+
+def add_plugin_commands(host) -> None:
+    existing = {c.name for c in app.registered_commands}
+    for entry in host.registries["commands"].list():
+        if entry.name not in existing:
+            app.command(name=entry.name)(user_errors(entry.obj))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    dirs, strict = _prescan(argv)
+    try:
+        _STATE["plugins_dirs"] = dirs
+        _STATE["strict"] = True if strict else None
+        add_plugin_commands(get_host())
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True, highlight=False)
+        raise SystemExit(2)
+    app(args=argv, prog_name="wsss-bench")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

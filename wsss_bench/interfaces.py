@@ -1,0 +1,260 @@
+"""The small interfaces every plugin sees.
+
+A plugin class declares ``name``, ``version`` (part of every cache key: bump it when the
+outputs change) and ``params`` (defaults; spec strings such as ``gradcam[layer=layer3]``
+override them).  The runner binds a :class:`~wsss_bench.context.RunContext` to the plugin
+(``plugin.ctx``) before calling ``prepare``.
+
+Tensor conventions: images are ``(B, C, S, S)`` float32 in [0, 1] on ``ctx.device``;
+maps are ``(B, S, S)`` float in [0, 1]; masks are ``(B, S, S)`` bool.
+
+This module must stay light: no torch import at module level (plugin listing imports it).
+"""
+from __future__ import annotations
+
+import abc
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
+
+from wsss_bench.errors import PluginError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from wsss_bench.context import RunContext
+
+
+# --------------------------------------------------------------------------- parameters
+def coerce_param(plugin: str, key: str, default: Any, value: Any) -> Any:
+    """Convert a spec-string value to the type of the parameter's default."""
+    if default is None or value is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (list, tuple)):
+            items = list(value) if isinstance(value, (list, tuple)) else str(value).split("+")
+            return [
+                coerce_param(plugin, key, default[0], v) if default else v for v in items
+            ]
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise PluginError(
+            f"plugin '{plugin}': parameter '{key}' expects {type(default).__name__} "
+            f"(default {default!r}), got {value!r}"
+        ) from None
+    return value
+
+
+class Plugin:
+    """Base class of every configurable plugin."""
+
+    kind: ClassVar[str] = "plugin"
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    params: ClassVar[dict[str, Any]] = {}
+    description: ClassVar[str] = ""
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            known = ", ".join(f"{k}={v!r}" for k, v in self.params.items()) or "none"
+            hint = ""
+            close = difflib.get_close_matches(unknown[0], list(self.params), n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+            raise PluginError(
+                f"{self.kind} plugin '{self.name}' has no parameter "
+                f"{', '.join(repr(u) for u in unknown)}{hint}; its parameters are: {known}"
+            )
+        resolved = dict(self.params)
+        for key, value in params.items():
+            resolved[key] = coerce_param(self.name, key, self.params[key], value)
+        self.p: dict[str, Any] = resolved
+        self.ctx: RunContext | None = None
+        self.validate()
+
+    def validate(self) -> None:
+        """Check parameter values; raise PluginError naming the bad one."""
+
+    def bad_param(self, key: str, why: str) -> PluginError:
+        return PluginError(f"{self.kind} plugin '{self.name}': parameter {key}={self.p.get(key)!r} {why}")
+
+    @classmethod
+    def source_file(cls) -> str:
+        import inspect
+
+        return inspect.getsourcefile(cls) or ""
+
+    def spec(self) -> str:
+        """Canonical spec string: the name plus the parameters that differ from defaults."""
+        from wsss_bench.spec import format_spec
+
+        changed = {k: v for k, v in self.p.items() if v != self.params.get(k)}
+        return format_spec(self.name, changed)
+
+
+# --------------------------------------------------------------------------- data records
+@dataclass(frozen=True)
+class TaskDef:
+    """One binary segmentation task of a dataset (PROTOCOL section 1)."""
+
+    task_id: str
+    dataset: str
+    foreground: tuple[int, ...] | None  # label ids that are foreground; None = any label > 0
+    channels: int
+    flips: bool  # flip augmentation / TTA allowed (BraTS only, METHODS section 0)
+    cldf_cam: str  # the CAM source CLDF uses for this task
+
+
+@dataclass
+class SliceBatch:
+    """A batch of preprocessed slices.  ``masks`` is None for every WSSS method."""
+
+    images: "torch.Tensor"  # (B, C, S, S) float32 in [0, 1]
+    labels: "torch.Tensor"  # (B,) long, image-level label
+    index: "np.ndarray"  # (B,) row indices into the task's slice table
+    case_ids: list[str]
+    z: list[int]
+    masks: "torch.Tensor | None" = None  # (B, S, S) bool, only for FSL and evaluation
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+
+# --------------------------------------------------------------------------- plugin kinds
+class DatasetSource(Plugin):
+    """Reads one dataset's on-disk layout and writes its synthetic phantom."""
+
+    kind: ClassVar[str] = "dataset"
+    tasks: ClassVar[dict[str, TaskDef]] = {}
+    cap_key: ClassVar[str] = ""  # key of the profile's real_case_cap
+
+    @abc.abstractmethod
+    def cases(self, root: Path) -> list[str]:
+        """Sorted case ids under ``root``; UserError naming the root if there are none."""
+
+    @abc.abstractmethod
+    def load(self, root: Path, case: str) -> tuple["np.ndarray", "np.ndarray"]:
+        """One case as (image (C, X, Y, Z) float32 in [0, 1], labels (X, Y, Z) uint8), RAS."""
+
+    @abc.abstractmethod
+    def synthesize(self, out: Path, profile: Any, seed: int, n_cases: int | None = None) -> None:
+        """Write the phantom for ``profile`` into ``out`` in this dataset's real layout."""
+
+    @property
+    @abc.abstractmethod
+    def phantom_version(self) -> str:
+        """Version of the phantom generator (part of the data fingerprint)."""
+
+
+class CamSource(Plugin):
+    """Produces an activation map per image."""
+
+    kind: ClassVar[str] = "cam"
+    #: how a map becomes a mask (PROTOCOL section 6): "cam" = minmax > 0.5, "otsu" = Otsu
+    mask_rule: ClassVar[str] = "cam"
+
+    def prepare(self, ctx: "RunContext") -> None:
+        """Train or load what the method needs (through ``ctx.artifact``)."""
+
+    @abc.abstractmethod
+    def maps(self, batch: SliceBatch) -> "torch.Tensor":
+        """(B, S, S) maps in [0, 1] at image size for ``batch.images``."""
+
+
+class Refiner(Plugin):
+    """Turns maps (or images) into binary masks."""
+
+    kind: ClassVar[str] = "refiner"
+    needs_cam: ClassVar[bool] = True
+
+    def prepare(self, ctx: "RunContext", cam: CamSource | None) -> None:
+        """Train what the refiner needs; ``cam`` is the prepared CAM source (or None)."""
+
+    @abc.abstractmethod
+    def refine(self, batch: SliceBatch, maps: "torch.Tensor | None", cam: CamSource | None) -> "torch.Tensor":
+        """(B, S, S) bool masks."""
+
+
+class FeatureBackbone(Plugin):
+    """Per-pixel features at image resolution, never materialised densely for many images."""
+
+    kind: ClassVar[str] = "backbone"
+
+    def prepare(self, ctx: "RunContext") -> None:
+        """Train or load the network."""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """Feature dimension D."""
+
+    @abc.abstractmethod
+    def gather(self, images: "torch.Tensor", coords: "torch.Tensor") -> "torch.Tensor":
+        """Features (N, D) at pixels ``coords`` (N, 3) = (batch index, row, column)."""
+
+    @abc.abstractmethod
+    def stream(self, image: "torch.Tensor", chunk: int) -> Iterator[tuple[slice, "torch.Tensor"]]:
+        """Yield (flat pixel range, features (n, D)) over one image (C, S, S) in chunks."""
+
+
+@dataclass
+class ReportTable:
+    """A laid-out table handed to exporters; numbers are already formatted."""
+
+    title: str
+    header: list[str]  # header[0] labels the row-name column
+    rows: list[list[str]]
+    bold: set[tuple[int, int]] = field(default_factory=set)  # (row, column) to emphasise
+    rules_after: list[int] = field(default_factory=list)  # draw a rule after these rows
+    footer: str = ""
+    raw: "pd.DataFrame | None" = None  # tidy numbers for machine-readable formats
+
+
+class Exporter(Plugin):
+    """Writes a ReportTable in one format."""
+
+    kind: ClassVar[str] = "exporter"
+    suffix: ClassVar[str] = ".txt"
+
+    @abc.abstractmethod
+    def export(self, table: ReportTable) -> str:
+        """The table as text."""
+
+
+class Executor(Plugin):
+    """Runs many cells: in this process, in a pool, or on a cluster."""
+
+    kind: ClassVar[str] = "executor"
+
+    @abc.abstractmethod
+    def map(self, fn: Callable[[Any], Any], cells: Sequence[Any]) -> list[Any]:
+        """Apply ``fn`` to every cell; a failing cell yields its exception, others go on."""
+
+
+PLUGIN_KINDS: dict[str, type[Plugin]] = {
+    "datasets": DatasetSource,
+    "cams": CamSource,
+    "refiners": Refiner,
+    "backbones": FeatureBackbone,
+    "exporters": Exporter,
+    "executors": Executor,
+}

@@ -1,0 +1,214 @@
+"""The plugin manager: one pluggy manager, entry points loaded one by one.
+
+Built-in plugins are entry points of this project's own distribution (group ``wsss_bench``),
+so ours and third-party plugins load by one mechanism.  A plugin that fails to import or to
+register prints one warning naming it and is skipped; ``strict`` (``--strict`` or
+``WSSS_BENCH_STRICT_PLUGINS=1``) re-raises instead.
+
+Environment:
+- ``WSSS_BENCH_LOAD_PLUGINS=a,b``: load only these third-party entry points ("" = none);
+  the built-ins always load.
+- ``WSSS_BENCH_PLUGINS_DIR=DIR[:DIR]``: extra directories of loose ``*.py`` plugin files
+  (same as ``--plugins-dir``).
+- ``WSSS_BENCH_STRICT_PLUGINS=1``: re-raise plugin errors.
+- ``WSSS_BENCH_TRACE_PLUGINS=1``: print every hook call.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from wsss_bench import hookspecs
+from wsss_bench.errors import PluginError, UserError
+from wsss_bench.registry import Registry
+
+GROUP = "wsss_bench"
+BUILTIN_DIST = "wsss-bench"
+
+#: registry kind -> (hook name, what one item is called)
+HOOKS: dict[str, tuple[str, str]] = {
+    "datasets": ("register_datasets", "dataset"),
+    "cams": ("register_cam_sources", "CAM source"),
+    "backbones": ("register_backbones", "feature backbone"),
+    "refiners": ("register_refiners", "refiner"),
+    "exporters": ("register_exporters", "exporter"),
+    "executors": ("register_executors", "executor"),
+    "commands": ("register_commands", "command"),
+}
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin was skipped because it failed to load or register."""
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str
+    version: str
+    origin: str  # "entry point" or a file path
+    error: str | None = None
+    provides: list[str] = field(default_factory=list)  # "kind:name"
+
+    @property
+    def builtin(self) -> bool:
+        return self.distribution == BUILTIN_DIST
+
+
+class Host:
+    """The loaded plugins and one registry per kind."""
+
+    def __init__(self, strict: bool = False, trace: bool = False) -> None:
+        self.strict = strict
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        if trace:
+            self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
+            self.pm.enable_tracing()
+        self.registries: dict[str, Registry] = {k: Registry(k, noun) for k, (_, noun) in HOOKS.items()}
+        self.infos: dict[str, PluginInfo] = {}
+        self.problems: list[str] = []
+
+    # ----------------------------------------------------------------- loading
+    def _fail(self, info: PluginInfo, err: BaseException, what: str) -> None:
+        info.error = f"{type(err).__name__}: {err}"
+        msg = f"plugin '{info.name}' ({info.origin}) {what} and was skipped: {info.error}"
+        self.problems.append(msg)
+        if self.strict:
+            raise PluginError(msg) from err
+        warnings.warn(msg, PluginLoadWarning, stacklevel=3)
+
+    def add_plugin(self, obj: Any, info: PluginInfo) -> None:
+        if info.name in self.infos and self.infos[info.name].error is None:
+            self._fail(info, PluginError("a plugin of that name is already loaded"), "clashed")
+            return
+        self.infos[info.name] = info
+        try:
+            self.pm.register(obj, name=info.name)
+        except Exception as err:  # pluggy validation errors (bad hook names, signatures)
+            self._fail(info, err, "failed to register")
+
+    def load_entry_points(self, only: set[str] | None = None) -> None:
+        eps = sorted(entry_points(group=GROUP), key=lambda e: (e.dist is None or e.dist.name != BUILTIN_DIST, e.name))
+        for ep in eps:
+            dist = ep.dist.name if ep.dist is not None else "?"
+            version = ep.dist.version if ep.dist is not None else "?"
+            builtin = dist == BUILTIN_DIST
+            if not builtin and only is not None and ep.name not in only:
+                continue
+            info = PluginInfo(ep.name, dist, version, f"entry point {ep.value}")
+            try:
+                obj = ep.load()
+            except Exception as err:
+                self.infos[info.name] = info
+                self._fail(info, err, "failed to import")
+                continue
+            self.add_plugin(obj, info)
+
+    def load_directory(self, directory: Path) -> None:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"--plugins-dir {directory}: not a directory; point it at a folder of *.py plugin files")
+        for path in sorted(directory.glob("*.py")):
+            name = path.stem
+            info = PluginInfo(name, f"file:{path.parent}", "-", str(path))
+            mod_name = f"wsss_bench_local_plugins.{name}"
+            try:
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[mod_name] = module
+                spec.loader.exec_module(module)
+            except Exception as err:
+                self.infos[info.name] = info
+                self._fail(info, err, "failed to import")
+                continue
+            self.add_plugin(module, info)
+
+    def collect(self) -> None:
+        """Call every register_* hook once per plugin, so each item is attributed to its plugin."""
+        plugins = self.pm.list_name_plugin()
+        for kind, (hook_name, _noun) in HOOKS.items():
+            registry = self.registries[kind]
+            for plugin_name, plugin in plugins:
+                info = self.infos.get(plugin_name)
+                if info is None or info.error:
+                    continue
+                others = [p for n, p in plugins if n != plugin_name]
+                caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+                try:
+                    caller(register=self._register_cb(kind, registry, info))
+                except Exception as err:
+                    self._fail(info, err, f"raised in {hook_name}")
+
+    def _register_cb(self, kind: str, registry: Registry, info: PluginInfo) -> Callable[..., None]:
+        def register(obj: Any, name: str | None = None) -> None:
+            item_name = name or getattr(obj, "name", None) or getattr(obj, "__name__", "")
+            if kind == "commands":
+                item_name = (name or getattr(obj, "__name__", "")).replace("_", "-")
+            problem = registry.add(item_name, obj, info.name)
+            if problem:
+                self.problems.append(problem)
+                warnings.warn(problem, PluginLoadWarning, stacklevel=2)
+                return
+            info.provides.append(f"{kind}:{item_name}")
+
+        return register
+
+    # ----------------------------------------------------------------- lookups
+    def get(self, kind: str, name: str) -> Any:
+        return self.registries[kind].get(name)
+
+    def tasks(self) -> dict[str, Any]:
+        """task id -> the dataset class that provides it."""
+        out: dict[str, Any] = {}
+        for entry in self.registries["datasets"].list():
+            for task_id in getattr(entry.obj, "tasks", {}):
+                out.setdefault(task_id, entry.obj)
+        return out
+
+    def task(self, task_id: str):
+        """(dataset class, TaskDef) for ``task_id``, or a did-you-mean error."""
+        tasks = self.tasks()
+        if task_id not in tasks:
+            import difflib
+
+            close = difflib.get_close_matches(task_id, list(tasks), n=2, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise UserError(f"unknown task '{task_id}'.{hint} Available: {', '.join(sorted(tasks)) or '(none)'}")
+        cls = tasks[task_id]
+        return cls, cls.tasks[task_id]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_plugins(
+    strict: bool | None = None,
+    plugins_dirs: Iterable[Path | str] = (),
+    only: Iterable[str] | None = None,
+    trace: bool | None = None,
+) -> Host:
+    """Build a Host: entry points, then plugin directories, then every register hook."""
+    strict = _env_flag("WSSS_BENCH_STRICT_PLUGINS") if strict is None else strict
+    trace = _env_flag("WSSS_BENCH_TRACE_PLUGINS") if trace is None else trace
+    if only is None and "WSSS_BENCH_LOAD_PLUGINS" in os.environ:
+        only = [s.strip() for s in os.environ["WSSS_BENCH_LOAD_PLUGINS"].split(",") if s.strip()]
+    dirs = [Path(d) for d in plugins_dirs]
+    env_dirs = os.environ.get("WSSS_BENCH_PLUGINS_DIR", "")
+    dirs += [Path(d) for d in env_dirs.split(os.pathsep) if d]
+    host = Host(strict=strict, trace=trace)
+    host.load_entry_points(set(only) if only is not None else None)
+    for d in dirs:
+        host.load_directory(d)
+    host.collect()
+    return host

@@ -1,0 +1,81 @@
+"""Profiles: every value of PROTOCOL.md section 10, read from ``profiles.toml``.
+
+A profile is a plain nested dict with attribute access (``profile.classifier.epochs``).
+``COMMON`` holds the values that are identical across profiles.
+"""
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from wsss_bench.errors import UserError
+
+PROFILE_FILE = Path(__file__).with_name("profiles.toml")
+PROFILE_NAMES = ("smoke", "cpu", "paper")
+
+
+class Section(dict):
+    """A dict whose keys are also attributes; nested dicts become Sections."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @classmethod
+    def of(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return cls({k: cls.of(v) for k, v in value.items()})
+        return value
+
+
+@lru_cache(maxsize=None)
+def _raw() -> dict:
+    with PROFILE_FILE.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def load_profile(name: str) -> Section:
+    """The profile ``name`` with a ``name`` key added; a clear error for unknown names."""
+    raw = _raw()
+    if name not in PROFILE_NAMES or name not in raw:
+        raise UserError(
+            f"unknown profile '{name}': choose one of {', '.join(PROFILE_NAMES)} "
+            f"(defined in {PROFILE_FILE})"
+        )
+    prof = Section.of(raw[name])
+    prof["name"] = name
+    prof["common"] = Section.of(raw["common"])
+    return prof
+
+
+def common() -> Section:
+    return Section.of(_raw()["common"])
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        if not value:
+            return "full"
+        if all(isinstance(v, bool) for v in value):
+            return "(" + ",".join("T" if v else "F" for v in value) + ")"
+        return "(" + ",".join(_fmt(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def markdown_table() -> str:
+    """The profile file as the Markdown table shown in docs/profiles.md."""
+    raw = _raw()
+    knobs = [k for k in raw["paper"]]
+    lines = ["| knob | " + " | ".join(PROFILE_NAMES[::-1]) + " |", "|---|---|---|---|"]
+    for knob in knobs:
+        cells = [_fmt(raw[p][knob]) for p in PROFILE_NAMES[::-1]]
+        lines.append(f"| {knob} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,174 @@
+"""Spec strings: ``name[k=v,k2=[a,b]]`` -> parameter grids (benchopt style).
+
+- A bracketed list is a grid axis: ``cldf[tau=[0.1,0.5]]`` is two cells.
+- A parameter that itself takes a list joins items with ``+``: ``layercam[layers=layer2+layer4]``.
+- Several specs are separated by top-level commas: ``gradcam,scorecam[variant=library]``.
+- Scalars become int, float, bool (true/false) or None (none) when they look like one; quote
+  a value ('...' or "...") to keep it a string.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsss_bench.errors import UserError
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+
+
+@dataclass
+class Spec:
+    """One parsed spec: a plugin name and, per parameter, the list of values to grid over."""
+
+    name: str
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    text: str = ""
+
+    def expand(self) -> list[dict[str, Any]]:
+        """Cartesian product of the grid, in a stable order."""
+        if not self.grid:
+            return [{}]
+        keys = list(self.grid)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def error(self, what: str) -> UserError:
+        pointer = f"{self.text}\n{' ' * self.pos}^"
+        return UserError(
+            f"malformed spec '{self.text}' at position {self.pos}: {what}. "
+            f"Expected NAME or NAME[key=value,key2=[a,b]]\n{pointer}"
+        )
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip_ws(self) -> None:
+        while self.peek().isspace():
+            self.pos += 1
+
+    def expect(self, ch: str) -> None:
+        self.skip_ws()
+        if self.peek() != ch:
+            raise self.error(f"expected '{ch}'" + (f", found '{self.peek()}'" if self.peek() else ", found the end"))
+        self.pos += 1
+
+    def name(self) -> str:
+        self.skip_ws()
+        m = _NAME.match(self.text, self.pos)
+        if not m:
+            raise self.error("expected a name")
+        self.pos = m.end()
+        return m.group(0)
+
+    def specs(self) -> list[Spec]:
+        out = [self.spec()]
+        self.skip_ws()
+        while self.peek() == ",":
+            self.pos += 1
+            out.append(self.spec())
+            self.skip_ws()
+        if self.pos != len(self.text):
+            raise self.error(f"unexpected '{self.peek()}'")
+        return out
+
+    def spec(self) -> Spec:
+        start = self.pos
+        name = self.name()
+        grid: dict[str, list[Any]] = {}
+        self.skip_ws()
+        if self.peek() == "[":
+            self.pos += 1
+            self.skip_ws()
+            if self.peek() == "]":
+                self.pos += 1
+            else:
+                while True:
+                    key = self.name()
+                    if key in grid:
+                        raise self.error(f"parameter '{key}' given twice")
+                    self.expect("=")
+                    value = self.value(top=True)
+                    grid[key] = value if isinstance(value, list) else [value]
+                    self.skip_ws()
+                    if self.peek() == ",":
+                        self.pos += 1
+                        continue
+                    self.expect("]")
+                    break
+        return Spec(name, grid, self.text[start : self.pos].strip())
+
+    def value(self, top: bool = False) -> Any:
+        self.skip_ws()
+        if self.peek() == "[":
+            if not top:
+                raise self.error("nested lists are not allowed; join list items with '+'")
+            self.pos += 1
+            items = [self.value()]
+            self.skip_ws()
+            while self.peek() == ",":
+                self.pos += 1
+                items.append(self.value())
+                self.skip_ws()
+            self.expect("]")
+            return items
+        if self.peek() in ("'", '"'):
+            quote = self.peek()
+            end = self.text.find(quote, self.pos + 1)
+            if end < 0:
+                raise self.error("unterminated quote")
+            raw = self.text[self.pos + 1 : end]
+            self.pos = end + 1
+            return raw
+        start = self.pos
+        while self.peek() and self.peek() not in ",[]=":
+            self.pos += 1
+        raw = self.text[start : self.pos].strip()
+        if not raw:
+            raise self.error("expected a value")
+        return parse_scalar(raw)
+
+
+def parse_scalar(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_specs(text: str) -> list[Spec]:
+    """Parse one or more comma-separated specs; UserError with a pointer if malformed."""
+    if text is None or not str(text).strip():
+        raise UserError("empty spec: give a plugin name such as 'gradcam' or 'gradcam[layer=layer3]'")
+    return _Parser(str(text)).specs()
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return "+".join(format_value(v) for v in value)
+    return str(value)
+
+
+def format_spec(name: str, params: dict[str, Any]) -> str:
+    """Canonical text of one cell: name plus sorted parameters (no grids)."""
+    if not params:
+        return name
+    inner = ",".join(f"{k}={format_value(params[k])}" for k in sorted(params))
+    return f"{name}[{inner}]"
