@@ -1,0 +1,25 @@
+"""Shared fixtures: every test uses a private cache and no progress bars."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("CI", "1")  # no rich progress bars in tests
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tests never touch the user's cache; the session-wide cache dir is shared between tests."""
+    root = tmp_path_factory.getbasetemp() / "wsss-cache"
+    monkeypatch.setenv("WSSS_BENCH_CACHE", str(root))
+    for var in ("WSSS_BENCH_LOAD_PLUGINS", "WSSS_BENCH_PLUGINS_DIR", "WSSS_BENCH_STRICT_PLUGINS",
+                "WSSS_BENCH_TRACE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "wsss-cache"

@@ -1,0 +1,316 @@
+"""Per-slice metrics, gates and the statistics behind the tables (PROTOCOL sections 7-8).
+
+Dice = 2|P∩G| / (|P| + |G|) and IoU = |P∩G| / |P∪G| in float64, with no smoothing epsilon.
+Empty rule: if |G| = 0 both are 1 when |P| = 0 and 0 otherwise.  MONAI's DiceMetric uses
+other empty-mask conventions and is deliberately not used here.
+
+Aggregates are views of the per-slice table (one row per run, task, method, gate, slice);
+nothing here looks at images except :func:`dice_iou` and :func:`apply_gate`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from wsss_bench.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+GATES = ("label", "classifier", "none")
+CLASSIFIER_THRESHOLD = 0.5  # gate=classifier passes a slice when softmax p(1) >= 0.5
+GROUP_KEYS = ["task", "method", "gate"]
+SLICE_KEYS = ["task", "method", "gate", "seed", "case_id", "z"]
+MIN_CASES_FOR_TEST = 6  # fewer common test cases than this: the comparison reads "n/a"
+
+
+# --------------------------------------------------------------------------- per slice
+def _is_torch(x: Any) -> bool:
+    return hasattr(x, "detach") and type(x).__module__.startswith("torch")
+
+
+def _check_mask(x: Any, name: str) -> None:
+    if _is_torch(x):
+        floating = x.dtype.is_floating_point or x.dtype.is_complex
+    else:
+        floating = not (np.issubdtype(x.dtype, np.bool_) or np.issubdtype(x.dtype, np.integer))
+    if floating:
+        raise TypeError(f"{name} must be a boolean (or integer) mask, got dtype {x.dtype}; "
+                        "threshold maps into masks before scoring")
+    if x.ndim < 3:
+        raise ValueError(f"{name} must be batched (B, H, W), got shape {tuple(x.shape)}")
+
+
+def overlap_counts(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(|P∩G|, |P|, |G|) per slice as int64 arrays (B,); masks (B, H, W), numpy or torch."""
+    if not _is_torch(pred):
+        pred = np.asarray(pred)
+    if not _is_torch(gt):
+        gt = np.asarray(gt)
+    _check_mask(pred, "pred")
+    _check_mask(gt, "gt")
+    if tuple(pred.shape) != tuple(gt.shape):
+        raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ in shape")
+    b = pred.shape[0]
+    if _is_torch(pred) and _is_torch(gt):  # count on the tensors' device, move B numbers
+        p = pred.reshape(b, -1) != 0
+        g = gt.to(pred.device).reshape(b, -1) != 0
+        counts = [(p & g).sum(1), p.sum(1), g.sum(1)]
+        return tuple(c.cpu().numpy().astype(np.int64) for c in counts)  # type: ignore[return-value]
+    p = np.asarray(pred.cpu() if _is_torch(pred) else pred).reshape(b, -1) != 0
+    g = np.asarray(gt.cpu() if _is_torch(gt) else gt).reshape(b, -1) != 0
+    return (p & g).sum(1, dtype=np.int64), p.sum(1, dtype=np.int64), g.sum(1, dtype=np.int64)
+
+
+def dice_iou_from_counts(inter: Any, pred_area: Any, gt_area: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Dice and IoU (float64) from overlap counts, with the protocol's empty rule."""
+    inter = np.asarray(inter, dtype=np.float64)
+    ps = np.asarray(pred_area, dtype=np.float64)
+    gs = np.asarray(gt_area, dtype=np.float64)
+    empty_gt = gs == 0
+    empty_score = (ps == 0).astype(np.float64)  # 1 when both empty, else 0
+    den_d = np.where(empty_gt, 1.0, ps + gs)  # never 0 where used
+    den_i = np.where(empty_gt, 1.0, ps + gs - inter)
+    dice = np.where(empty_gt, empty_score, 2.0 * inter / den_d)
+    iou = np.where(empty_gt, empty_score, inter / den_i)
+    return dice.astype(np.float64), iou.astype(np.float64)
+
+
+def dice_iou(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slice Dice and IoU of boolean masks (B, H, W) (numpy or torch) as float64 (B,)."""
+    return dice_iou_from_counts(*overlap_counts(pred, gt))
+
+
+# --------------------------------------------------------------------------- gates
+def _to_numpy(x: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if _is_torch(x) else x)
+
+
+def gate_pass(gate: str, labels: Any = None, classifier_p1: Any = None, n: int | None = None) -> np.ndarray:
+    """Which slices keep their prediction under ``gate`` (bool (B,))."""
+    if gate == "none":
+        if n is None:
+            ref = labels if labels is not None else classifier_p1
+            n = len(_to_numpy(ref))
+        return np.ones(n, dtype=bool)
+    if gate == "label":
+        if labels is None:
+            raise ValueError("gate=label needs the image-level labels")
+        return _to_numpy(labels).reshape(-1) != 0
+    if gate == "classifier":
+        if classifier_p1 is None:
+            raise ValueError("gate=classifier needs the classifier's p(1)")
+        p1 = _to_numpy(classifier_p1).astype(np.float64).reshape(-1)
+        if np.isnan(p1).any():
+            raise ValueError("gate=classifier got NaN classifier probabilities")
+        return p1 >= CLASSIFIER_THRESHOLD
+    raise UserError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)}")
+
+
+def apply_gate(pred: Any, gate: str, labels: Any = None, classifier_p1: Any = None) -> tuple[Any, np.ndarray]:
+    """Blank the predictions the gate rejects: (gated pred, same type as ``pred``; pass (B,))."""
+    passed = gate_pass(gate, labels, classifier_p1, n=pred.shape[0])
+    if len(passed) != pred.shape[0]:
+        raise ValueError(f"gate got {len(passed)} labels/probabilities for {pred.shape[0]} masks")
+    shape = (-1,) + (1,) * (pred.ndim - 1)
+    if _is_torch(pred):
+        import torch
+
+        keep = torch.as_tensor(passed, device=pred.device).reshape(shape)
+        return pred & keep if pred.dtype == torch.bool else pred * keep.to(pred.dtype), passed
+    pred = np.asarray(pred)
+    keep = passed.reshape(shape)
+    return (pred & keep if pred.dtype == bool else pred * keep.astype(pred.dtype)), passed
+
+
+# --------------------------------------------------------------------------- aggregates
+def require_columns(df: "pd.DataFrame", columns: Iterable[str], what: str = "results") -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{what} lack column(s) {', '.join(missing)}; "
+                        "expected the per-slice results table (PROTOCOL section 8)")
+
+
+def check_unique_slices(df: "pd.DataFrame") -> None:
+    """Refuse a table where one slice is scored twice for the same method, gate and seed."""
+    keys = [k for k in SLICE_KEYS + ["profile"] if k in df.columns]
+    dup = df.duplicated(keys, keep=False)
+    if dup.any():
+        first = df.loc[dup, keys].iloc[0].to_dict()
+        raise UserError(f"{int(dup.sum())} rows score the same slice twice, e.g. {first}; the "
+                        "results combine overlapping runs: load fewer runs or give the methods distinct labels")
+
+
+def case_means(df: "pd.DataFrame", column: str = "dice") -> "pd.Series":
+    """Mean of ``column`` per (task, method, gate, case_id), pooled over seeds."""
+    return df.groupby(GROUP_KEYS + ["case_id"], sort=False)[column].mean()
+
+
+def _mean_std(v: np.ndarray) -> tuple[float, float]:
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=0))
+
+
+def _group_stats(g: "pd.DataFrame") -> dict[str, Any]:
+    pos = g["label"].to_numpy() == 1
+    rec: dict[str, Any] = {
+        "n_slices": len(g), "n_pos": int(pos.sum()), "n_neg": int((g["label"].to_numpy() == 0).sum()),
+        "n_cases": int(g["case_id"].nunique()),
+        "n_seeds": int(g["seed"].nunique()) if "seed" in g else 1,
+    }
+    for col in ("dice", "iou"):
+        v = g[col].to_numpy(dtype=np.float64)
+        rec[f"{col}_mean"], rec[f"{col}_std"] = _mean_std(v)
+        rec[f"{col}_pos_mean"], rec[f"{col}_pos_std"] = _mean_std(v[pos])
+        rec[f"{col}_case_mean"] = float(g.groupby("case_id", sort=False)[col].mean().mean())
+        if "seed" in g and rec["n_seeds"] > 1:  # across-seed spread, kept apart from the per-slice std
+            rec[f"{col}_seed_std"] = float(g.groupby("seed")[col].mean().std(ddof=0))
+        else:
+            rec[f"{col}_seed_std"] = 0.0
+    return rec
+
+
+def aggregate(df: "pd.DataFrame", ci_resamples: int = 0) -> "pd.DataFrame":
+    """One row per (task, method, gate): all-slice, positive-only and case-level summaries.
+
+    Columns: n_slices, n_pos, n_neg, n_cases, n_seeds and, for dice and iou, ``_mean``/``_std``
+    (all slices, population std), ``_pos_mean``/``_pos_std`` (label == 1), ``_case_mean`` (mean
+    of per-case means) and ``_seed_std``.  With ``ci_resamples`` > 0, also ``dice_ci_lo`` /
+    ``dice_ci_hi`` from :func:`bootstrap_ci`, seeded with seed(base, task, "bootstrap").
+    """
+    import pandas as pd
+
+    from wsss_bench.seeding import derive_seed
+
+    require_columns(df, GROUP_KEYS + ["case_id", "label", "dice", "iou"])
+    check_unique_slices(df)
+    records = []
+    for key, g in df.groupby(GROUP_KEYS, sort=False):
+        rec = dict(zip(GROUP_KEYS, key))
+        rec.update(_group_stats(g))
+        if ci_resamples > 0:
+            base = int(g["seed"].min()) if "seed" in g else 0
+            seed = derive_seed(base, str(rec["task"]), "bootstrap")
+            rec["dice_ci_lo"], rec["dice_ci_hi"] = bootstrap_ci(g, ci_resamples, seed)
+        records.append(rec)
+    return pd.DataFrame.from_records(records, columns=None if records else GROUP_KEYS)
+
+
+def bootstrap_ci(df_group: "pd.DataFrame", resamples: int, seed: int, column: str = "dice",
+                 level: float = 0.95) -> tuple[float, float]:
+    """Case-level cluster bootstrap CI of the slice-weighted all-slice mean of ``column``.
+
+    Cases are drawn with replacement; each draw's mean is (sum of the drawn cases' slice
+    scores) / (their slice count).  Percentiles 2.5/97.5 (for ``level`` 0.95).
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    per_case = df_group.groupby("case_id", sort=True)[column].agg(["sum", "count"])
+    if len(per_case) == 0:
+        return float("nan"), float("nan")
+    sums = per_case["sum"].to_numpy(np.float64)
+    counts = per_case["count"].to_numpy(np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_case), size=(resamples, len(per_case)))  # (R, n_cases)
+    means = sums[idx].sum(1) / counts[idx].sum(1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- tests
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values; NaN entries are left out of the family and stay NaN."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    m = len(valid)
+    if m == 0:
+        return out
+    order = valid[np.argsort(p[valid], kind="stable")]
+    adjusted = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(adjusted)
+    return out
+
+
+def compare_to(df: "pd.DataFrame", reference_method: str, task: str | None = None,
+               gate: str | None = None, column: str = "dice",
+               methods: Sequence[str] | None = None, min_cases: int = MIN_CASES_FOR_TEST) -> "pd.DataFrame":
+    """Paired two-sided Wilcoxon signed-rank tests of per-case mean ``column`` vs a reference.
+
+    One family per (task, gate) = one table column: every other method (or those in
+    ``methods``) against ``reference_method`` on their common test cases, Holm-corrected
+    within the family.  Fewer than ``min_cases`` common cases: p is NaN and ``note`` "n/a".
+    """
+    import pandas as pd
+    from scipy.stats import wilcoxon
+
+    require_columns(df, GROUP_KEYS + ["case_id", column])
+    sel = df
+    if task is not None:
+        sel = sel[sel["task"] == task]
+    if gate is not None:
+        sel = sel[sel["gate"] == gate]
+    means = case_means(sel, column)
+    rows = []
+    for (t, gt), fam in means.groupby(level=["task", "gate"], sort=False):
+        per_method = {m: s.droplevel(["task", "method", "gate"]) for m, s in fam.groupby(level="method", sort=False)}
+        ref = per_method.get(reference_method)
+        family = []
+        for m in per_method if methods is None else methods:
+            if m == reference_method:
+                continue
+            rec = {"task": t, "gate": gt, "method": m, "reference": reference_method,
+                   "n_cases": 0, "statistic": np.nan, "p": np.nan, "note": ""}
+            cur = per_method.get(m)
+            if ref is None or cur is None:
+                rec["note"] = "n/a: no results for " + (reference_method if ref is None else m)
+            else:
+                common = cur.index.intersection(ref.index)
+                rec["n_cases"] = len(common)
+                a = cur.loc[common].to_numpy(np.float64)
+                b = ref.loc[common].to_numpy(np.float64)
+                rec["mean_diff"] = float((a - b).mean()) if len(common) else np.nan
+                if len(common) < min_cases:
+                    rec["note"] = f"n/a: {len(common)} common test cases (< {min_cases})"
+                elif np.all(a == b):
+                    rec["statistic"], rec["p"], rec["note"] = 0.0, 1.0, "identical per-case means"
+                else:
+                    res = wilcoxon(a, b, alternative="two-sided")
+                    rec["statistic"], rec["p"] = float(res.statistic), float(res.pvalue)
+            family.append(rec)
+        adjusted = holm([r["p"] for r in family])
+        for rec, p_holm in zip(family, adjusted):
+            rec["p_holm"] = float(p_holm)
+        rows.extend(family)
+    cols = ["task", "gate", "method", "reference", "n_cases", "mean_diff", "statistic", "p", "p_holm", "note"]
+    return pd.DataFrame.from_records(rows, columns=cols)
+
+
+def classifier_gate_stats(df: "pd.DataFrame") -> "pd.DataFrame":
+    """Per task: AUC, sensitivity and specificity of the CAM classifier used by gate=classifier.
+
+    Each test slice counts once per seed (the classifier is shared by all methods of a task).
+    """
+    import pandas as pd
+    from scipy.stats import rankdata
+
+    require_columns(df, ["task", "case_id", "z", "label", "classifier_p1"])
+    keys = ["task", "case_id", "z"] + (["seed"] if "seed" in df.columns else [])
+    uniq = df.drop_duplicates(keys)
+    uniq = uniq[uniq["classifier_p1"].notna()]  # no classifier ran for these rows
+    rows = []
+    for t, g in uniq.groupby("task", sort=False):
+        y = g["label"].to_numpy() == 1
+        p = g["classifier_p1"].to_numpy(np.float64)
+        n1, n0 = int(y.sum()), int((~y).sum())
+        auc = np.nan
+        if n1 and n0:  # Mann-Whitney form of the AUC, ties counted half
+            auc = (rankdata(p)[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+        passed = p >= CLASSIFIER_THRESHOLD
+        rows.append({"task": t, "n_pos": n1, "n_neg": n0, "auc": float(auc),
+                     "sensitivity": float(passed[y].mean()) if n1 else np.nan,
+                     "specificity": float((~passed[~y]).mean()) if n0 else np.nan})
+    return pd.DataFrame.from_records(rows, columns=["task", "n_pos", "n_neg", "auc", "sensitivity", "specificity"])
