@@ -118,7 +118,7 @@ class RunContext:
         from wsss_bench.nn import classifier as clf
 
         spec, recipe = dict(self.profile.cam_classifier), dict(self.profile.classifier)
-        model = clf.build_classifier(self.profile.cam_classifier, self.task.channels)
+        model = clf.build_classifier(self.profile.cam_classifier, self.task.channels, seed=self.seed("init/classifier"))
 
         def build(work: Path) -> dict:
             with self.stage("train/classifier"):

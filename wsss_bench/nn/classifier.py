@@ -1,0 +1,194 @@
+"""The CAM classifier (METHODS section 0): a timm ResNet trained on image-level labels.
+
+Shared by GradCAM, GradCAM++, ScoreCAM, LayerCAM, the classifier gate and the Table 2
+ResNet row.  Recipe [inferred, AME-CAM's]: cross-entropy over 2 classes; Adam lr 1e-4,
+weight decay 1e-5; cosine decay to 5e-6 over all steps; epochs and batch from the profile's
+``classifier`` section; random horizontal flips only where the task allows them (BraTS);
+keep the epoch with the best validation AUC of softmax p(1).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+from wsss_bench.lazy import F, np, torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy
+    import torch as _torch
+
+    from wsss_bench.interfaces import SliceBatch
+
+LR = 1e-4
+WEIGHT_DECAY = 1e-5
+LR_MIN = 5e-6
+NUM_CLASSES = 2
+
+
+def build_classifier(spec: Mapping[str, Any], in_chans: int, seed: int | None = None) -> "_torch.nn.Module":
+    """A randomly initialised classifier from a profile's ``cam_classifier``-style section.
+
+    ``spec`` has ``arch`` (a timm model name), ``channels`` (stage widths; empty = the
+    architecture's full width) and ``output_stride``.  No pretrained weights are downloaded.
+    With ``seed`` the initialisation is reproducible and the global RNG is left untouched.
+    """
+    from wsss_bench._compat import import_timm
+
+    timm = import_timm()
+    kwargs: dict[str, Any] = dict(
+        pretrained=False,
+        in_chans=int(in_chans),
+        num_classes=NUM_CLASSES,
+        output_stride=int(spec.get("output_stride", 32)),
+    )
+    channels = list(spec.get("channels") or [])
+    if channels:
+        kwargs["channels"] = tuple(int(c) for c in channels)
+    if seed is None:
+        return timm.create_model(spec["arch"], **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed) % (2**63))
+        return timm.create_model(spec["arch"], **kwargs)
+
+
+def _n_train_batches(n: int, batch: int) -> int:
+    return max(1, math.ceil(n / batch))
+
+
+def classifier_steps(n_train: int, profile: Any) -> int:
+    """Optimisation steps of :func:`train_classifier` for ``n_train`` slices (progress total)."""
+    cfg = profile.classifier
+    return int(cfg.epochs) * _n_train_batches(n_train, int(cfg.batch))
+
+
+def _forward_p1(model, batches: Iterable["SliceBatch"], device, bf16: bool):
+    """(p1, labels) numpy arrays over ``batches``, model in eval, no autograd."""
+    probs, labels = [], []
+    dev = torch.device(device)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+        for b in batches:
+            logits = model(b.images.to(dev, non_blocking=True))
+            probs.append(F.softmax(logits.float(), dim=1)[:, 1].cpu())
+            labels.append(b.labels.cpu())
+    if not probs:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def predict_p1(model, batches: Iterable["SliceBatch"], bf16: bool = False) -> "numpy.ndarray":
+    """Softmax probability of class 1 for every slice in ``batches`` (model's device)."""
+    device = next(model.parameters()).device
+    return _forward_p1(model, batches, device, bf16)[0]
+
+
+def _auc(labels, p1) -> float | None:
+    """ROC AUC, or None when the labels hold a single class (AUC undefined)."""
+    if len(np.unique(labels)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, p1))
+
+
+def train_classifier(
+    model,
+    data: Any,
+    profile: Any,
+    device: Any,
+    seed: int,
+    flips: bool,
+    bf16: bool = False,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[dict[str, "_torch.Tensor"], dict[str, Any]]:
+    """Train ``model`` on ``data``'s train split; return (best state dict on CPU, info).
+
+    ``data`` is a TaskData: ``split(name)`` gives row indices, ``batches(idx, batch_size,
+    device=...)`` yields SliceBatch.  The batch order and the flips come from one
+    ``torch.Generator`` seeded with ``seed``.  The epoch with the best validation AUC of p(1)
+    is kept (the first one on ties); if the validation split holds one class only, the last
+    epoch is kept and ``info["selection"]`` says so.  On return the model holds the kept
+    weights and is in eval mode.  ``progress(1)`` is called after every optimisation step
+    (:func:`classifier_steps` gives the total).
+
+    info: ``train_loss`` and ``val_auc`` (None where undefined) per epoch, ``best_epoch``
+    (0-based), ``selection``, ``steps``, ``n_train``, ``n_val``, ``seconds``, ``bf16``.
+    """
+    cfg = profile.classifier
+    epochs, batch_size = int(cfg.epochs), int(cfg.batch)
+    dev = torch.device(device)
+    model.to(dev)
+
+    train_idx = np.asarray(data.split("train"))
+    val_idx = np.asarray(data.split("val"))
+    if len(train_idx) == 0:
+        raise ValueError("train_classifier: the train split is empty")
+    steps_per_epoch = _n_train_batches(len(train_idx), batch_size)
+    total_steps = epochs * steps_per_epoch
+
+    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=LR_MIN)
+    gen = torch.Generator().manual_seed(int(seed) % (2**63))
+
+    train_loss: list[float] = []
+    val_auc: list[float | None] = []
+    best_state: dict[str, Any] | None = None
+    best_auc, best_epoch = -math.inf, -1
+    t0 = time.perf_counter()
+
+    for epoch in range(epochs):
+        model.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        loss_sum, seen = 0.0, 0
+        for b in data.batches(order, batch_size, shuffle=False, device=str(dev)):
+            x = b.images.to(dev, non_blocking=True)  # (B, C, S, S)
+            y = b.labels.to(dev, non_blocking=True).long()  # (B,)
+            if flips:
+                flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(dev)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * x.shape[0]
+            seen += x.shape[0]
+            if progress is not None:
+                progress(1)
+        train_loss.append(loss_sum / max(1, seen))
+
+        p1, labels = _forward_p1(model, data.batches(val_idx, batch_size, shuffle=False, device=str(dev)), dev, bf16)
+        auc = _auc(labels, p1)
+        val_auc.append(auc)
+        if auc is not None and auc > best_auc:
+            best_auc, best_epoch = auc, epoch
+            best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+    if best_state is None:  # validation has one class (or is empty): keep the last epoch
+        selection = "last epoch (validation split has a single class; AUC undefined)"
+        best_epoch = epochs - 1
+        best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    else:
+        selection = "best validation AUC of p(1)"
+        model.load_state_dict(best_state)
+    model.eval()
+
+    info = {
+        "train_loss": train_loss,
+        "val_auc": val_auc,
+        "best_epoch": best_epoch,
+        "best_val_auc": None if best_auc == -math.inf else best_auc,
+        "selection": selection,
+        "steps": total_steps,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "epochs": epochs,
+        "batch": batch_size,
+        "flips": bool(flips),
+        "bf16": bool(bf16),
+        "seconds": time.perf_counter() - t0,
+    }
+    return best_state, info
