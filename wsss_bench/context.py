@@ -78,17 +78,20 @@ class RunContext:
         return g
 
     # ------------------------------------------------------------------ caching
-    def artifact(
+    def artifact_key(
         self,
         stage: str,
         plugin: Plugin | type | str,
-        build: Callable[[Path], dict | None],
         params: dict[str, Any] | None = None,
         upstream: list[str] | tuple[str, ...] = (),
         version: str | None = None,
         source: Any = None,
-    ) -> Built:
-        """A cached artifact of this task/seed/data/profile; ``build(workdir)`` writes it."""
+    ) -> tuple[str, dict[str, Any]]:
+        """The content key of an artifact and the description stored with it.
+
+        key = stage + plugin name + version + source hash + parameters + upstream keys + seed
+        + data fingerprint (+ the resolved profile and the task).
+        """
         if isinstance(plugin, str):
             name, ver, src = plugin, version or "1", source_hash(source) if source is not None else ""
         else:
@@ -100,10 +103,24 @@ class RunContext:
                              self.base_seed, self.data.fingerprint)
         describe = {"plugin": name, "version": ver, "params": params, "task": self.task.task_id,
                     "profile": self.profile.name, "seed": self.base_seed}
+        return key, describe
+
+    def artifact(
+        self,
+        stage: str,
+        plugin: Plugin | type | str,
+        build: Callable[[Path], dict | None],
+        params: dict[str, Any] | None = None,
+        upstream: list[str] | tuple[str, ...] = (),
+        version: str | None = None,
+        source: Any = None,
+    ) -> Built:
+        """A cached artifact of this task/seed/data/profile; ``build(workdir)`` writes it."""
+        key, describe = self.artifact_key(stage, plugin, params, upstream, version, source)
         built = self.cache.build(stage, key, build, describe)
         self.used.append(key)
         if built.hit:
-            say(f"  [dim]reused cached {stage} ({name}, {key[:10]})[/dim]")
+            say(f"  [dim]reused cached {stage} ({describe['plugin']}, {key[:10]})[/dim]")
         return built
 
     # ------------------------------------------------------------------ shared models

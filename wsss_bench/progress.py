@@ -8,8 +8,13 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+def _width() -> int | None:
+    """Keep tables readable when output goes to a file or CI log (rich defaults to 80 columns)."""
+    return None if sys.stdout.isatty() else 140
+
+
+console = Console(stderr=False, highlight=False, width=_width())
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
 
 def bars_enabled() -> bool:

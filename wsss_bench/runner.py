@@ -214,7 +214,7 @@ def compute_cell(ctx: RunContext, host, cell: Cell, profile):
             del arr
             return {"n": int(len(test))}
 
-        built = ctx.artifact("maps", cam, build_maps, upstream=ctx.used[used_before:])
+        built = ctx.artifact("maps", cam, build_maps, upstream=list(dict.fromkeys(ctx.used[used_before:])))
         maps_mm = np.load(built.path / "maps.npy", mmap_mode="r")
 
     refiner: Refiner = host.get("refiners", cell.refiner)(**dict(cell.refiner_params))
@@ -248,7 +248,7 @@ def compute_cell(ctx: RunContext, host, cell: Cell, profile):
             "classifier_p1": p1, "dice": dice, "iou": iou, "seed": cell.seed,
             "params": json.dumps({"cam": dict(cell.cam_params), "refiner": dict(cell.refiner_params)}, default=str),
         }))
-    info = {"artifacts": ctx.used[used_before:], "records": dict(ctx.records),
+    info = {"artifacts": list(dict.fromkeys(ctx.used[used_before:])), "records": dict(ctx.records),
             "classifier_gate": ctx._memo.get("gate_stats"),
             "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins}}
     return pd.concat(frames, ignore_index=True), info

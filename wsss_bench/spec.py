@@ -163,6 +163,9 @@ def format_value(value: Any) -> str:
         return "none"
     if isinstance(value, (list, tuple)):
         return "+".join(format_value(v) for v in value)
+    if isinstance(value, str) and (value != value.strip() or parse_scalar(value) != value
+                                   or any(c in value for c in ",[]='\"") or not value):
+        return f"'{value}'" if "'" not in value else f'"{value}"'
     return str(value)
 
 
