@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 os.environ.setdefault("CI", "1")  # no rich progress bars in tests
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
