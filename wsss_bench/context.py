@@ -63,12 +63,16 @@ class RunContext:
         self.records: dict[str, Any] = {}
         self.stages: list[dict[str, Any]] = []
         self.used: list[str] = []  # artifact keys touched, in order (upstream of later stages)
+        self.seeds_used: dict[str, int] = {}  # component -> derived seed, for the manifest
         self._memo: dict[str, Any] = {}
         self.profile_hash = stable_hash(dict(profile), 16)
 
     # ------------------------------------------------------------------ seeds
     def seed(self, component: str) -> int:
-        return derive_seed(self.base_seed, self.task.task_id, component)
+        value = derive_seed(self.base_seed, self.task.task_id, component)
+        if len(self.seeds_used) < 200 or component in self.seeds_used:  # per-slice seeds would flood it
+            self.seeds_used[component] = value
+        return value
 
     def generator(self, component: str, device: str = "cpu") -> "torch.Generator":
         import torch

@@ -249,6 +249,7 @@ def compute_cell(ctx: RunContext, host, cell: Cell, profile):
             "params": json.dumps({"cam": dict(cell.cam_params), "refiner": dict(cell.refiner_params)}, default=str),
         }))
     info = {"artifacts": list(dict.fromkeys(ctx.used[used_before:])), "records": dict(ctx.records),
+            "base_seed": ctx.base_seed, "derived_seeds": dict(ctx.seeds_used),
             "classifier_gate": ctx._memo.get("gate_stats"),
             "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins}}
     return pd.concat(frames, ignore_index=True), info

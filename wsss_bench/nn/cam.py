@@ -68,9 +68,50 @@ def resolve_layers(model: "Module", names: Sequence[str], owner: str = "") -> li
     return found
 
 
+def split_layer_names(value: "str | Sequence[str]") -> list[str]:
+    """Layer names from a parameter value: ``"layer4"``, ``"layer3+layer4"``, ``"layer3,layer4"``
+    or a list of such strings.
+
+    In spec strings several layers are joined with ``+`` (``layercam[layers=layer3+layer4]``);
+    a comma works inside quotes (``layercam[layers='layer3,layer4']``) or from Python.
+    Raises PluginError for an empty name; whether a name exists is checked later, against
+    the model, by :func:`resolve_layers`.
+    """
+    items = [value] if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise PluginError(f"layer names must be strings, got {item!r}")
+        names += [part.strip() for part in item.replace(",", "+").split("+")]
+    if not names or any(not n for n in names):
+        raise PluginError("must name one or more modules of the classifier, e.g. layer4 or layer3+layer4")
+    return names
+
+
 def _example_dotted(modules: dict, top: list[str]) -> str:
     dotted = [n for n in modules if n.count(".") == 1]
     return dotted[-1] if dotted else (top[-1] if top else "layer4")
+
+
+#: pytorch-grad-cam's epsilon when it scales each layer's map (METHODS section 5, library)
+LIBRARY_LAYER_EPS = 1e-7
+
+
+def library_fusion(maps: Sequence["Tensor"], size: tuple[int, int]) -> "Tensor":
+    """pytorch-grad-cam 1.5.7's multi-layer aggregation, (B, S, S) in [0, 1].
+
+    Per layer (B, h_l, w_l): (cam - min) / (max - min + 1e-7) at the layer's own resolution,
+    then Up to ``size``; the mean over layers is min-max scaled again.  Scaling before the
+    resize matters: bilinear upsampling need not reach an interior maximum, so min-max after
+    Up would rescale each layer differently.
+    """
+    scaled = []
+    for cam in maps:
+        flat = cam.reshape(cam.shape[0], -1)
+        lo = flat.amin(dim=1).view(-1, 1, 1)
+        hi = flat.amax(dim=1).view(-1, 1, 1)
+        scaled.append(upsample((cam - lo) / (hi - lo + LIBRARY_LAYER_EPS), size))
+    return minmax(torch.stack(scaled, 0).mean(0))
 
 
 class CamExtractor:
@@ -115,13 +156,12 @@ class CamExtractor:
     def fuse(self, maps: list["Tensor"], size: tuple[int, int]) -> "Tensor":
         """Per-layer raw maps -> (B, S, S) in [0, 1].
 
-        One layer: minmax(Up(map)).  Several layers: pytorch-grad-cam's aggregation, i.e. the
-        mean of the per-layer minmax(Up(map)), min-max scaled again; LayerCAM overrides this.
+        One layer: minmax(Up(map)).  Several layers: pytorch-grad-cam's aggregation
+        (:func:`library_fusion`); LayerCAM overrides this for its paper fusion.
         """
-        ups = [minmax(upsample(m, size)) for m in maps]
-        if len(ups) == 1:
-            return ups[0]
-        return minmax(torch.stack(ups, 0).mean(0))
+        if len(maps) == 1:
+            return minmax(upsample(maps[0], size))
+        return library_fusion(maps, size)
 
     # ------------------------------------------------------------------ the template
     def capture(self, images: "Tensor") -> tuple["Tensor", list["Tensor"], list["Tensor | None"]]:
