@@ -1,0 +1,51 @@
+"""Session fixtures of the data-layer tests: smoke phantoms and task data, built once.
+
+Import the fixtures into a test module with ``from data_fixtures import *  # noqa: F401,F403``
+(the tests folder is on sys.path under pytest's default import mode).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsss_bench.data.readers import BratsDataset, Flare21Dataset
+from wsss_bench.data.taskdata import ensure_phantom, load_task_data
+from wsss_bench.profiles import load_profile
+
+SMOKE_TASKS = {
+    "brats": BratsDataset,
+    "flare21-kidney": Flare21Dataset,
+    "flare21-spleen": Flare21Dataset,
+    "flare21-liver": Flare21Dataset,
+}
+
+__all__ = ["smoke_profile", "data_cache", "brats_phantom", "flare_phantom", "smoke_task_data", "SMOKE_TASKS"]
+
+
+@pytest.fixture(scope="session")
+def smoke_profile():
+    return load_profile("smoke")
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("wsss-data-cache")
+
+
+@pytest.fixture(scope="session")
+def brats_phantom(data_cache, smoke_profile) -> Path:
+    return ensure_phantom(BratsDataset(), smoke_profile, data_cache, 0)
+
+
+@pytest.fixture(scope="session")
+def flare_phantom(data_cache, smoke_profile) -> Path:
+    return ensure_phantom(Flare21Dataset(), smoke_profile, data_cache, 0)
+
+
+@pytest.fixture(scope="session")
+def smoke_task_data(data_cache, smoke_profile, brats_phantom, flare_phantom) -> dict:
+    """task id -> TaskData on the smoke phantoms, base seed 0."""
+    return {
+        task: load_task_data(cls(), task, None, smoke_profile, 0, data_cache) for task, cls in SMOKE_TASKS.items()
+    }

@@ -1,0 +1,304 @@
+"""One task's slices, labels and splits, ready for the methods (PROTOCOL sections 4-5).
+
+:func:`load_task_data` is the single entry point: it writes the phantom when no data root is
+given, builds (or reuses) the dataset's slice store, labels the slices for the task, splits the
+cases and composes the test set.  Seeds (section 12):
+
+- case split: ``derive_seed(base_seed, <dataset name>, "split")``, so the three FLARE tasks share
+  one split;
+- test negatives: ``derive_seed(base_seed, <task id>, "test/negatives")``;
+- ``batches(shuffle=True)`` without a seed: ``derive_seed(base_seed, <task id>, "batches")``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from wsss_bench.data import splits as sp
+from wsss_bench.data.store import SliceStore, data_fingerprint, prepare_slices
+from wsss_bench.errors import UserError
+from wsss_bench.interfaces import DatasetSource, SliceBatch, TaskDef
+from wsss_bench.seeding import derive_seed
+
+AMBIGUOUS_POLICIES = ("exclude", "negative")
+PHANTOM_MARKER = ".done"
+PHANTOM_META = ".phantom.json"
+
+
+# --------------------------------------------------------------------------- phantoms
+def phantom_dir(cache_root: Path, source: DatasetSource, profile: Any, seed: int) -> Path:
+    return Path(cache_root) / "phantoms" / f"{source.name}-{profile.name}-{source.phantom_version}-seed{seed}"
+
+
+def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: int = 0) -> Path:
+    """The phantom folder for (dataset, profile, generator version, seed), written once, atomically."""
+    final = phantom_dir(cache_root, source, profile, seed)
+    if (final / PHANTOM_MARKER).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    try:
+        source.synthesize(tmp, profile, seed)
+        meta = {
+            "dataset": source.name,
+            "generator_version": source.phantom_version,
+            "seed": int(seed),
+            "profile": profile.name,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        (tmp / PHANTOM_META).write_text(json.dumps(meta, indent=2))
+        (tmp / PHANTOM_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # written meanwhile by another process
+            if not (final / PHANTOM_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------- task data
+@dataclass
+class TaskData:
+    """Slices of one task: labels, split indices and lazy access to images and masks.
+
+    Row indices refer to the dataset's slice store; ``labels`` is int8 with 1 positive,
+    0 negative, -1 ambiguous (ambiguous rows become 0 under ``ambiguous="negative"``).
+    """
+
+    task: TaskDef
+    store: SliceStore
+    data_root: Path
+    is_phantom: bool
+    phantom: dict | None
+    base_seed: int
+    ambiguous_policy: str
+    labels: np.ndarray
+    ambiguous: np.ndarray
+    fg_fraction: np.ndarray
+    tissue_fraction: np.ndarray
+    case_ids: np.ndarray
+    z: np.ndarray
+    case_split: dict[str, list[str]]
+    seeds: dict[str, int]
+    test_info: dict
+    _split_idx: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def image_size(self) -> int:
+        return int(self.store.meta["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.store.meta["channels"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.store.meta["fingerprint"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    # ----------------------------------------------------------------- access
+    def split(self, name: str) -> np.ndarray:
+        """Sorted row indices: train/val = non-ambiguous slices of their cases, test = test set."""
+        if name not in self._split_idx:
+            raise UserError(f"unknown split '{name}'; choose one of {', '.join(sp.SPLITS)}")
+        return self._split_idx[name].copy()
+
+    def _rows(self, idx: Any) -> np.ndarray:
+        return np.asarray(idx, dtype=np.int64).reshape(-1)
+
+    def images(self, idx: Any) -> np.ndarray:
+        """(n, C, S, S) float32 in [0, 1]."""
+        return np.asarray(self.store.images[self._rows(idx)], dtype=np.float32)
+
+    def masks(self, idx: Any) -> np.ndarray:
+        """(n, S, S) bool task foreground."""
+        lab = np.asarray(self.store.labels[self._rows(idx)])
+        if self.task.foreground is None:
+            return lab > 0
+        return np.isin(lab, self.task.foreground)
+
+    def batches(
+        self,
+        split_or_idx: str | Any,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int | None = None,
+        with_masks: bool = False,
+        device: str = "cpu",
+    ) -> Iterator[SliceBatch]:
+        """Iterate over a split (or explicit rows) as SliceBatch of torch tensors."""
+        import torch
+
+        idx = self.split(split_or_idx) if isinstance(split_or_idx, str) else self._rows(split_or_idx)
+        if shuffle:
+            seed = derive_seed(self.base_seed, self.task.task_id, "batches") if seed is None else seed
+            idx = idx[np.random.default_rng(seed).permutation(len(idx))]
+        for start in range(0, len(idx), int(batch_size)):
+            rows = idx[start : start + int(batch_size)]
+            images = torch.from_numpy(self.images(rows)).to(device)
+            labels = torch.from_numpy(self.labels[rows].astype(np.int64)).to(device)
+            masks = torch.from_numpy(self.masks(rows)).to(device) if with_masks else None
+            yield SliceBatch(
+                images=images,
+                labels=labels,
+                index=rows,
+                case_ids=[str(c) for c in self.case_ids[rows]],
+                z=[int(v) for v in self.z[rows]],
+                masks=masks,
+            )
+
+    # ----------------------------------------------------------------- record
+    def summary(self) -> dict:
+        """JSON-able description for the run manifest."""
+        per_split = {}
+        for name in sp.SPLITS:
+            in_cases = np.isin(self.case_ids, self.case_split[name])
+            rows = self._split_idx[name]
+            per_split[name] = {
+                "cases": list(self.case_split[name]),
+                "n_cases": len(self.case_split[name]),
+                "n_slices": int(len(rows)),
+                "n_pos": int((self.labels[rows] == sp.POSITIVE).sum()),
+                "n_neg": int((self.labels[rows] == sp.NEGATIVE).sum()),
+                "n_ambiguous": int((self.ambiguous & in_cases).sum()),
+                "ambiguous_policy": self.ambiguous_policy,
+                "n_slices_in_cases": int(in_cases.sum()),
+            }
+        return {
+            "task": self.task.task_id,
+            "dataset": self.task.dataset,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "data": "phantom" if self.is_phantom else "real",
+            "data_root": str(self.data_root),
+            "phantom": self.phantom,
+            "generator_version": self.phantom["generator_version"] if self.phantom else "real",
+            "fingerprint": self.fingerprint,
+            "store_key": self.store.key,
+            "case_cap": int(self.store.meta["case_cap"]),
+            "n_cases": len(self.store.meta["cases"]),
+            "n_slices": len(self),
+            "preprocess_version": self.store.meta["preprocess_version"],
+            "label_rule": "positive f > 0.01, negative f == 0, ambiguous otherwise (f on the S x S mask)",
+            "seeds": dict(self.seeds),
+            "splits": per_split,
+            "test": dict(self.test_info),
+        }
+
+
+def _resolve_profile(profile: Any) -> Any:
+    if isinstance(profile, str):
+        from wsss_bench.profiles import load_profile
+
+        return load_profile(profile)
+    return profile
+
+
+def load_task_data(
+    source: DatasetSource,
+    task_id: str,
+    data_root: Path | None,
+    profile: Any,
+    base_seed: int,
+    cache_root: Path,
+    phantom_seed: int = 0,
+    ambiguous: str = "exclude",
+) -> TaskData:
+    """Everything a cell needs about its task's data (phantom when ``data_root`` is None)."""
+    profile = _resolve_profile(profile)
+    if task_id not in source.tasks:
+        raise UserError(
+            f"dataset '{source.name}' has no task '{task_id}'; its tasks are: {', '.join(sorted(source.tasks))}"
+        )
+    if ambiguous not in AMBIGUOUS_POLICIES:
+        raise UserError(f"ambiguous={ambiguous!r}: choose one of {', '.join(AMBIGUOUS_POLICIES)}")
+    task = source.tasks[task_id]
+    cache_root = Path(cache_root)
+    size = int(profile.image_size)
+    if data_root is None:
+        root = ensure_phantom(source, profile, cache_root, phantom_seed)
+        phantom = json.loads((root / PHANTOM_META).read_text())
+        phantom.pop("seconds", None)
+        cap = 0
+        extra = {"phantom": phantom}
+    else:
+        root = Path(data_root)
+        phantom = None
+        cap = int(dict(profile.real_case_cap).get(source.cap_key, 0)) if source.cap_key else 0
+        extra = None
+    store = prepare_slices(source, root, size, cache_root, case_cap=cap, extra_key=extra)
+
+    index = store.index
+    case_ids = index["case_id"].to_numpy().astype(str)
+    z = index["z"].to_numpy(dtype=np.int64)
+    tissue = index["tissue_fraction"].to_numpy(dtype=np.float64)
+    fg_px = store.label_pixels(task.foreground)
+    if task.foreground is not None and fg_px.sum() == 0:
+        raise UserError(
+            f"task '{task_id}': target label {list(task.foreground)} is absent from all "
+            f"{len(store.meta['cases'])} case(s) under {root}; check the label convention "
+            f"(liver 1, kidney 2, spleen 3, pancreas 4)"
+        )
+    fg = fg_px / float(size * size)
+    raw = sp.slice_labels(fg, float(profile.common.label_fg_fraction))
+    amb = raw == sp.AMBIGUOUS
+    labels = raw.copy()
+    if ambiguous == "negative":
+        labels[amb] = sp.NEGATIVE
+
+    rule = getattr(source, "split_rule", "tenths")
+    seeds = {
+        "split": derive_seed(base_seed, source.name, "split"),
+        "test_negatives": derive_seed(base_seed, task_id, "test/negatives"),
+    }
+    cases = sp.case_split(list(store.meta["cases"]), rule, seeds["split"])
+    idx = {}
+    usable = labels != sp.AMBIGUOUS
+    for name in ("train", "val"):
+        idx[name] = np.flatnonzero(np.isin(case_ids, cases[name]) & usable)
+    in_test = np.isin(case_ids, cases["test"])
+    pos = np.flatnonzero(in_test & (labels == sp.POSITIVE))
+    pool = np.flatnonzero(
+        in_test & (labels == sp.NEGATIVE) & (tissue >= float(profile.common.negative_min_tissue))
+    )
+    idx["test"], test_info = sp.compose_test(pos, pool, seeds["test_negatives"])
+    test_info["min_tissue_fraction"] = float(profile.common.negative_min_tissue)
+
+    return TaskData(
+        task=task,
+        store=store,
+        data_root=root,
+        is_phantom=data_root is None,
+        phantom=phantom,
+        base_seed=int(base_seed),
+        ambiguous_policy=ambiguous,
+        labels=labels,
+        ambiguous=amb,
+        fg_fraction=fg,
+        tissue_fraction=tissue,
+        case_ids=case_ids,
+        z=z,
+        case_split=cases,
+        seeds=seeds,
+        test_info=test_info,
+        _split_idx=idx,
+    )
+
+
+__all__ = ["TaskData", "load_task_data", "ensure_phantom", "phantom_dir", "data_fingerprint"]
