@@ -43,11 +43,11 @@ def get_host(extra_dirs: list[str] | None = None, strict: bool | None = None):
     dirs = list(_STATE["plugins_dirs"]) + list(extra_dirs or [])
     strict = _STATE["strict"] if strict is None else strict
     key = (tuple(dirs), strict, _STATE["trace"])
-    host = _STATE["host"]
-    if host is None or _STATE.get("host_key") != key:
-        host = load_plugins(strict=strict or None, plugins_dirs=dirs, trace=_STATE["trace"])
-        _STATE.update(host=host, host_key=key)
-    return host
+    cached = _STATE["host"]  # (key, host), one slot so the two can never disagree
+    if cached is None or cached[0] != key:
+        cached = (key, load_plugins(strict=strict or None, plugins_dirs=dirs, trace=_STATE["trace"]))
+        _STATE["host"] = cached
+    return cached[1]
 
 
 @app.callback()
@@ -177,7 +177,8 @@ def print_summary(frame, out: Path) -> None:
     header, rows = summary_rows(frame)
     table = Table(title="Dice / IoU per gate (mean ± std over test slices)")
     for h in header:
-        table.add_column(h, justify="left" if h in ("task", "method", "gate") else "right")
+        table.add_column(h, justify="left" if h in ("task", "method", "gate") else "right",
+                         overflow="fold", no_wrap=h not in ("method",))
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -1,0 +1,105 @@
+"""CDM diffusion features (CLDF, METHODS section 10): the "CDM" row of Table 2.
+
+Network: the task's shared CDM (METHODS 1.2), frozen, EMA weights where the profile has EMA.
+
+Hyperparameters:
+- timesteps t_ref = {1, 10, 50, 100} on the 4000-step reference scale, matched to harness
+  indices {0, 2, 12, 24} [paper; mapping inferred]; ``t_scale=native`` uses them as is;
+- blocks: the outputs of ``unet.up_blocks[i]`` chosen by the profile's
+  ``cldf.feature_blocks`` (paper: up 1-3, i.e. 32, 64 and 128 px, D = 1024);
+- noisy input x_t = add_noise(2x - 1, eps_t, t) with one fixed seeded eps_t (1, C, S, S)
+  per t shared by all images, component ``noise/features/t=<t>`` [inferred];
+- class label 1 [inferred: only positive or gate-passed slices reach CLDF].
+
+Feature: F = mean_t concat_l Up(a_{l,t}), computed as Up(mean_t a_{l,t}) (exactly equal).
+Never materialised densely: ``gather`` samples the native-resolution activations at chosen
+pixels (grid_sample, bilinear, border, align_corners=False) and ``stream`` walks one image
+in pixel chunks, so memory is O(chunk * D) per image.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+from wsss_bench.hookspecs import hookimpl
+from wsss_bench.interfaces import FeatureBackbone
+from wsss_bench.nn import diffusion_features as dfeat
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from wsss_bench.context import RunContext
+
+T_SCALES = ("ref4000", "native")
+REF_SCHEDULES = ("cosine", "linear")
+
+
+class CDMFeatures(FeatureBackbone):
+    name = "cdm"
+    version = "1"
+    params = {"t_ref": [1, 10, 50, 100], "t_scale": "ref4000", "ref_schedule": "cosine", "blocks": "profile",
+              "label": 1}
+    description = "CDM decoder activations, averaged over t, gathered / streamed per pixel (CLDF)"
+    contract_fixed_params = ("label",)  # a class label, not a size: only 0 and 1 exist
+
+    def validate(self) -> None:
+        if not self.p["t_ref"]:
+            raise self.bad_param("t_ref", "needs at least one timestep")
+        if self.p["t_scale"] not in T_SCALES:
+            raise self.bad_param("t_scale", f"is not one of {', '.join(T_SCALES)}")
+        if self.p["ref_schedule"] not in REF_SCHEDULES:
+            raise self.bad_param("ref_schedule", f"is not one of {', '.join(REF_SCHEDULES)}")
+        if self.p["label"] not in (0, 1):
+            raise self.bad_param("label", "must be 0 or 1 (the CDM has two class embeddings)")
+
+    # ------------------------------------------------------------------ what it needs
+    def prepare(self, ctx: "RunContext") -> None:
+        from wsss_bench.nn.diffusion import get_cdm, harness_timesteps, match_table
+
+        self.ctx = ctx
+        self.unet = get_cdm(ctx)
+        self.size = int(ctx.data.image_size)
+        spec = ctx.profile.cdm_unet
+        rule = ctx.profile.cldf.feature_blocks if self.p["blocks"] == "profile" else self.p["blocks"]
+        try:
+            self.blocks = dfeat.select_blocks(rule, spec, self.size)
+        except ValueError as err:
+            raise self.bad_param("blocks", str(err)) from None
+        self._dim = dfeat.feature_dim(spec, self.blocks)
+        self.ts = harness_timesteps(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"], ctx.profile)
+        self.noises = [self._noise(ctx, t) for t in self.ts]
+        ctx.record("match/features", match_table(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"],
+                                                 ctx.profile))
+        ctx.record("features/cdm", {"blocks": self.blocks, "dim": self._dim, "label": int(self.p["label"])})
+
+    def _noise(self, ctx: "RunContext", t: int) -> "torch.Tensor":
+        import torch
+
+        g = ctx.generator(f"noise/features/t={t}")  # CPU: identical on every device
+        return torch.randn((1, ctx.task.channels, self.size, self.size), generator=g).to(ctx.device)
+
+    @property
+    def dim(self) -> int:
+        if not hasattr(self, "_dim"):
+            raise RuntimeError("backbone 'cdm': call prepare(ctx) before asking for dim")
+        return self._dim
+
+    # ------------------------------------------------------------------ what it computes
+    def activations(self, images: "torch.Tensor") -> list["torch.Tensor"]:
+        """a-bar_l = mean_t a_{l,t}, native resolution: [(B, C_l, h_l, w_l)]."""
+        return dfeat.mean_activations(self.unet, images.to(self.ctx.device), self.ts, self.noises, self.blocks,
+                                      label=int(self.p["label"]), profile=self.ctx.profile,
+                                      autocast=self.ctx.autocast)
+
+    def gather(self, images: "torch.Tensor", coords: "torch.Tensor") -> "torch.Tensor":
+        """(N, D) features at ``coords`` (N, 3) = (batch index, row, column)."""
+        return dfeat.gather_from(self.activations(images), coords, self.size)
+
+    def stream(self, image: "torch.Tensor", chunk: int = dfeat.DEFAULT_CHUNK) -> Iterator[tuple[slice, "torch.Tensor"]]:
+        """(flat pixel range, (n, D) features) over one image (C, S, S), n <= chunk."""
+        acts = self.activations(image[None])  # (1, C_l, h_l, w_l) per block, computed once
+        return dfeat.stream_from(acts, self.size, chunk)
+
+
+@hookimpl
+def register_backbones(register):
+    register(CDMFeatures)

@@ -1,0 +1,182 @@
+"""CDM diffusion features (METHODS section 10): gather, mean-then-Up, streaming, block choice."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wsss_bench.cache import ArtifactCache
+from wsss_bench.context import RunContext
+from wsss_bench.errors import PluginError
+from wsss_bench.interfaces import TaskDef
+from wsss_bench.nn import diffusion as dif
+from wsss_bench.nn import diffusion_features as dfeat
+from wsss_bench.profiles import load_profile
+from wsss_bench_plugins.cdm_features import CDMFeatures
+
+SMOKE = load_profile("smoke")
+S = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def up(a, size):
+    return F.interpolate(a, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def tiny_unet(seed=0):
+    return dif.build_cdm(SMOKE.cdm_unet, 4, seed=seed).eval().requires_grad_(False)
+
+
+class FakeData:
+    image_size, fingerprint, is_phantom = S, "fake", True
+
+
+def backbone(unet, **params):
+    ctx = RunContext(TaskDef("brats", "brats", None, 4, True, "amecam"), FakeData(), SMOKE, 0, "cpu",
+                     ArtifactCache("/nonexistent", enabled=False))
+    ctx._memo.update(cdm=unet, cdm_key="tiny")
+    bb = CDMFeatures(**params)
+    bb.ctx = ctx
+    bb.prepare(ctx)
+    return bb, ctx
+
+
+# ---------------------------------------------------------------- gather
+@pytest.mark.parametrize("size", [32, 20])
+def test_gather_equals_dense_upsample_then_index(size):
+    g = torch.Generator().manual_seed(size)
+    shapes = [(5, 4, 4), (3, 7, 7), (6, size // 2, size // 2), (2, size, size), (4, 3, 5)]
+    acts = [torch.randn(3, *s, generator=g) for s in shapes]
+    n = 500
+    coords = torch.stack([torch.randint(0, 3, (n,), generator=g), torch.randint(0, size, (n,), generator=g),
+                          torch.randint(0, size, (n,), generator=g)], dim=1)
+    corners = torch.tensor([[0, 0, 0], [1, size - 1, size - 1], [2, 0, size - 1], [2, size - 1, 0]])
+    coords = torch.cat([coords, corners])  # borders included, batch indices in random order
+    dense = torch.cat([up(a, size) for a in acts], dim=1)  # (B, D, S, S), the naive way
+    want = dense[coords[:, 0], :, coords[:, 1], coords[:, 2]]  # (N, D)
+    got = dfeat.gather_from(acts, coords, size)
+    assert got.shape == want.shape == (n + 4, sum(s[0] for s in shapes))
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_mean_then_upsample_equals_upsample_then_mean():
+    unet = tiny_unet()
+    images = torch.rand(2, 4, S, S)
+    ts = [0, 2, 12, 24]
+    g = torch.Generator().manual_seed(1)
+    noises = [torch.randn(1, 4, S, S, generator=g) for _ in ts]
+    blocks = [0, 1, 2]
+    mean_first = [up(a, S) for a in dfeat.mean_activations(unet, images, ts, noises, blocks)]
+    per_t = []
+    for t, eps in zip(ts, noises):
+        tt = dif.timesteps(t, 2)
+        xt = dif.add_noise(images * 2 - 1, eps.expand(2, -1, -1, -1), tt)
+        with torch.no_grad():
+            per_t.append([up(a, S) for a in dfeat.block_activations(unet, xt, tt, torch.ones(2, dtype=torch.long),
+                                                                    blocks)])
+    up_first = [torch.stack([p[k] for p in per_t]).mean(0) for k in range(len(blocks))]
+    for a, b in zip(mean_first, up_first):
+        assert float((a - b).abs().max()) < 1e-5
+
+
+# ---------------------------------------------------------------- streaming
+def reference_dense_features(unet, image, ts, noises, blocks):
+    """Independent dense reference: hook the up blocks, Up every (block, t), concatenate, mean."""
+    outs = []
+    for t, eps in zip(ts, noises):
+        found = {}
+        hooks = [unet.up_blocks[i].register_forward_hook(lambda m, i_, o, i=i: found.__setitem__(i, o))
+                 for i in blocks]
+        tt = dif.timesteps(t, 1)
+        with torch.no_grad():
+            unet(dif.add_noise(image[None] * 2 - 1, eps, tt), timesteps=tt, class_labels=torch.ones(1, dtype=torch.long))
+        for h in hooks:
+            h.remove()
+        outs.append(torch.cat([up(found[i], S) for i in blocks], dim=1))  # (1, D, S, S)
+    return torch.stack(outs).mean(0)[0]  # (D, S, S)
+
+
+def test_streamed_embeddings_equal_a_dense_computation(monkeypatch):
+    unet = tiny_unet(seed=2)
+    bb, ctx = backbone(unet)
+    assert bb.ts == [0, 2, 12, 24] and bb.blocks == [0, 1, 2] and bb.dim == 40 == SMOKE.cldf.feature_dim
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(bb.dim, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    image = torch.rand(4, S, S)
+    dense = reference_dense_features(unet, image, bb.ts, bb.noises, bb.blocks)  # (D, S, S)
+    with torch.no_grad():
+        want = decoder(dense.reshape(bb.dim, -1).t())  # (S^2, 16)
+
+    rows = []
+    real_gather = dfeat.gather_from
+
+    def spy(acts, coords, size):
+        out = real_gather(acts, coords, size)
+        rows.append(out.shape[0])
+        return out
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the streamed path must not upsample whole feature maps")
+
+    monkeypatch.setattr(dfeat, "gather_from", spy)
+    stream = bb.stream(image, chunk=100)  # runs the UNet once (its own upsampling included)
+    monkeypatch.setattr(F, "interpolate", no_dense)  # from here on: no dense Up of feature maps
+    got = dfeat.stream_embed(stream, S * S, decoder, 16)
+    monkeypatch.undo()
+    assert float((got - want).abs().max()) < 1e-5
+    assert max(rows) <= 100 and sum(rows) == S * S  # every gather has <= chunk rows, pixels once
+
+
+def test_gather_of_the_backbone_matches_the_stream_and_is_batch_independent():
+    bb, ctx = backbone(tiny_unet(seed=3))
+    images = torch.rand(2, 4, S, S)
+    coords = torch.tensor([[1, 5, 7], [0, 31, 0], [1, 0, 31], [0, 12, 12]])
+    feats = bb.gather(images, coords)
+    assert feats.shape == (4, bb.dim)
+    streamed = torch.cat([f for _, f in bb.stream(images[1], chunk=257)])  # (S^2, D)
+    for row, (b, i, j) in zip(feats, coords.tolist()):
+        if b == 1:
+            torch.testing.assert_close(row, streamed[i * S + j], rtol=1e-5, atol=1e-5)
+    assert ctx.records["match/features"]["rows"][1] == {"t_ref": 10, "t": 2, "alpha_bar": pytest.approx(
+        float(dif.harness_alphas_cumprod()[2])), "alpha_bar_ref": dif.ref_alpha_bar(10)}
+    assert torch.equal(bb.noises[0], bb._noise(ctx, bb.ts[0]))  # one seeded eps per t
+
+
+def test_forward_stops_after_the_deepest_needed_block_and_leaves_no_hooks():
+    unet = tiny_unet()
+    ran = []
+    probe = [unet.up_blocks[2].register_forward_hook(lambda *a: ran.append("up2")),
+             unet.out.register_forward_hook(lambda *a: ran.append("out"))]
+    x, t = torch.randn(1, 4, S, S), dif.timesteps(0, 1)
+    with torch.no_grad():
+        acts = dfeat.block_activations(unet, x, t, torch.ones(1, dtype=torch.long), [0, 1])
+    assert ran == [] and [a.shape[1:] for a in acts] == [(16, 16, 16), (16, 32, 32)]
+    for h in probe:
+        h.remove()
+    assert all(not blk._forward_hooks for blk in unet.up_blocks)
+
+
+# ---------------------------------------------------------------- blocks and D
+def test_blocks_and_feature_dim_follow_the_profiles():
+    for name, want in (("paper", [1, 2, 3]), ("cpu", [0, 1, 2]), ("smoke", [0, 1, 2])):
+        prof = load_profile(name)
+        blocks = dfeat.select_blocks(prof.cldf.feature_blocks, prof.cdm_unet, prof.image_size)
+        assert blocks == want
+        assert dfeat.feature_dim(prof.cdm_unet, blocks) == prof.cldf.feature_dim  # 1024, 112, 40
+        # the METHODS rule gives the same choice ("auto"): paper 32..128 px; cpu falls back to all
+        assert dfeat.select_blocks("auto", prof.cdm_unet, prof.image_size) == want
+    assert dfeat.up_block_resolutions(6, 256) == [16, 32, 64, 128, 256, 256]
+    assert dfeat.select_blocks("up 0,2", SMOKE.cdm_unet, 32) == [0, 2]
+    with pytest.raises(ValueError):
+        dfeat.select_blocks("up 1-7", SMOKE.cdm_unet, 32)
+    with pytest.raises(PluginError, match="blocks"):
+        backbone(tiny_unet(), blocks="everything")
+    with pytest.raises(PluginError, match="t_scale"):
+        CDMFeatures(t_scale="log")

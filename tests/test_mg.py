@@ -1,0 +1,207 @@
+"""Mean gradient map (METHODS section 9) and the noisy classifier it uses (METHODS 1.3)."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+
+from wsss_bench.cache import ArtifactCache
+from wsss_bench.context import RunContext
+from wsss_bench.errors import PluginError
+from wsss_bench.interfaces import SliceBatch, TaskDef
+from wsss_bench.nn import diffusion as dif
+from wsss_bench.nn import noisy_classifier as ncl
+from wsss_bench.profiles import load_profile
+from wsss_bench_plugins.mg import MeanGradient, input_gradients, mean_gradient, positive_log_prob
+
+SMOKE = load_profile("smoke")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class LeftHalf(torch.nn.Module):
+    """Reads only the left half of the image: logit_1 = sum of tanh(conv) over columns < W/2."""
+
+    def __init__(self, channels=2):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        h = torch.tanh(self.conv(x[..., : x.shape[-1] // 2]))  # the right half never enters
+        s = h.mean(dim=(1, 2, 3)) * (1 + t.float() / 100)
+        return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+class PlusMinus(torch.nn.Module):
+    """logit_1 = sum_ij w_ij (x_0 - x_1): channel gradients are +g and -g."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.register_buffer("w", torch.linspace(-1, 2, size * size).view(size, size))
+
+    def forward(self, x, t):
+        s = (self.w * (x[:, 0] - x[:, 1])).sum(dim=(1, 2))
+        return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+def noises(ts, c, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, c, size, size, generator=g, dtype=torch.float64) for _ in ts]
+
+
+def tiny_classifier(size=8, seed=0):
+    return ncl.build_noisy_classifier(SMOKE.cdm_unet, 4, size, seed=seed).double().eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- mechanism tests
+def test_gradcheck_and_finite_differences_on_a_tiny_classifier():
+    model = tiny_classifier()
+    t = dif.timesteps(12, 1)
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: positive_log_prob(model, v, t), (x,), eps=1e-6, atol=1e-6)
+
+    # the whole MG against central differences of log p(1 | x_t) (float64, every pixel)
+    images = torch.rand(1, 4, 8, 8, dtype=torch.float64)
+    ts, eps = [2, 24], noises([2, 24], 4, 8)
+    got = mean_gradient(model, images, ts, eps)
+    want = torch.zeros(8, 8, dtype=torch.float64)
+    h = 1e-6
+    for t_k, e_k in zip(ts, eps):
+        xt = dif.add_noise(images * 2 - 1, e_k, dif.timesteps(t_k, 1))
+        basis = torch.eye(4 * 64, dtype=torch.float64).view(-1, 4, 8, 8) * h
+        tt = dif.timesteps(t_k, basis.shape[0])
+        with torch.no_grad():
+            num = (positive_log_prob(model, xt + basis, tt) - positive_log_prob(model, xt - basis, tt)) / (2 * h)
+        want += num.view(4, 8, 8).abs().sum(0)
+    torch.testing.assert_close(got[0], want / 2, rtol=1e-5, atol=1e-8)
+
+
+def test_classifier_reading_the_left_half_gives_zero_on_the_right_half():
+    model = LeftHalf().double().eval()
+    images = torch.rand(3, 2, 8, 8, dtype=torch.float64)
+    mg = mean_gradient(model, images, [2, 4, 7], noises([2, 4, 7], 2, 8))
+    assert torch.count_nonzero(mg[..., 4:]) == 0
+    assert bool((mg[..., :4] > 0).any())
+
+
+def test_opposite_channel_gradients_do_not_cancel():
+    model = PlusMinus(8).double().eval()
+    images = torch.rand(2, 2, 8, 8, dtype=torch.float64)
+    ts, eps = [2, 9], noises([2, 9], 2, 8)
+    xt = dif.add_noise(images * 2 - 1, eps[0].expand_as(images), dif.timesteps(2, 2))
+    g = input_gradients(model, xt, dif.timesteps(2, 2))
+    torch.testing.assert_close(g[:, 0], -g[:, 1])
+    signed = mean_gradient(model, images, ts, eps, reduce="signed")
+    absolute = mean_gradient(model, images, ts, eps, reduce="abs")
+    assert torch.count_nonzero(signed) == 0
+    assert float(absolute.amin()) < float(absolute.amax())  # non-zero and not constant
+
+
+def test_timestep_batching_does_not_change_the_map():
+    model = tiny_classifier(seed=1)
+    images = torch.rand(3, 4, 8, 8, dtype=torch.float64)
+    ts = [2, 4, 7, 9, 12]
+    eps = noises(ts, 4, 8)
+    one_by_one = mean_gradient(model, images, ts, eps, max_batch=3)
+    together = mean_gradient(model, images, ts, eps, max_batch=1000)
+    torch.testing.assert_close(one_by_one, together, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the plugin
+class FakeData:
+    image_size, fingerprint, is_phantom = 16, "fake", True
+
+
+def prepared(model, **params):
+    ctx = RunContext(TaskDef("brats", "brats", None, 4, True, "amecam"), FakeData(), SMOKE, 0, "cpu",
+                     ArtifactCache("/nonexistent", enabled=False))
+    ctx._memo.update(noisy_classifier=model, noisy_classifier_key="tiny")
+    cam = MeanGradient(**params)
+    cam.ctx = ctx
+    cam.prepare(ctx)
+    return cam, ctx
+
+
+def test_plugin_maps_use_the_profile_t_set_and_record_the_match():
+    model = ncl.build_noisy_classifier(SMOKE.cdm_unet, 4, 16, seed=0).eval().requires_grad_(False)
+    cam, ctx = prepared(model)
+    assert cam.ts == [24, 49] and cam.mask_rule == "otsu"  # smoke t_ref = {100, 200}
+    assert [r["t"] for r in ctx.records["match/mg"]["rows"]] == [24, 49]
+    b = SliceBatch(images=torch.rand(2, 4, 16, 16), labels=torch.ones(2, dtype=torch.long), index=np.arange(2),
+                   case_ids=["a", "b"], z=[0, 1])
+    with torch.no_grad():  # the runner may call maps under no_grad; MG re-enables autograd
+        maps = cam.maps(b)
+    assert maps.shape == (2, 16, 16) and float(maps.min()) == 0.0 and float(maps.max()) == 1.0
+    assert torch.equal(maps, cam.maps(b))
+    paper, _ = prepared(model, t_ref="+".join(str(v) for v in range(10, 201, 10)))
+    assert paper.ts == [2, 4, 7, 9, 12, 14, 17, 19, 22, 24, 27, 29, 32, 34, 37, 39, 42, 44, 47, 49]
+    native, _ = prepared(model, t_ref="5+6", t_scale="native")
+    assert native.ts == [5, 6]
+    with pytest.raises(PluginError, match="t_ref"):
+        MeanGradient(t_ref="ten")
+    with pytest.raises(PluginError, match="reduce"):
+        MeanGradient(reduce="max")
+
+
+# ---------------------------------------------------------------- the noisy classifier
+def test_noisy_classifier_architecture():
+    spec = load_profile("paper").cdm_unet
+    accepted = inspect.signature(ncl.DiffusionModelEncoder.__init__).parameters
+    kwargs = ncl.encoder_kwargs(spec, 4, 256)
+    assert set(kwargs) <= set(accepted) and kwargs["num_class_embeds"] is None
+    model = ncl.build_noisy_classifier(SMOKE.cdm_unet, 4, 32, seed=0)
+    assert isinstance(model, ncl.DiffusionModelEncoder) and not hasattr(model, "class_embedding")
+    linear = [m for m in model.out.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 1 and linear[0].in_features == 16 and linear[0].out_features == 2
+    x, t = torch.randn(3, 4, 32, 32), dif.timesteps(5, 3)
+    assert model(x, t).shape == (3, 2)
+    feats = model.features(x, t)
+    assert [f.shape[1] for f in feats] == [8, 16, 16] and [f.shape[-1] for f in feats] == [16, 8, 4]
+    assert ncl.feature_dim(spec) == 1792  # Table 2 "UNet encoder" row
+    assert model(torch.randn(1, 4, 48, 48), dif.timesteps(0, 1)).shape == (1, 2)  # any size: pooled head
+
+
+class BlobData:
+    """Positives carry a bright 12 x 12 square; negatives are dim noise."""
+
+    def __init__(self, n=96, size=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = (torch.arange(n) % 2).long()
+        self.images = torch.rand(n, 4, size, size, generator=g) * 0.4
+        for i in torch.nonzero(self.labels).flatten().tolist():
+            r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
+            self.images[i, :, r:r + 12, c:c + 12] += 0.6
+        self._splits = {"train": np.arange(64), "val": np.arange(64, n), "test": np.arange(64, n)}
+        self.image_size, self.fingerprint, self.is_phantom = size, f"blob-{seed}", True
+
+    def split(self, name):
+        return self._splits[name]
+
+    def batches(self, idx, batch_size, shuffle=False, seed=None, device="cpu"):
+        idx = self.split(idx) if isinstance(idx, str) else np.asarray(idx)
+        for s in range(0, len(idx), batch_size):
+            part = idx[s:s + batch_size]
+            t = torch.as_tensor(part)
+            yield SliceBatch(images=self.images[t], labels=self.labels[t], index=part,
+                             case_ids=[f"c{i}" for i in part], z=[0] * len(part))
+
+
+def test_smoke_training_beats_the_majority_rate_at_small_t(tmp_path):
+    data = BlobData()
+    ctx = RunContext(TaskDef("brats", "brats", None, 4, True, "amecam"), data, SMOKE, 0, "cpu",
+                     ArtifactCache(tmp_path / "cache"))
+    model = ncl.get_noisy_classifier(ctx)
+    assert not model.training and ncl.get_noisy_classifier(ctx) is model
+    assert list((tmp_path / "cache").rglob("noisy_classifier.safetensors"))
+    p1, labels = ncl.noisy_scores(model, data, data.split("val"), dif.match(100), seed=0)
+    accuracy = float(((p1 >= 0.5) == labels).mean())
+    majority = max(labels.mean(), 1 - labels.mean())
+    assert accuracy > majority, (accuracy, majority)

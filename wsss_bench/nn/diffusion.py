@@ -1,0 +1,431 @@
+"""Diffusion core (METHODS section 1): schedules, timestep matching and the CDM.
+
+What lives here:
+
+- the **harness schedule**: ``alphas_cumprod`` of MONAI's ``DDPMScheduler`` (T = 1000,
+  cosine, epsilon prediction) and :func:`add_noise` (guided-diffusion's ``q_sample``);
+- the **reference schedule** of the quoted timesteps (T_ref = 4000, cosine; ``linear`` for
+  sensitivity runs) and :func:`match`, which maps a reference index to the harness index of
+  the nearest noise level (section 1.1);
+- the **conditional diffusion model** (section 1.2): :func:`build_cdm` from a profile's
+  ``cdm_unet`` section, :func:`train_cdm` (epsilon-MSE, AdamW 1e-4, optional EMA) and
+  :func:`get_cdm`, the task's shared CDM, trained once, cached as safetensors and resumed
+  from its last checkpoint when a build was interrupted;
+- :func:`run_resumable`, the checkpointed training loop the CDM and the noisy classifier
+  (:mod:`wsss_bench.nn.noisy_classifier`) share.
+
+Every sampling loop elsewhere is written by hand with explicit alpha-bar values; MONAI's
+``DDIMScheduler.set_timesteps/step`` is never used (its spacing changed between MONAI 1.5
+and 1.6, METHODS 1.3 pitfall 1).  Diffusion networks receive ``2x - 1``; timesteps are long
+tensors of shape (B,).
+
+Importing this module imports neither torch nor MONAI.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+from wsss_bench.lazy import F, np, torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch as _torch
+
+    from wsss_bench.context import RunContext
+
+    Tensor = _torch.Tensor
+
+#: length of the reference schedule the CDM / CLDF timesteps are quoted on
+T_REF = 4000
+REF_SCHEDULES = ("cosine", "linear")
+T_SCALES = ("ref4000", "native")
+#: CDM training recipe (METHODS 1.2) [paper]
+CDM_LR = 1e-4
+#: class-conditional UNet: two classes, label 1 = positive
+NUM_CLASSES = 2
+
+
+# ============================================================================ schedules
+@lru_cache(maxsize=8)
+def _harness_scheduler(num_train_timesteps: int, schedule: str):
+    from monai.networks.schedulers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=schedule,
+                         prediction_type="epsilon")
+
+
+def harness_scheduler(profile: Any = None):
+    """The harness ``DDPMScheduler`` (T and schedule from ``profile.common``; 1000 / cosine)."""
+    t, sched = _harness_spec(profile)
+    return _harness_scheduler(t, sched)
+
+
+def _harness_spec(profile: Any) -> tuple[int, str]:
+    common = getattr(profile, "common", None) if profile is not None else None
+    if common is None:
+        return 1000, "cosine"
+    return int(common.diffusion_timesteps), str(common.schedule)
+
+
+def harness_alphas_cumprod(profile: Any = None) -> "Tensor":
+    """alpha-bar[i] of the harness schedule, i = 0..T-1, float64 (a copy)."""
+    return harness_scheduler(profile).alphas_cumprod.detach().to(torch.float64).clone()
+
+
+@lru_cache(maxsize=8)
+def _reference_ab(schedule: str, steps: int) -> tuple[float, ...]:
+    if schedule == "cosine":
+        # alpha-bar(i) = f((i+1)/T) / f(0), f(u) = cos^2((u + 0.008)/1.008 * pi/2), built as
+        # guided-diffusion does: per-step betas clipped at 0.999, then a cumulative product.
+        def f(u: float) -> float:
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        out, prod = [], 1.0
+        for i in range(steps):
+            beta = min(1.0 - f((i + 1) / steps) / f(i / steps), 0.999)
+            prod *= 1.0 - beta
+            out.append(prod)
+        return tuple(out)
+    if schedule == "linear":
+        # guided-diffusion's linear schedule, rescaled to ``steps``: betas 1e-4 .. 2e-2 at 1000.
+        scale = 1000.0 / steps
+        betas = np.linspace(scale * 1e-4, scale * 0.02, steps, dtype=np.float64)
+        return tuple(float(v) for v in np.cumprod(1.0 - betas))
+    raise ValueError(f"ref_schedule={schedule!r}: choose one of {', '.join(REF_SCHEDULES)}")
+
+
+def reference_alphas_cumprod(schedule: str = "cosine", steps: int = T_REF) -> "Tensor":
+    """alpha-bar_ref(i), i = 0..steps-1, of the reference schedule, float64."""
+    return torch.tensor(_reference_ab(schedule, steps), dtype=torch.float64)
+
+
+def ref_alpha_bar(i: int, schedule: str = "cosine") -> float:
+    """alpha-bar_ref(i) as a Python float; i = -1 gives 1 (the clean image)."""
+    if i < 0:
+        return 1.0
+    return _reference_ab(schedule, T_REF)[int(i)]
+
+
+def match(i_ref: int | Sequence[int], ref_schedule: str = "cosine", profile: Any = None) -> int | list[int]:
+    """Harness index whose noise level is nearest to reference index ``i_ref`` (METHODS 1.1).
+
+    ``argmin_j |ab[j] - ab_ref(i_ref)|``; ties go to the smaller j.  A sequence gives a list.
+    """
+    many = isinstance(i_ref, (list, tuple, range))
+    refs = [int(i) for i in (i_ref if many else [i_ref])]
+    bad = [i for i in refs if not 0 <= i < T_REF]
+    if bad:
+        raise ValueError(f"reference timesteps {bad} are outside [0, {T_REF - 1}]")
+    ab = harness_alphas_cumprod(profile).numpy()  # (T,)
+    ref = np.asarray(_reference_ab(ref_schedule, T_REF))[refs]  # (n,)
+    out = np.abs(ab[None, :] - ref[:, None]).argmin(axis=1)  # numpy: first minimum on ties
+    return [int(v) for v in out] if many else int(out[0])
+
+
+def harness_timesteps(t_values: Sequence[int], t_scale: str = "ref4000", ref_schedule: str = "cosine",
+                      profile: Any = None) -> list[int]:
+    """Harness indices for quoted timesteps: matched (``ref4000``) or taken as is (``native``)."""
+    if t_scale == "ref4000":
+        return match(list(t_values), ref_schedule, profile)
+    if t_scale == "native":
+        t_max = _harness_spec(profile)[0]
+        bad = [v for v in t_values if not 0 <= int(v) < t_max]
+        if bad:
+            raise ValueError(f"t_scale=native: timesteps {bad} are outside [0, {t_max - 1}]")
+        return [int(v) for v in t_values]
+    raise ValueError(f"t_scale={t_scale!r}: choose one of {', '.join(T_SCALES)}")
+
+
+def match_table(t_values: Sequence[int], t_scale: str = "ref4000", ref_schedule: str = "cosine",
+                profile: Any = None) -> dict[str, Any]:
+    """The manifest record of a timestep mapping: every quoted t, its harness t, both noise levels."""
+    ab = harness_alphas_cumprod(profile)
+    ts = harness_timesteps(t_values, t_scale, ref_schedule, profile)
+    rows = []
+    for t_ref, t in zip(t_values, ts):
+        row = {"t_ref": int(t_ref), "t": int(t), "alpha_bar": float(ab[t])}
+        if t_scale == "ref4000":
+            row["alpha_bar_ref"] = ref_alpha_bar(int(t_ref), ref_schedule)
+        rows.append(row)
+    t_max, sched = _harness_spec(profile)
+    return {"t_scale": t_scale, "ref_schedule": ref_schedule, "t_ref_steps": T_REF,
+            "harness": {"steps": t_max, "schedule": sched}, "rows": rows}
+
+
+def timesteps(t: int, batch: int, device: Any = "cpu") -> "Tensor":
+    """A timestep as the (B,) long tensor every diffusion network expects."""
+    return torch.full((int(batch),), int(t), dtype=torch.long, device=device)
+
+
+def add_noise(x0: "Tensor", eps: "Tensor", t: "Tensor", profile: Any = None) -> "Tensor":
+    """sqrt(ab[t]) x0 + sqrt(1 - ab[t]) eps with the harness scheduler; ``t`` is (B,) long."""
+    sched = harness_scheduler(profile)
+    return sched.add_noise(original_samples=x0, noise=eps, timesteps=t.long())
+
+
+def to_model_range(images: "Tensor") -> "Tensor":
+    """[0, 1] images -> the [-1, 1] range every diffusion network receives [inferred]."""
+    return images * 2.0 - 1.0
+
+
+# ============================================================================ the CDM network
+def unet_kwargs(spec: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
+    """DiffusionModelUNet arguments from a profile's ``cdm_unet`` section (METHODS 1.2)."""
+    return dict(
+        spatial_dims=2,
+        in_channels=int(in_channels),
+        out_channels=int(in_channels),
+        channels=tuple(int(c) for c in spec["channels"]),
+        num_res_blocks=int(spec["res_blocks"]),
+        attention_levels=tuple(bool(a) for a in spec["attention"]),
+        num_head_channels=int(spec["head_channels"]),
+        norm_num_groups=int(spec["norm_groups"]),
+        resblock_updown=True,  # [inferred]
+        num_class_embeds=NUM_CLASSES,
+    )
+
+
+def build_cdm(spec: Mapping[str, Any], in_channels: int, seed: int | None = None):
+    """A randomly initialised class-conditional ``DiffusionModelUNet``; ``seed`` leaves the global RNG alone."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    kwargs = unet_kwargs(spec, in_channels)
+    if seed is None:
+        return DiffusionModelUNet(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed) % (2**63))
+        return DiffusionModelUNet(**kwargs)
+
+
+# ============================================================================ resumable training
+def _mix(seed: int, *parts: int) -> int:
+    """A deterministic sub-seed of ``seed`` for ``parts`` (epoch, iteration, ...)."""
+    h = int(seed) % (2**63)
+    for p in parts:
+        h = (h * 6364136223846793005 + 1442695040888963407 + int(p)) % (2**63)
+    return h
+
+
+class IterationBatches:
+    """Training batch of iteration ``it``: epoch-wise reshuffled, restartable at any iteration.
+
+    The order of epoch e is a permutation drawn from a generator seeded with (seed, e), so a
+    run resumed at iteration k sees exactly the batches an uninterrupted run would.  An epoch
+    has ``len(idx) // batch`` full batches (a last partial batch is dropped), or one batch
+    of everything when there are fewer slices than ``batch``.
+    """
+
+    def __init__(self, data: Any, idx: Sequence[int], batch: int, seed: int, device: Any) -> None:
+        self.data, self.idx, self.batch = data, np.asarray(idx), int(batch)
+        if len(self.idx) == 0:
+            raise ValueError("training split is empty: nothing to train on")
+        self.seed, self.device = seed, str(device)
+        self.per_epoch = max(1, len(self.idx) // self.batch)
+        self._pos: tuple[int, int] | None = None
+        self._iter: Iterable | None = None
+
+    def order(self, epoch: int):
+        g = torch.Generator().manual_seed(_mix(self.seed, 1, epoch))
+        perm = torch.randperm(len(self.idx), generator=g).numpy()
+        return self.idx[perm][: self.per_epoch * self.batch] if len(self.idx) >= self.batch else self.idx[perm]
+
+    def get(self, it: int):
+        epoch, k = divmod(int(it), self.per_epoch)
+        if self._pos != (epoch, k):
+            rest = self.order(epoch)[k * self.batch:]
+            self._iter = iter(self.data.batches(rest, self.batch, shuffle=False, device=self.device))
+        batch = next(self._iter)
+        self._pos = (epoch, k + 1)
+        return batch
+
+
+def iteration_generator(seed: int, it: int) -> "_torch.Generator":
+    """The CPU generator for iteration ``it``'s timesteps, noise and flips (resume-exact)."""
+    return torch.Generator().manual_seed(_mix(seed, 2, it))
+
+
+def random_flips(x: "Tensor", g: "_torch.Generator") -> "Tensor":
+    """Flip each image left-right with probability 1/2 (BraTS only, METHODS section 0)."""
+    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    from wsss_bench.cache import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def checkpoint_every(iterations: int) -> int:
+    """Checkpoint interval: 20 checkpoints per run, between every 50 and every 1000 iterations."""
+    return int(min(1000, max(50, iterations // 20)))
+
+
+def run_resumable(
+    work: Path,
+    model,
+    opt,
+    iterations: int,
+    step: Callable[[int], float],
+    ema_decay: float = 0.0,
+    progress: Callable[[int], Any] | None = None,
+    every: int | None = None,
+) -> tuple[dict[str, "Tensor"], dict[str, Any]]:
+    """Run ``step(it)`` for it = start..iterations-1, checkpointing into ``work``.
+
+    ``step`` does one optimisation step (forward, backward, ``opt.step()``) and returns the
+    loss.  If ``work/checkpoint.pt`` exists (an interrupted build of the same artifact), the
+    model, optimiser, EMA and loss log are restored and training continues from there; on
+    CPU the result is bit-identical to an uninterrupted run.  Returns (weights on CPU to
+    keep, EMA weights when ``ema_decay > 0``; info).
+    """
+    ckpt = Path(work) / "checkpoint.pt"
+    every = every or checkpoint_every(iterations)
+    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
+    start, log, resumed_from = 0, [], None
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start, log, resumed_from = int(state["iteration"]), list(state["log"]), int(state["iteration"])
+    t0 = time.perf_counter()
+    window: list[float] = []
+    if progress is not None and start:
+        progress(start)
+    for it in range(start, iterations):
+        model.train()
+        loss = step(it)
+        window.append(float(loss))
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.mul_(ema_decay).add_(pm.detach(), alpha=1.0 - ema_decay)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+        if (it + 1) % every == 0 or it + 1 == iterations:
+            log.append([it + 1, sum(window) / len(window)])
+            window = []
+            _save_checkpoint(ckpt, {
+                "model": model.state_dict(), "opt": opt.state_dict(), "iteration": it + 1, "log": log,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+            })
+        if progress is not None:
+            progress(1)
+    keep = ema if ema is not None else model
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.state_dict().items()}
+    info = {"iterations": int(iterations), "resumed_from": resumed_from, "loss_log": log,
+            "final_loss": log[-1][1] if log else None, "seconds_this_attempt": round(time.perf_counter() - t0, 2),
+            "ema": float(ema_decay), "weights": "ema" if ema is not None else "raw", "checkpoint_every": every}
+    return weights, info
+
+
+# ============================================================================ CDM training
+def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path, flips: bool,
+              bf16: bool = False, progress: Callable[[int], Any] | None = None,
+              iterations: int | None = None, checkpoint_interval: int | None = None,
+              ) -> tuple[dict[str, "Tensor"], dict[str, Any]]:
+    """Epsilon-prediction training of the CDM on the train split (METHODS 1.2).
+
+    x_t = add_noise(2x - 1, eps, t), t ~ U{0..T-1}; loss = MSE(unet(x_t, t, y), eps);
+    AdamW lr 1e-4; batch, iterations and EMA decay from ``profile.cdm``; no label dropout.
+    Left-right flips where the task allows them (BraTS) [inferred].
+    """
+    cfg = profile.cdm
+    iterations = int(cfg.iterations if iterations is None else iterations)
+    t_max = _harness_spec(profile)[0]
+    dev = torch.device(device)
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=CDM_LR)
+    batches = IterationBatches(data, data.split("train"), int(cfg.batch), seed, dev)
+
+    def step(it: int) -> float:
+        b = batches.get(it)
+        g = iteration_generator(seed, it)
+        x0 = to_model_range(b.images.to(dev).float())  # (B, C, S, S) in [-1, 1]
+        if flips:
+            x0 = random_flips(x0, g)
+        t = torch.randint(0, t_max, (x0.shape[0],), generator=g)  # (B,) long
+        eps = torch.randn(x0.shape, generator=g)
+        t, eps = t.to(dev), eps.to(dev)
+        xt = add_noise(x0, eps, t, profile)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(xt, timesteps=t, class_labels=b.labels.to(dev).long())
+        loss = F.mse_loss(pred.float(), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    weights, info = run_resumable(work, model, opt, iterations, step, float(cfg.ema), progress,
+                                  every=checkpoint_interval)
+    info.update(batch=int(cfg.batch), lr=CDM_LR, flips=bool(flips), bf16=bool(bf16),
+                n_train=int(len(batches.idx)))
+    return weights, info
+
+
+def finish_training(work: Path, name: str, train: Callable, ctx: "RunContext", desc: str,
+                    total: int) -> dict:
+    """Run ``train(advance)`` inside a timed stage, save ``<name>.safetensors`` atomically.
+
+    The weights and ``<name>.train.json`` are written before the checkpoint is deleted, so a
+    build interrupted after training finished does not train again.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    from wsss_bench.cache import atomic_path, atomic_write_json
+
+    out, meta = work / f"{name}.safetensors", work / f"{name}.train.json"
+    if out.is_file() and meta.is_file():
+        return {"train": json.loads(meta.read_text())}
+    with ctx.stage(f"train/{name}"), ctx.progress(desc, total) as advance:
+        weights, info = train(advance)
+    with atomic_path(out) as tmp:
+        save_file(weights, str(tmp))
+    atomic_write_json(meta, info)
+    (work / "checkpoint.pt").unlink(missing_ok=True)
+    return {"train": info}
+
+
+def _this_module():
+    return sys.modules[__name__]
+
+
+def get_cdm(ctx: "RunContext"):
+    """The task's CDM (EMA weights when the profile has EMA), trained once per task and seed.
+
+    Cached as ``cdm.safetensors``; an interrupted training resumes from its last checkpoint
+    (the artifact's work directory survives a failed build).  Returned frozen, in eval, on
+    ``ctx.device``; memoised on the context.
+    """
+    if "cdm" in ctx._memo:
+        ctx.used.append(ctx._memo["cdm_key"])
+        return ctx._memo["cdm"]
+    from safetensors.torch import load_file
+
+    spec, recipe = dict(ctx.profile.cdm_unet), dict(ctx.profile.cdm)
+    model = build_cdm(spec, ctx.task.channels, seed=ctx.seed("init/cdm"))
+
+    def build(work: Path) -> dict:
+        return finish_training(work, "cdm", lambda advance: train_cdm(
+            model, ctx.data, ctx.profile, ctx.device, ctx.seed("train/cdm"), work, flips=ctx.task.flips,
+            bf16=ctx.bf16, progress=advance), ctx, "train CDM", int(recipe["iterations"]))
+
+    params = {"unet": spec, "train": recipe, "schedule": list(_harness_spec(ctx.profile)),
+              "image_size": int(ctx.data.image_size), "channels": int(ctx.task.channels), "bf16": bool(ctx.bf16)}
+    built = ctx.artifact("cdm", "cdm", build, params=params, source=_this_module())
+    model.load_state_dict(load_file(str(built.path / "cdm.safetensors")))
+    model.to(ctx.device).eval().requires_grad_(False)
+    ctx.record("diffusion/schedule", {"harness": list(_harness_spec(ctx.profile)), "prediction": "epsilon",
+                                      "cdm_weights": "ema" if float(recipe["ema"]) > 0 else "raw"})
+    ctx._memo.update(cdm=model, cdm_key=built.key)
+    return model
