@@ -32,7 +32,7 @@ from wsss_bench.data.phantom_common import (
 )
 from wsss_bench.seeding import derive_seed
 
-GENERATOR_VERSION = "abdomen-1"
+GENERATOR_VERSION = "abdomen-2"
 LAYOUTS = {"official": ("TrainingImg", "TrainingMask"), "nnunet": ("imagesTr", "labelsTr")}
 CANONICAL_FOV = np.array([409.6, 409.6, 240.0])
 MAX_ATTEMPTS = 10

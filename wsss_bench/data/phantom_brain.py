@@ -5,9 +5,17 @@ images, uint8 labels {0, 1 core, 2 oedema, 4 enhancing rim}, LPS-style affine di
 Case i is a pure function of (GENERATOR_VERSION, seed, i): every random draw comes from
 ``derive_seed(seed, "brats", f"phantom/brain/{i}")``.
 
-Difficulty confounders (section 11, "Difficulty"): white-matter hyperintensities that look like
-oedema, enhancing choroid plexus and vessels as bright as the rim in t1ce, per-case gain/gamma,
-jittered tumour contrasts, doubled bias field, partial-volume blur, heterogeneous tumour texture.
+Difficulty confounders (section 11, "Difficulty"; calibrated by benchmarks/calibrate_phantoms.py):
+
+- oedema mimics with the oedema's intensities in all four channels: 0-6 small white-matter
+  hyperintensities per case, plus a confluent periventricular burden in 40% of cases, plus
+  periventricular caps at the ventricle horns in 80% of cases (never labelled);
+- enhancing mimics in t1ce as bright as the rim: choroid plexus and a few tubular vessels;
+- per-case, per-modality gain U(0.8, 1.2) and gamma U(0.8, 1.25); tumour contrasts jittered per
+  case (oedema FLAIR 0.75-0.95); bias-field coefficients U(-0.3, 0.3);
+- infiltrative oedema: its signal fades towards the annotated boundary and a faint unlabelled
+  halo may continue outside it; detached specks of signal are left unlabelled;
+- heterogeneous tumour texture (15%), 3% tissue texture, one-voxel partial-volume blur.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from wsss_bench.data.phantom_common import (
 )
 from wsss_bench.seeding import derive_seed
 
-GENERATOR_VERSION = "brain-1"
+GENERATOR_VERSION = "brain-2"
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 R_CORE_MAX = 20.0
 MAX_ATTEMPTS = 24  # tumour placements tried per case (deterministic), see _place_tumours
@@ -163,6 +171,7 @@ def _sample_lesion(anat: dict, rng: np.random.Generator, r_lo: float, shrink: fl
     r_hi = max(r_lo, R_CORE_MAX - (R_CORE_MAX - r_lo) * shrink) + 1e-6
     r_c = log_uniform(rng, r_lo, r_hi)
     z_off = 0.15 + 0.45 * shrink
+    pos = np.array([0.0, -0.3, min(z_off, 0.6)]) * semi + centre  # used if no draw below fits
     for _ in range(100):  # a centre in white matter, away from the ventricles
         u = rng.uniform(-1, 1, 3)
         u[2] = np.sign(u[2] or 1.0) * max(abs(u[2]), z_off)  # off the equator: leaves clean slices
@@ -181,8 +190,8 @@ def _sample_lesion(anat: dict, rng: np.random.Generator, r_lo: float, shrink: fl
         # infiltrative oedema: its signal fades towards the outer label boundary, and a faint
         # unlabelled halo continues outside it (the annotated edge is not an intensity edge)
         "fade": rng.uniform(0.3, 0.7),
-        "edge_signal": rng.uniform(0.5, 0.8),
-        "halo": rng.uniform(0.1, 0.25),
+        "edge_signal": rng.uniform(0.6, 0.9),
+        "halo": rng.uniform(0.0, 0.1),
         "halo_mm": rng.uniform(2.0, 5.0),
     }
 

@@ -202,6 +202,12 @@ class TaskData:
         }
 
 
+def _common() -> Any:
+    from wsss_bench.profiles import common
+
+    return common()
+
+
 def _resolve_profile(profile: Any) -> Any:
     if isinstance(profile, str):
         from wsss_bench.profiles import load_profile
@@ -229,6 +235,7 @@ def load_task_data(
     if ambiguous not in AMBIGUOUS_POLICIES:
         raise UserError(f"ambiguous={ambiguous!r}: choose one of {', '.join(AMBIGUOUS_POLICIES)}")
     task = source.tasks[task_id]
+    rules = profile.get("common") or _common()
     cache_root = Path(cache_root)
     size = int(profile.image_size)
     if data_root is None:
@@ -256,7 +263,7 @@ def load_task_data(
             f"(liver 1, kidney 2, spleen 3, pancreas 4)"
         )
     fg = fg_px / float(size * size)
-    raw = sp.slice_labels(fg, float(profile.common.label_fg_fraction))
+    raw = sp.slice_labels(fg, float(rules["label_fg_fraction"]))
     amb = raw == sp.AMBIGUOUS
     labels = raw.copy()
     if ambiguous == "negative":
@@ -275,10 +282,10 @@ def load_task_data(
     in_test = np.isin(case_ids, cases["test"])
     pos = np.flatnonzero(in_test & (labels == sp.POSITIVE))
     pool = np.flatnonzero(
-        in_test & (labels == sp.NEGATIVE) & (tissue >= float(profile.common.negative_min_tissue))
+        in_test & (labels == sp.NEGATIVE) & (tissue >= float(rules["negative_min_tissue"]))
     )
     idx["test"], test_info = sp.compose_test(pos, pool, seeds["test_negatives"])
-    test_info["min_tissue_fraction"] = float(profile.common.negative_min_tissue)
+    test_info["min_tissue_fraction"] = float(rules["negative_min_tissue"])
 
     return TaskData(
         task=task,
