@@ -65,3 +65,20 @@ def test_atomic_json_and_source_hash(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert source_hash(ArtifactCache) == source_hash(ArtifactCache)
     assert source_hash(ArtifactCache) != source_hash(json)
+
+
+def test_atomic_files_get_the_umask_mode_not_0600(tmp_path):
+    import os
+    import stat
+
+    from wsss_bench.cache import atomic_path, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(old)
+    for name in ("a.txt", "b.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
