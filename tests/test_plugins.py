@@ -129,3 +129,14 @@ def test_listing_plugins_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
     assert "gradcam" in out.stdout
+
+
+def test_cli_trace_flag_prints_hook_calls(monkeypatch):
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+
+    monkeypatch.setitem(cli._STATE, "host", None)
+    result = CliRunner().invoke(cli.app, ["plugins", "--trace"])
+    assert result.exit_code == 0
+    assert "register_cam_sources" in result.output and "register_refiners" in result.output
