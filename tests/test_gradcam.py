@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cam_helpers import smoke_resnet
 from wsss_bench._compat import ensure_torchvision, import_timm
 from wsss_bench.errors import PluginError
 from wsss_bench.interfaces import SliceBatch
@@ -22,29 +23,11 @@ from wsss_bench.nn.cam import CamExtractor
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_plugin(name: str):
-    """The built-in plugin module (installed as wsss_bench_plugins, else from plugins/)."""
-    try:
-        return importlib.import_module(f"wsss_bench_plugins.{name}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_wsss_test_plugin_{name}", ROOT / "plugins" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
 
-gradcam = load_plugin("gradcam")
+import wsss_bench_plugins.gradcam as gradcam
 
 
-def smoke_resnet(in_chans: int, seed: int = 0) -> nn.Module:
-    """The smoke-profile CAM classifier shape: resnet18, widths (8,16,32,64), output stride 8."""
-    timm = import_timm()
-    torch.manual_seed(seed)
-    model = timm.create_model("resnet18", pretrained=False, in_chans=in_chans, num_classes=2,
-                              output_stride=8, channels=(8, 16, 32, 64))
-    with torch.no_grad():  # a positive class-1 row keeps most random maps non-degenerate
-        model.fc.weight[1].abs_()
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- oracle

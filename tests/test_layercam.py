@@ -23,19 +23,10 @@ from wsss_bench.spec import parse_specs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_plugin(name: str):
-    """The built-in plugin module (installed as wsss_bench_plugins, else from plugins/)."""
-    try:
-        return importlib.import_module(f"wsss_bench_plugins.{name}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_wsss_test_plugin_{name}", ROOT / "plugins" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
 
-layercam = load_plugin("layercam")
-gradcam = load_plugin("gradcam")
+import wsss_bench_plugins.layercam as layercam
+import wsss_bench_plugins.gradcam as gradcam
 
 
 def smoke_resnet(in_chans: int, seed: int = 0, output_stride: int = 8) -> nn.Module:
