@@ -205,13 +205,9 @@ def time_round_robin(calls: dict[str, tuple[Callable, torch.Tensor]], reps: int,
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from wsss_bench.manifest import cpu_model
+
+    return cpu_model()
 
 
 def versions() -> str:
