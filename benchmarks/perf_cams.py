@@ -157,17 +157,22 @@ def floors(model, layer, chunk):
         model(x)[:, 1].sum().backward()
         model.zero_grad(set_to_none=True)
 
-    def masked_forwards(x):
-        """B*K forwards of masked inputs, ``chunk`` at a time, inference mode."""
-        n = len(x) * k
-        gen = torch.Generator().manual_seed(0)
-        masks = torch.rand(min(chunk, n), 1, *x.shape[-2:], generator=gen)
-        with torch.inference_mode():
-            batch = x[torch.arange(len(masks)) % len(x)] * masks  # one chunk of masked inputs
-            for start in range(0, n, chunk):
-                model(batch[: min(chunk, n - start)])
+    def masked_forwards(channels_last):
+        def run(x):
+            """B*K forwards of masked inputs, ``chunk`` at a time, inference mode."""
+            n = len(x) * k
+            gen = torch.Generator().manual_seed(0)
+            masks = torch.rand(min(chunk, n), 1, *x.shape[-2:], generator=gen)
+            with torch.inference_mode():
+                batch = x[torch.arange(len(masks)) % len(x)] * masks  # one chunk of masked inputs
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                for start in range(0, n, chunk):
+                    model(batch[: min(chunk, n - start)])
+        return run
 
-    return {"forward": forward, "forward+backward": forward_backward, "ScoreCAM floor": masked_forwards}
+    return {"forward": forward, "forward+backward": forward_backward,
+            "ScoreCAM floor": masked_forwards(False), "ScoreCAM floor (channels-last)": masked_forwards(True)}
 
 
 def _layer_channels(model, layer) -> int:
@@ -202,6 +207,46 @@ def time_round_robin(calls: dict[str, tuple[Callable, torch.Tensor]], reps: int,
             out[name]["wall"].append(time.perf_counter() - t0)
             out[name]["cpu"].append(time.process_time() - c0)
     return out
+
+
+FRESH_CODE = """
+import json, os, statistics, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from benchmarks.perf_cams import build_model, ours, torchcam_lib
+torch.set_num_threads({threads})
+model = build_model()
+x = torch.rand({batch}, 4, {size}, {size}, generator=torch.Generator().manual_seed({size}))
+mine, tc = ours(model, {layer!r}, 1), torchcam_lib(model, {layer!r}, 1)
+def forward(x):
+    with torch.inference_mode():
+        model(x)
+calls = {{"forward": forward, "ours GradCAM": mine["GradCAM"], "torchcam GradCAM": tc["GradCAM"],
+         "ours LayerCAM": mine["LayerCAM"], "torchcam LayerCAM": tc["LayerCAM"]}}
+out = {{name: [] for name in calls}}
+for fn in calls.values():
+    fn(x)
+for _ in range({reps}):
+    for name, fn in calls.items():
+        t0 = time.perf_counter(); fn(x); out[name].append(time.perf_counter() - t0)
+print(json.dumps({{name: statistics.median(v) for name, v in out.items()}}))
+"""
+
+
+def fresh_process(size: int, args) -> dict[str, float]:
+    """GradCAM and LayerCAM against torchcam in a new process where no backward ever ran.
+
+    torchcam records the whole forward graph; how much that costs depends on the state of
+    the memory allocator, which any earlier backward (a training step, grad-cam's call)
+    warms up.  This isolates the cold case.
+    """
+    import json
+    import subprocess
+
+    code = FRESH_CODE.format(root=str(ROOT), threads=args.threads, batch=args.batch, size=size,
+                             layer=args.layer, reps=args.reps)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def cpu_name() -> str:
@@ -262,6 +307,8 @@ def section(med: dict[str, float], n_score: int, k: int) -> tuple[list[str], lis
     rows += [f"| grad-cam ScoreCAM | {fmt_ms(g)} | 1.00 | {g / t:.2f} | {g / f:.2f} |",
              f"| torchcam ScoreCAM | {fmt_ms(t)} | {t / g:.2f} | 1.00 | {t / f:.2f} |",
              f"| floor: {k} plain masked forwards | {fmt_ms(f)} | {f / g:.2f} | {f / t:.2f} | 1.00 |"]
+    c = per_img["ScoreCAM floor (channels-last)"]
+    rows.append(f"| the same, inputs channels-last | {fmt_ms(c)} | {c / g:.2f} | {c / t:.2f} | {c / f:.2f} |")
     return rows, ratios
 
 
@@ -276,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=128, help="masked inputs per forward (cpu profile: 128)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layer", default="layer4")
+    ap.add_argument("--no-fresh", dest="fresh", action="store_false",
+                    help="skip the fresh-process GradCAM/LayerCAM vs torchcam check")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "perf_cams.md"))
     args = ap.parse_args(argv)
 
@@ -300,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             fast[f"grad-cam {name}"] = (gc[name], x)
             fast[f"torchcam {name}"] = (tc[name], x)
         slow = {"ScoreCAM floor": (fl["ScoreCAM floor"], xs),
+                "ScoreCAM floor (channels-last)": (fl["ScoreCAM floor (channels-last)"], xs),
                 "ours ScoreCAM": (mine["ScoreCAM"], xs),
                 "ours ScoreCAM (library)": (mine["ScoreCAM (library)"], xs),
                 "ours ScoreCAM (library, no skip)": (mine["ScoreCAM (library, no skip)"], xs),
@@ -326,6 +376,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"({dead:.0%}). Slowest repetition: {worst}, {spread[worst]:.2f}x its median.", "",
                 "Wall clock (medians):", "", *wall_rows, "",
                 "Process CPU time, both threads (medians):", "", *cpu_rows, ""]
+        if args.fresh:
+            fresh = fresh_process(size, args)
+            f0 = fresh["forward"]
+            rows += ["In a fresh process where no backward has run (wall clock, medians; the cold allocator "
+                     "case, see the notes):", "",
+                     "| method (batch) | ours (ms) | torchcam (ms) | ours / torchcam | ours / plain forward | "
+                     "torchcam / plain forward |", "|---|---:|---:|---:|---:|---:|"]
+            for name in ("GradCAM", "LayerCAM"):
+                o, t = fresh[f"ours {name}"], fresh[f"torchcam {name}"]
+                rows.append(f"| {name} | {fmt_ms(o)} | {fmt_ms(t)} | {o / t:.2f} | {o / f0:.2f} | {t / f0:.2f} |")
+            rows += [f"| plain forward | {fmt_ms(f0)} | | | 1.00 | |", ""]
         sections.append("\n".join(rows))
         print(sections[-1], flush=True)
 

@@ -183,7 +183,7 @@ def test_cam_peaks_in_the_disc(variant):
 
 # --------------------------------------------------------------------------- batching
 def test_batched_chunks_equal_one_image_at_a_time():
-    """Chunking across images and channels does not change the maps."""
+    """Chunking across images and channels, and the memory layout, do not change the maps."""
     model = smoke_resnet(1, seed=3)
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     for variant in ("paper", "library"):
@@ -191,6 +191,9 @@ def test_batched_chunks_equal_one_image_at_a_time():
         alone = torch.cat([scorecam.ScoreCAMExtractor(model, "layer4", variant=variant, chunk=64)(x[i:i + 1])
                            for i in range(2)])
         assert torch.allclose(together, alone, rtol=0, atol=1e-5), variant
+        plain = scorecam.ScoreCAMExtractor(model, "layer4", variant=variant, chunk=50)
+        plain.channels_last = False  # the CPU default lays masked inputs out channels-last
+        assert torch.allclose(plain(x), together, rtol=0, atol=1e-5), variant
 
 
 def test_works_under_inference_mode_and_leaves_model_clean():
