@@ -225,8 +225,13 @@ def load_task_data(
     cache_root: Path,
     phantom_seed: int = 0,
     ambiguous: str = "exclude",
+    jobs: int | None = None,
 ) -> TaskData:
-    """Everything a cell needs about its task's data (phantom when ``data_root`` is None)."""
+    """Everything a cell needs about its task's data (phantom when ``data_root`` is None).
+
+    ``jobs``: worker processes that prepare the slice store if it is not built yet (default:
+    the usable cores; the store does not depend on it).
+    """
     profile = _resolve_profile(profile)
     if task_id not in source.tasks:
         raise UserError(
@@ -249,7 +254,7 @@ def load_task_data(
         phantom = None
         cap = int(dict(profile.real_case_cap).get(source.cap_key, 0)) if source.cap_key else 0
         extra = None
-    store = prepare_slices(source, root, size, cache_root, case_cap=cap, extra_key=extra)
+    store = prepare_slices(source, root, size, cache_root, case_cap=cap, extra_key=extra, jobs=jobs)
 
     index = store.index
     case_ids = index["case_id"].to_numpy().astype(str)
