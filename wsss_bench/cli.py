@@ -315,17 +315,23 @@ def data_prepare(
     profile: str = typer.Option("cpu", "--profile"),
     seed: int = typer.Option(0, "--seed", help="Base seed (splits)."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="Cases prepared in parallel (default: the usable "
+                                       "cores); the store is the same for every value."),
 ) -> None:
-    """Read, reorient, preprocess and store the slices of a task; print its split summary."""
+    """Read, reorient, preprocess and store the slices of a task; print its split summary.
+
+    A killed preparation resumes from the cases already done when run again."""
     import json
 
     from wsss_bench.data.taskdata import load_task_data
     from wsss_bench.profiles import load_profile
 
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs}: need at least 1 (default: the usable cores)")
     host = get_host()
     cls, _ = host.task(task)
     t0 = time.perf_counter()
-    data = load_task_data(cls(), task, data_root, load_profile(profile), seed, Path(cache_dir))
+    data = load_task_data(cls(), task, data_root, load_profile(profile), seed, Path(cache_dir), jobs=jobs)
     say(json.dumps(data.summary(), indent=1, default=str)[:4000])
     say(f"prepared {task} in {time.perf_counter() - t0:.1f}s")
 
