@@ -24,14 +24,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.interfaces import CamSource, SliceBatch
 from wsss_bench.lazy import F
-from wsss_bench.nn.cam import CamExtractor
+from wsss_bench.nn.cam import CamExtractor, ClassifierCam
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-    from wsss_bench.context import RunContext
 
 
 class GradCAMExtractor(CamExtractor):
@@ -42,26 +39,14 @@ class GradCAMExtractor(CamExtractor):
         return F.relu((alpha * acts).sum(dim=1))  # (B, h, w)
 
 
-class GradCAM(CamSource):
+class GradCAM(ClassifierCam):
+    """Classifier, layer check, extractor and maps come from ClassifierCam."""
+
     name = "gradcam"
     version = "1"
     params = {"layer": "layer4"}
-    mask_rule = "cam"
     description = "GradCAM on the shared CAM classifier (mean-gradient channel weights)"
-
-    def validate(self) -> None:
-        if not isinstance(self.p["layer"], str) or not self.p["layer"].strip():
-            raise self.bad_param("layer", "must name a module of the classifier, e.g. layer4")
-
-    def prepare(self, ctx: "RunContext") -> None:
-        self.model = ctx.classifier()  # trained, eval mode, on ctx.device
-        self.extractor = GradCAMExtractor(
-            self.model, self.p["layer"], owner=f"cam plugin '{self.name}' (parameter layer)"
-        )
-
-    def maps(self, batch: SliceBatch) -> "torch.Tensor":
-        images = batch.images
-        return self.extractor(images, size=tuple(images.shape[-2:]))
+    extractor_class = GradCAMExtractor
 
 
 @hookimpl

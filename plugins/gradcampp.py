@@ -23,16 +23,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wsss_bench.errors import PluginError
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.interfaces import CamSource, SliceBatch
 from wsss_bench.lazy import F, torch
-from wsss_bench.nn.cam import CamExtractor, split_layer_names
+from wsss_bench.nn.cam import CamExtractor, ClassifierCam
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
-
-    from wsss_bench.context import RunContext
 
 #: the epsilon in the denominator of a (pytorch-grad-cam's value)
 EPS = 1e-6
@@ -56,28 +52,14 @@ class GradCAMPPExtractor(CamExtractor):
         return F.relu((w[:, :, None, None] * acts).sum(dim=1))  # (B, h, w)
 
 
-class GradCAMPP(CamSource):
+class GradCAMPP(ClassifierCam):
+    """Classifier, layer check, extractor and maps come from ClassifierCam."""
+
     name = "gradcampp"
     version = "1"
     params = {"layer": "layer4"}
-    mask_rule = "cam"
     description = "GradCAM++ on the shared CAM classifier (second-order channel weights)"
-
-    def validate(self) -> None:
-        try:
-            self.layers = split_layer_names(self.p["layer"])
-        except PluginError as err:
-            raise self.bad_param("layer", str(err)) from None
-
-    def prepare(self, ctx: "RunContext") -> None:
-        self.model = ctx.classifier()  # trained, eval mode, on ctx.device
-        self.extractor = GradCAMPPExtractor(
-            self.model, self.layers, owner=f"cam plugin '{self.name}' (parameter layer)"
-        )
-
-    def maps(self, batch: SliceBatch) -> "_torch.Tensor":
-        images = batch.images
-        return self.extractor(images, size=tuple(images.shape[-2:]))
+    extractor_class = GradCAMPPExtractor
 
 
 @hookimpl

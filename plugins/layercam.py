@@ -8,12 +8,22 @@ Single layer l [paper / official PengtaoJiang/LayerCAM], pixel-wise weights:
     g     = dy/dA_l
     cam_l = ReLU(sum_k ReLU(g_k) * A_k)
 
-With one layer the map is minmax(Up(cam_l)) under either fusion.  With several layers:
+With one layer the map is minmax(Up(cam_l)) under every fusion.  With several layers:
 
-``fusion=paper`` (Table 1 default, and CLDF's CAM source for FLARE):
+``fusion=paper`` (Table 1 default, and CLDF's CAM source for FLARE).  The paper scales the
+maps of the *shallow* layers, whose values are small next to the deep layer's, and fuses
+by an element-wise maximum:
 
-    m_l   = tanh(2 * minmax(cam_l))        (Eq. 9, gamma = 2; every layer scaled, as torch-cam)
-    fused = max_l Up(m_l) -> minmax       (element-wise max at S x S)
+    m_l   = tanh(2 * minmax(cam_l))        shallow layers (Eq. 9, gamma = 2)
+    m_L   = minmax(cam_L)                  the deepest layer, unscaled
+    fused = max_l Up(m_l) -> minmax        (element-wise max at S x S)
+
+The deepest layer is the target layer that runs last in the forward pass (whatever the
+order of ``layers``).
+
+``fusion=torchcam`` (frgfm/torch-cam 0.5.0, and this plugin's ``paper`` before version 2):
+every layer scaled, the deepest included, m_l = tanh(2 * minmax(cam_l)), then the same
+max and minmax.
 
 ``fusion=library`` (pytorch-grad-cam 1.5.7): per layer (cam_l - min) / (max - min + 1e-7)
 at the layer's resolution, Up, the mean over layers, min-max scaled again.
@@ -39,25 +49,39 @@ from typing import TYPE_CHECKING, Sequence
 
 from wsss_bench.errors import PluginError
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.interfaces import CamSource, SliceBatch
 from wsss_bench.lazy import F, torch
 from wsss_bench.maps import minmax, upsample
-from wsss_bench.nn.cam import CamExtractor, library_fusion, resolve_layers, split_layer_names
+from wsss_bench.nn.cam import CamExtractor, ClassifierCam, library_fusion, resolve_layers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
 
     from wsss_bench.context import RunContext
 
-FUSIONS = ("paper", "library")
+FUSIONS = ("paper", "torchcam", "library")
 #: METHODS section 5: the layers fused by default
 DEFAULT_LAYERS = ["layer2", "layer3", "layer4"]
 #: Eq. 9 of the paper: m_l = tanh(GAMMA * minmax(cam_l))
 GAMMA = 2.0
 
 
-def paper_fusion(maps: Sequence["_torch.Tensor"], size: tuple[int, int]) -> "_torch.Tensor":
-    """max_l Up(tanh(2 minmax(cam_l))), before the final min-max; (B, S, S)."""
+def paper_fusion(maps: Sequence["_torch.Tensor"], size: tuple[int, int], deepest: int = -1) -> "_torch.Tensor":
+    """max_l Up(m_l), before the final min-max; (B, S, S).
+
+    m_l = tanh(2 minmax(cam_l)) for the shallow layers and minmax(cam_l) for
+    ``maps[deepest]`` (paper Eq. 9 scales the shallow layers only).
+    """
+    deepest = deepest % len(maps)
+    fused = None
+    for l, cam in enumerate(maps):
+        m = minmax(cam) if l == deepest else torch.tanh(GAMMA * minmax(cam))
+        m = upsample(m, size)
+        fused = m if fused is None else torch.maximum(fused, m)
+    return fused
+
+
+def torchcam_fusion(maps: Sequence["_torch.Tensor"], size: tuple[int, int]) -> "_torch.Tensor":
+    """max_l Up(tanh(2 minmax(cam_l))) over every layer (torch-cam 0.5.0), before the final min-max."""
     fused = None
     for cam in maps:
         m = upsample(torch.tanh(GAMMA * minmax(cam)), size)
@@ -83,7 +107,11 @@ class LayerCAMExtractor(CamExtractor):
         if len(maps) == 1:
             return minmax(upsample(maps[0], size))
         if self.fusion == "paper":
-            return minmax(paper_fusion(maps, size))
+            # the deepest layer is the one that ran last; before any forward, the last given
+            deepest = self.forward_order[-1] if len(self.forward_order) == len(maps) else len(maps) - 1
+            return minmax(paper_fusion(maps, size, deepest))
+        if self.fusion == "torchcam":
+            return minmax(torchcam_fusion(maps, size))
         return library_fusion(maps, size)
 
 
@@ -131,29 +159,27 @@ def strided_layers(model: "_torch.nn.Module", names: Sequence[str], example: "_t
     return [names[i] for i in sorted(strided)]
 
 
-class LayerCAM(CamSource):
+class LayerCAM(ClassifierCam):
+    """Classifier, layer check, extractor and maps come from ClassifierCam; LayerCAM adds
+    its fusion and the strided-layer check."""
+
     name = "layercam"
-    version = "1"
+    version = "2"  # 2: fusion=paper scales the shallow layers only (was torchcam's fusion)
     params = {"layers": list(DEFAULT_LAYERS), "fusion": "paper"}
-    mask_rule = "cam"
     description = "LayerCAM on the shared CAM classifier (pixel-wise positive-gradient weights, multi-layer fusion)"
+    extractor_class = LayerCAMExtractor
+    layer_param = "layers"
 
     def validate(self) -> None:
         if self.p["fusion"] not in FUSIONS:
             raise self.bad_param("fusion", f"is not one of {', '.join(FUSIONS)}")
-        try:
-            self.layers = split_layer_names(self.p["layers"])
-        except PluginError as err:
-            raise self.bad_param("layers", str(err)) from None
-        if len(set(self.layers)) != len(self.layers):
-            raise self.bad_param("layers", "names a layer twice")
+        super().validate()
+
+    def extractor_options(self, ctx: "RunContext") -> dict:
+        return {"fusion": self.p["fusion"]}
 
     def prepare(self, ctx: "RunContext") -> None:
-        self.model = ctx.classifier()  # trained, eval mode, on ctx.device
-        self.extractor = LayerCAMExtractor(
-            self.model, self.layers, fusion=self.p["fusion"],
-            owner=f"cam plugin '{self.name}' (parameter layers)",
-        )
+        super().prepare(ctx)
         size = int(getattr(getattr(ctx, "profile", None), "image_size", 0) or 0)
         channels = getattr(getattr(ctx, "task", None), "channels", None)
         if len(self.layers) > 1 and size and channels:
@@ -166,10 +192,6 @@ class LayerCAM(CamSource):
                     f"layercam: {', '.join(gridded)} feed(s) a strided convolution or pooling, so "
                     f"their gradients are gridded (METHODS section 5); consider layers without a "
                     f"later stride, e.g. layers=layer4", stacklevel=2)
-
-    def maps(self, batch: SliceBatch) -> "_torch.Tensor":
-        images = batch.images
-        return self.extractor(images, size=tuple(images.shape[-2:]))
 
 
 @hookimpl

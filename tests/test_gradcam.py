@@ -18,7 +18,7 @@ from wsss_bench._compat import ensure_torchvision, import_timm
 from wsss_bench.errors import PluginError
 from wsss_bench.interfaces import SliceBatch
 from wsss_bench.maps import minmax
-from wsss_bench.nn.cam import CamExtractor
+from wsss_bench.nn.cam import CamExtractor, ClassifierCam
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,6 +218,14 @@ def test_plugin_end_to_end_with_a_fake_context():
     bad = gradcam.GradCAM(layer="layer9")
     with pytest.raises(PluginError, match="gradcam.*layer9.*layer1, layer2, layer3, layer4"):
         bad.prepare(ctx)
+    with pytest.raises(PluginError, match="parameter layer"):
+        gradcam.GradCAM(layer="layer3++layer4")
+
+    # the shared base: classifier from ctx.classifier(), one extractor, autograd inside maps()
+    assert issubclass(gradcam.GradCAM, ClassifierCam) and gradcam.GradCAM.no_grad is False
+    two = gradcam.GradCAM(layer="layer3+layer4")
+    two.prepare(ctx)
+    assert two.extractor.layer_names == ["layer3", "layer4"] and two.model is model
 
     seen = []
     gradcam.register_cam_sources(seen.append)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import subprocess
 import sys
@@ -96,47 +97,119 @@ def test_single_layer_is_zero_outside_the_quadrant_gradcam_is_not():
 
 
 def hand_built_maps() -> list[torch.Tensor]:
-    """Three raw 4x4 layer maps (batch of 2), already at S x S, with a negative entry."""
+    """Three raw 4x4 layer maps (batch of 2), already at S x S, with a negative entry.
+
+    The last one is the deepest layer; its interior values (5 of 9 on a 4x4 cross) are where
+    the paper fusion (unscaled deepest map) and the torchcam fusion (tanh-scaled) differ.
+    """
     a = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6]], dtype=torch.float32)
     b = torch.tensor([[9, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 2]], dtype=torch.float32)
-    c = torch.tensor([[0, 0, 0, 0], [0, 5, 5, 0], [0, 5, 5, 0], [0, 0, 0, -1]], dtype=torch.float32)
+    c = torch.tensor([[0, 0, 5, 0], [5, 9, 5, 5], [5, 5, 9, 0], [0, 5, 0, -1]], dtype=torch.float32)
     return [torch.stack([m, m.flip(0)]) for m in (a, b, c)]
 
 
-def test_paper_fusion_is_max_of_tanh_scaled_maps():
-    maps = hand_built_maps()
-    ext = layercam.LayerCAMExtractor(nn.Sequential(nn.Conv2d(1, 1, 1)), "0", fusion="paper")
-    expected = torch.stack([torch.tanh(2 * minmax(torch.relu(m))) for m in maps]).amax(0)
-    relu_maps = [torch.relu(m) for m in maps]  # layer maps are ReLU'd by layer_map
-    assert torch.equal(layercam.paper_fusion(relu_maps, (4, 4)), expected)
-    assert torch.equal(ext.fuse(relu_maps, (4, 4)), minmax(expected))
-
-    lib = layercam.LayerCAMExtractor(nn.Sequential(nn.Conv2d(1, 1, 1)), "0", fusion="library")
-    library = lib.fuse(relu_maps, (4, 4))
-    assert torch.allclose(library, minmax(torch.stack([minmax(m) for m in relu_maps]).mean(0)), atol=1e-6)
-    assert (library - ext.fuse(relu_maps, (4, 4))).abs().max() > 0.05  # the variants differ
-    # one layer: plain minmax(Up(cam)) under either fusion
-    assert torch.equal(ext.fuse(relu_maps[:1], (4, 4)), minmax(relu_maps[0]))
-    assert torch.equal(lib.fuse(relu_maps[:1], (4, 4)), minmax(relu_maps[0]))
+def naive_minmax(m: torch.Tensor) -> torch.Tensor:
+    """Per-image (m - min) / (max - min), written out for one (S, S) map."""
+    return (m - m.min()) / (m.max() - m.min())
 
 
-def test_paper_fusion_upsamples_after_tanh():
-    """Maps of different resolutions: tanh(2 minmax) at each layer's resolution, then Up."""
+def test_paper_fusion_scales_the_shallow_layers_only():
+    """METHODS 5: paper = max(tanh(2 mm(cam_1)), tanh(2 mm(cam_2)), mm(cam_3)) exactly, then minmax;
+    torchcam = max_l tanh(2 mm(ReLU cam_l)); library = minmax(mean_l mm(cam_l)); they differ."""
+    relu_maps = [torch.relu(m) for m in hand_built_maps()]  # layer maps are ReLU'd by layer_map
+    net = nn.Sequential(nn.Conv2d(1, 1, 1))
+    paper = layercam.LayerCAMExtractor(net, "0", fusion="paper")
+    torchcam = layercam.LayerCAMExtractor(net, "0", fusion="torchcam")
+    library = layercam.LayerCAMExtractor(net, "0", fusion="library")
+
+    for b in range(2):  # an independent reference, one image at a time
+        shallow = [torch.tanh(2 * naive_minmax(m[b])) for m in relu_maps[:2]]
+        want_paper = torch.maximum(torch.maximum(shallow[0], shallow[1]), naive_minmax(relu_maps[2][b]))
+        want_torchcam = torch.stack([torch.tanh(2 * naive_minmax(m[b])) for m in relu_maps]).amax(0)
+        assert torch.equal(layercam.paper_fusion(relu_maps, (4, 4))[b], want_paper)
+        assert torch.equal(layercam.torchcam_fusion(relu_maps, (4, 4))[b], want_torchcam)
+        assert torch.equal(paper.fuse(relu_maps, (4, 4))[b], naive_minmax(want_paper))
+        assert torch.equal(torchcam.fuse(relu_maps, (4, 4))[b], naive_minmax(want_torchcam))
+        want_library = naive_minmax(torch.stack([naive_minmax(m[b]) for m in relu_maps]).mean(0))
+        assert torch.allclose(library.fuse(relu_maps, (4, 4))[b], want_library, atol=1e-6)
+
+    p, t, lib = (e.fuse(relu_maps, (4, 4)) for e in (paper, torchcam, library))
+    assert (p - t).abs().max() > 0.1 and (p - lib).abs().max() > 0.05  # the variants differ
+    # the deepest map enters unscaled: at (1, 0) its 5/9 beats the shallow tanh(2/6) = 0.32
+    assert float(layercam.paper_fusion(relu_maps, (4, 4))[0, 1, 0]) == pytest.approx(5 / 9, abs=1e-7)
+    assert float(layercam.torchcam_fusion(relu_maps, (4, 4))[0, 1, 0]) == pytest.approx(math.tanh(10 / 9), abs=1e-7)
+    # which map is the deepest matters (deepest = the first map gives another result)
+    assert not torch.equal(layercam.paper_fusion(relu_maps, (4, 4), deepest=0), layercam.paper_fusion(relu_maps, (4, 4)))
+    # one layer: plain minmax(Up(cam)) under every fusion
+    for e in (paper, torchcam, library):
+        assert torch.equal(e.fuse(relu_maps[:1], (4, 4)), minmax(relu_maps[0]))
+
+
+def test_paper_fusion_upsamples_after_scaling_and_leaves_the_deepest_unscaled():
+    """Maps of different resolutions: tanh(2 minmax) (shallow) or minmax (deepest) at each
+    layer's own resolution, then Up, max, minmax."""
     model = smoke_resnet(1, output_stride=32)
     x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
-    ext = layercam.LayerCAMExtractor(model, ["layer3", "layer4"], fusion="paper")
-    raw = ext.layer_maps(x)
-    assert [tuple(m.shape[-2:]) for m in raw] == [(4, 4), (2, 2)]
     up = torch.nn.functional.interpolate
-    expected = torch.maximum(*[up(torch.tanh(2 * minmax(m))[:, None], size=(64, 64), mode="bilinear",
-                                  align_corners=False)[:, 0] for m in raw])
-    assert torch.allclose(ext(x), minmax(expected), atol=1e-6)
+    for fusion in ("paper", "torchcam"):
+        ext = layercam.LayerCAMExtractor(model, ["layer3", "layer4"], fusion=fusion)
+        raw = ext.layer_maps(x)
+        assert [tuple(m.shape[-2:]) for m in raw] == [(4, 4), (2, 2)]
+        scaled = [torch.tanh(2 * minmax(raw[0])),
+                  minmax(raw[1]) if fusion == "paper" else torch.tanh(2 * minmax(raw[1]))]
+        expected = torch.maximum(*[up(m[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+                                   for m in scaled])
+        assert torch.allclose(ext(x), minmax(expected), atol=1e-6), fusion
+
+
+def test_the_deepest_layer_is_the_last_to_run_whatever_the_order_given():
+    model = smoke_resnet(4)
+    x = torch.rand(3, 4, 32, 32, generator=torch.Generator().manual_seed(4))
+    ordered = layercam.LayerCAMExtractor(model, ["layer2", "layer3", "layer4"], fusion="paper")
+    shuffled = layercam.LayerCAMExtractor(model, ["layer4", "layer2", "layer3"], fusion="paper")
+    a = ordered(x)
+    b = shuffled(x)
+    assert shuffled.forward_order == [1, 2, 0] and ordered.forward_order == [0, 1, 2]
+    assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    raw = shuffled.layer_maps(x)
+    scaled = [torch.tanh(2 * minmax(raw[1])), torch.tanh(2 * minmax(raw[2])), minmax(raw[0])]  # layer4 unscaled
+    up = [torch.nn.functional.interpolate(m[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+          for m in scaled]  # (B, 4, 4) at output stride 8 -> (B, 32, 32)
+    assert torch.allclose(b, minmax(torch.stack(up).amax(0)), rtol=0, atol=1e-6)
+
+
+def test_torchcam_fusion_equals_torchcam_0_5():
+    """``fusion=torchcam`` is frgfm/torch-cam 0.5.0's LayerCAM fuse_cams, then minmax.
+
+    torch-cam normalises each layer by (x - min) / (max + 1e-8) where we use min-max; the
+    difference is ~1e-7 relative, so the maps agree to 1e-5.
+    """
+    from torchcam.methods import LayerCAM as TorchCamLayerCAM
+
+    model = smoke_resnet(4)
+    x = torch.rand(4, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    layers = ["layer2", "layer3", "layer4"]
+    extractor = TorchCamLayerCAM(model, target_layer=layers)
+    try:
+        scores = model(x)
+        cams = extractor(class_idx=[1] * len(x), scores=scores)  # per layer (B, h, w)
+        ref = TorchCamLayerCAM.fuse_cams(cams, (32, 32))  # (B, 32, 32)
+    finally:
+        extractor.remove_hooks()
+    ref = minmax(ref.detach())
+    ours = layercam.LayerCAMExtractor(model, layers, fusion="torchcam")(x)
+    assert float(ref.reshape(4, -1).std(1).min()) > 0.05, "the example should give non-degenerate maps"
+    assert float((ours - ref).abs().max()) < 1e-5
+    paper = layercam.LayerCAMExtractor(model, layers, fusion="paper")(x)
+    assert float((paper - ref).abs().max()) > 1e-3  # the paper fusion is not torch-cam's
 
 
 # --------------------------------------------------------------------------- layers
 def test_default_layers_and_spec_forms():
     cam = layercam.LayerCAM()
     assert cam.p == {"layers": ["layer2", "layer3", "layer4"], "fusion": "paper"}
+    assert layercam.LayerCAM(fusion="torchcam").p["fusion"] == "torchcam"
+    assert layercam.LayerCAM.version == "2" and layercam.LayerCAM.no_grad is False
     assert cam.layers == ["layer2", "layer3", "layer4"]
     (spec,) = parse_specs("layercam[layers=layer3+layer4,fusion=library]")
     (params,) = spec.expand()

@@ -1,4 +1,4 @@
-"""ScoreCAM (METHODS section 4): both variants, the shortcuts, and pytorch-grad-cam 1.5.7."""
+"""ScoreCAM (METHODS section 4): the three variants, the shortcuts, and pytorch-grad-cam 1.5.7."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -70,25 +70,34 @@ class TinyNet(nn.Module):
         return self.fc(torch.relu(self.features(x)).mean((2, 3)))
 
 
-def test_paper_weights_are_class_probabilities_of_masked_inputs():
-    """s_k = softmax(f(x * minmax(Up(A_k))))[1], one naive forward per (image, channel)."""
+def naive_scores(net, x, acts, baseline: bool):
+    """float64 loop, one forward per (image, channel): softmax(f(x * minmax(Up(A_k))))[1]
+    minus softmax(f(0))[1] when ``baseline``; 0 for a constant channel."""
+    b_n, k_n = acts.shape[:2]
+    out = torch.zeros(b_n, k_n, dtype=torch.float64)
+    ups = F.interpolate(acts, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        p_base = torch.softmax(net(torch.zeros_like(x[:1])), dim=1)[0, 1] if baseline else 0.0
+        for b in range(b_n):
+            for k in range(k_n):
+                if float(acts[b, k].max() - acts[b, k].min()) < 1e-8:
+                    continue  # constant channel: weight 0
+                u = ups[b, k]
+                h = (u - u.min()) / (u.max() - u.min())
+                out[b, k] = torch.softmax(net(x[b:b + 1] * h), dim=1)[0, 1] - p_base
+    return out, ups
+
+
+def test_official_weights_are_class_probabilities_of_masked_inputs():
+    """official: s_k = softmax(f(x * minmax(Up(A_k))))[1], one naive forward per (image, channel)."""
     torch.manual_seed(0)
     net = TinyNet(const=0.7).double().eval()
     x = torch.rand(3, 2, 12, 12, dtype=torch.float64)
-    ext = scorecam.ScoreCAMExtractor(net, "features", variant="paper", chunk=4)
+    ext = scorecam.ScoreCAMExtractor(net, "features", variant="official", chunk=4)
     with torch.no_grad():
         acts = net.features(x)  # (3, 5, 6, 6)
-    weights = ext.paper_weights(x, acts)
-    naive = torch.zeros(3, 5, dtype=torch.float64)
-    ups = F.interpolate(acts, size=(12, 12), mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        for b in range(3):
-            for k in range(5):
-                u = ups[b, k]
-                if float(acts[b, k].max() - acts[b, k].min()) < 1e-8:
-                    continue  # constant channel: weight 0
-                h = (u - u.min()) / (u.max() - u.min())
-                naive[b, k] = torch.softmax(net(x[b:b + 1] * h), dim=1)[0, 1]
+    weights = ext.official_weights(x, acts)
+    naive, ups = naive_scores(net, x, acts, baseline=False)
     assert weights.dtype == torch.float64
     assert torch.allclose(weights, naive, rtol=0, atol=1e-12)
     assert (weights[:, 0] == 0).all() and (weights[:, 1:] > 0).all()
@@ -99,8 +108,89 @@ def test_paper_weights_are_class_probabilities_of_masked_inputs():
     assert torch.allclose(cam, expected, rtol=0, atol=1e-12)
 
 
+class CellsAndConstant(nn.Module):
+    """CellChannels plus one constant channel: (B, 17, 4, 4)."""
+
+    def forward(self, x):
+        cells = CellChannels()(x)
+        return torch.cat([cells, torch.ones_like(cells[:, :1])], 1)
+
+
+class InsideMinusOutside(nn.Module):
+    """Target ``target``: one channel per 4x4 cell and a constant one; the class-1 logit is
+    20 (mean inside a disc - mean outside) + 0.5, so f(0) gives p = sigmoid(0.5): masks inside
+    the disc raise the confidence over the zero baseline, masks outside lower it."""
+
+    def __init__(self, size: int = 16) -> None:
+        super().__init__()
+        self.target = CellsAndConstant()
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        self.register_buffer("disc", (((yy - 5.0) ** 2 + (xx - 9.0) ** 2) < 4.5 ** 2).double())
+
+    def forward(self, x):
+        self.target(x)  # runs, but the logit reads the image directly (ScoreCAM allows it)
+        inside = (x * self.disc).sum((1, 2, 3)) / self.disc.sum()
+        outside = (x * (1 - self.disc)).sum((1, 2, 3)) / (1 - self.disc).sum()
+        s = 20 * (inside - outside) + 0.5
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_paper_weights_are_increases_over_the_zero_baseline():
+    """paper: s_k = softmax(f(x * H_k))[1] - softmax(f(X_b))[1], X_b = 0, against a float64 loop."""
+    net = InsideMinusOutside().double().eval()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.2
+    ext = scorecam.ScoreCAMExtractor(net, "target", variant="paper", chunk=5)
+    with torch.no_grad():
+        acts = net.target(x)  # (3, 17, 4, 4)
+    weights = ext.paper_weights(x, acts)
+    naive, ups = naive_scores(net, x, acts, baseline=True)
+    assert weights.dtype == torch.float64
+    assert torch.allclose(weights, naive, rtol=0, atol=1e-12)
+    assert (weights[:, 16] == 0).all()  # the constant channel has no mask and no increase
+    assert (weights < -0.01).any() and (weights > 0.01).any()  # increases of both signs
+    official, _ = naive_scores(net, x, acts, baseline=False)
+    p_base = torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))  # softmax([0, 0.5])[1] = f(0)
+    assert torch.allclose(official[:, :16] - weights[:, :16], p_base.expand(3, 16), rtol=0, atol=1e-12)
+
+    cam = ext(x)  # minmax(ReLU(sum_k s_k U_k)) at input resolution
+    expected = minmax(torch.relu((naive[:, :, None, None] * ups).sum(1)))
+    assert torch.allclose(cam, expected, rtol=0, atol=1e-12)
+    official_cam = scorecam.ScoreCAMExtractor(net, "target", variant="official", chunk=5)(x)
+    assert float((cam - official_cam).abs().max()) > 0.05  # the baseline term changes the map
+    disc = net.disc.bool()
+    assert float(cam[:, disc].mean()) > float(cam[:, ~disc].mean()) + 0.3
+
+
+def test_paper_map_is_finite_and_empty_when_no_channel_raises_the_confidence():
+    """Every masked input scores below the baseline: all s_k <= 0, the map is all zero, not NaN."""
+
+    class DarkIsPositive(nn.Module):
+        """logit_1 = -10 * mean intensity: the zero image is the most positive input.  The
+        target layer ends in a ReLU (A >= 0, as layer4 of a ResNet)."""
+
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
+
+        def forward(self, x):
+            self.features(x)
+            m = x.mean((1, 2, 3))
+            return torch.stack([torch.zeros_like(m), -10 * m], 1)
+
+    torch.manual_seed(3)
+    net = DarkIsPositive().eval()
+    x = torch.rand(2, 2, 8, 8) + 0.1
+    ext = scorecam.ScoreCAMExtractor(net, "features", variant="paper", chunk=3)
+    with torch.no_grad():
+        acts = net.features(x)
+    assert (ext.paper_weights(x, acts) <= 0).all()
+    cam = ext(x)
+    assert torch.isfinite(cam).all() and torch.count_nonzero(cam) == 0
+    assert float(scorecam.ScoreCAMExtractor(net, "features", variant="official", chunk=3)(x).max()) == 1.0
+
+
 @pytest.mark.parametrize("const", [0.0, 0.7, 1e3])
-@pytest.mark.parametrize("variant", ["paper", "library"])
+@pytest.mark.parametrize("variant", ["paper", "official", "library"])
 def test_constant_channel_gives_finite_maps(variant, const):
     """METHODS 4 (a) and (b): no NaN with a constant channel; library weights sum to 1."""
     torch.manual_seed(1)
@@ -109,13 +199,16 @@ def test_constant_channel_gives_finite_maps(variant, const):
     ext = scorecam.ScoreCAMExtractor(net, "features", variant=variant, chunk=3)
     cam = ext(x)
     assert torch.isfinite(cam).all() and cam.shape == (2, 16, 16)
-    assert float(cam.max()) == 1.0
+    # paper: where no channel beats the baseline, the map is all zero (that is the method)
+    assert float(cam.max()) == 1.0 or (variant == "paper" and float(cam.max()) == 0.0)
     with torch.no_grad():
         acts = net.features(x)
     if variant == "library":
         w = ext.library_weights(x, acts)
         assert torch.isfinite(w).all()
         assert torch.allclose(w.sum(1), torch.ones(2), atol=1e-6)
+    elif variant == "official":
+        assert (ext.official_weights(x, acts)[:, 0] == 0).all()
     else:
         assert (ext.paper_weights(x, acts)[:, 0] == 0).all()
 
@@ -167,7 +260,7 @@ class DiscNet(nn.Module):
         return torch.stack([torch.zeros_like(inside), self.scale * inside], 1)
 
 
-@pytest.mark.parametrize("variant", ["paper", "library"])
+@pytest.mark.parametrize("variant", ["paper", "official", "library"])
 def test_cam_peaks_in_the_disc(variant):
     """METHODS 4 (c): if the logit is the mean intensity inside a disc, the CAM peaks there."""
     net = DiscNet().eval()
@@ -186,7 +279,7 @@ def test_batched_chunks_equal_one_image_at_a_time():
     """Chunking across images and channels, and the memory layout, do not change the maps."""
     model = smoke_resnet(1, seed=3)
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
-    for variant in ("paper", "library"):
+    for variant in ("paper", "official", "library"):
         together = scorecam.ScoreCAMExtractor(model, "layer4", variant=variant, chunk=50)(x)
         alone = torch.cat([scorecam.ScoreCAMExtractor(model, "layer4", variant=variant, chunk=64)(x[i:i + 1])
                            for i in range(2)])
@@ -216,6 +309,7 @@ def test_plugin_chunk_from_profile_and_errors():
     ctx = SimpleNamespace(device="cpu", classifier=lambda: model, profile=profile)
     cam = scorecam.ScoreCAM()
     assert cam.p == {"layer": "layer4", "variant": "paper", "chunk": 0} and cam.mask_rule == "cam"
+    assert scorecam.ScoreCAM.version == "2" and scorecam.ScoreCAM.no_grad is True
     cam.prepare(ctx)
     assert cam.extractor.chunk == 128 and cam.extractor.variant == "paper"
     images = torch.rand(3, 4, 32, 32)
@@ -227,6 +321,9 @@ def test_plugin_chunk_from_profile_and_errors():
     lib = scorecam.ScoreCAM(variant="library", chunk=16)
     lib.prepare(ctx)
     assert lib.extractor.chunk == 16 and lib.extractor.variant == "library"
+    official = scorecam.ScoreCAM(variant="official")
+    official.prepare(ctx)
+    assert official.extractor.variant == "official" and official.chunk == 128
 
     with pytest.raises(PluginError, match="variant"):
         scorecam.ScoreCAM(variant="fast")

@@ -16,6 +16,10 @@ What the base does for a batch of images (METHODS sections 2-5):
 4. :meth:`CamExtractor.fuse` turns the per-layer maps into (B, S, S) maps in [0, 1]:
    for one layer minmax(Up(map)); LayerCAM overrides it for its multi-layer fusion.
 
+:class:`ClassifierCam` is the plugin side of the template: the CAM source that gets the
+shared CAM classifier from ``ctx.classifier()``, checks the layer parameter and builds the
+method's extractor; GradCAM, GradCAM++, ScoreCAM and LayerCAM keep only what differs.
+
 Speed: the gradient is needed only from the target layer upwards, so everything up to and
 including the first target layer runs under ``no_grad``; its output is re-entered into
 autograd as a fresh leaf, and the backward (``torch.autograd.grad`` to that leaf) touches
@@ -31,11 +35,14 @@ import difflib
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from wsss_bench.errors import PluginError
+from wsss_bench.interfaces import CamSource, SliceBatch
 from wsss_bench.lazy import torch
 from wsss_bench.maps import minmax, upsample
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
+
+    from wsss_bench.context import RunContext
 
     Tensor = _torch.Tensor
     Module = _torch.nn.Module
@@ -143,6 +150,9 @@ class CamExtractor:
         self.target_class = int(target_class)
         self.owner = owner
         self.inputs: "Tensor | None" = None
+        #: indices into ``layer_names`` in the order the layers ran in the last forward
+        #: (the last one is the deepest); empty before the first call
+        self.forward_order: list[int] = []
 
     # ------------------------------------------------------------------ what a method overrides
     def layer_map(self, acts: "Tensor", grads: "Tensor | None") -> "Tensor":
@@ -176,9 +186,12 @@ class CamExtractor:
         leaf: list[Any] = []  # the re-entered output of the first target layer to run
         passed: list[Any] = []  # the copies handed on, which carry the gradients
 
+        order: list[int] = []
+
         def forward_hook(i: int):
             def hook(module, inputs, output):
                 calls[i] += 1
+                order.append(i)
                 if not torch.is_tensor(output):
                     raise PluginError(
                         f"{self.owner + ': ' if self.owner else ''}target layer "
@@ -221,6 +234,7 @@ class CamExtractor:
                         f"{self.owner + ': ' if self.owner else ''}target layers must run exactly "
                         f"once per forward: {', '.join(bad)}"
                     )
+                self.forward_order = order
                 if self.needs_grads:
                     score = logits[:, self.target_class].sum()
                     # Differentiating to the leaf and the copies runs exactly the graph above
@@ -264,3 +278,50 @@ class CamExtractor:
         for b in self.model.buffers():
             return b.device
         return torch.device("cpu")
+
+
+class ClassifierCam(CamSource):
+    """A CAM source on the shared CAM classifier (METHODS section 0): the common plugin part.
+
+    ``prepare`` gets the trained classifier from ``ctx.classifier()`` and builds
+    ``extractor_class`` on the layers named by the parameter ``layer_param``; ``maps`` runs
+    the extractor on a batch at the images' size.  A method sets ``extractor_class`` (and
+    ``layer_param`` if it is not ``layer``) and overrides :meth:`extractor_options` for
+    its own options (a fusion, a variant, a chunk size), :meth:`validate` for its own
+    parameters (calling ``super().validate()``) and :meth:`prepare` for extra checks
+    after ``super().prepare(ctx)``.
+    """
+
+    #: the method's CamExtractor subclass
+    extractor_class: ClassVar[type[CamExtractor]] = CamExtractor
+    #: the parameter that names the target layer(s): "layer4", "layer3+layer4", ...
+    layer_param: ClassVar[str] = "layer"
+    mask_rule: ClassVar[str] = "cam"  # minmax(map) > 0.5 (PROTOCOL section 6)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "no_grad" not in cls.__dict__:  # gradient methods need autograd inside maps()
+            cls.no_grad = not cls.extractor_class.needs_grads
+
+    def validate(self) -> None:
+        try:
+            self.layers = split_layer_names(self.p[self.layer_param])
+        except PluginError as err:
+            raise self.bad_param(self.layer_param, str(err)) from None
+        if len(set(self.layers)) != len(self.layers):
+            raise self.bad_param(self.layer_param, "names a layer twice")
+
+    def extractor_options(self, ctx: "RunContext") -> dict[str, Any]:
+        """Keyword arguments of ``extractor_class`` besides model, layers and owner."""
+        return {}
+
+    def prepare(self, ctx: "RunContext") -> None:
+        self.model = ctx.classifier()  # trained, eval mode, on ctx.device
+        self.extractor = self.extractor_class(
+            self.model, self.layers, owner=f"cam plugin '{self.name}' (parameter {self.layer_param})",
+            **self.extractor_options(ctx),
+        )
+
+    def maps(self, batch: SliceBatch) -> "Tensor":
+        images = batch.images
+        return self.extractor(images, size=tuple(images.shape[-2:]))  # (B, S, S) in [0, 1]
