@@ -7,6 +7,10 @@
 - ``auto`` (default): the rule the CAM source declares in its ``mask_rule``.
 
 A constant map gives an empty mask under both rules.
+
+Several map sources (``--cam gradcam+mg``) fuse as in the paper's Fig. 1(e): the mask is the
+intersection of each source's own mask, each by its own rule (``rule=auto``) or all by the
+rule given.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from wsss_bench.interfaces import CamSource, Refiner, SliceBatch
 from wsss_bench.maps import OTSU_BINS, binarize_cam, otsu_masks
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Sequence
+
     import torch
 
 RULES = ("auto", "cam", "otsu")
@@ -25,7 +31,7 @@ MAP_RULES = ("cam", "otsu")  # the rules a map can be thresholded with
 
 class Threshold(Refiner):
     name = "threshold"
-    version = "1"
+    version = "2"
     params = {"rule": "auto", "value": 0.5}
     description = "protocol threshold: minmax > value (CAMs) or Otsu (diffusion maps)"
 
@@ -53,13 +59,21 @@ class Threshold(Refiner):
             )
         return declared
 
-    def refine(self, batch: SliceBatch, maps: "torch.Tensor | None", cam: CamSource | None) -> "torch.Tensor":
-        if maps is None:
-            raise self.bad_param("rule", "needs maps from a CAM source, got none")
+    def mask(self, maps: "torch.Tensor", cam: CamSource | None) -> "torch.Tensor":
+        """One source's (B, S, S) maps -> masks by its rule."""
         rule = self.rule_for(cam)
         if rule == "cam":
             return binarize_cam(maps, self.p["value"])
         return otsu_masks(maps, OTSU_BINS)
+
+    def refine(self, batch: SliceBatch, maps: "Sequence[torch.Tensor]", sources: "Sequence[CamSource]") -> "torch.Tensor":
+        if not maps:
+            raise self.bad_param("rule", "needs maps from a map source (--cam NAME), got none")
+        masks = [self.mask(m, cam) for m, cam in zip(maps, sources)]
+        out = masks[0]
+        for m in masks[1:]:
+            out = out & m  # Fig. 1(e): intersection of each source's own mask
+        return out
 
 
 @hookimpl

@@ -68,7 +68,7 @@ def test_register_refiners(host):
 
     ref = host.get("refiners", "topfraction")(fraction=0.25)
     maps = torch.rand(3, 8, 8)
-    masks = ref.refine(None, maps, None)
+    masks = ref.refine(None, (maps,), (None,))
     assert masks.dtype == torch.bool and masks.shape == (3, 8, 8)
     assert masks.flatten(1).sum(1).tolist() == [16, 16, 16]
 

@@ -51,8 +51,8 @@ def _batch_and_maps():
 def test_auto_follows_the_cam_sources_rule():
     batch, maps = _batch_and_maps()
     ref = threshold.Threshold()
-    cam_masks = ref.refine(batch, maps, _Cam("cam"))
-    otsu = ref.refine(batch, maps, _Cam("otsu"))
+    cam_masks = ref.refine(batch, (maps,), (_Cam("cam"),))
+    otsu = ref.refine(batch, (maps,), (_Cam("otsu"),))
     assert cam_masks.dtype == torch.bool and cam_masks.shape == (3, 16, 16)
     assert torch.equal(cam_masks, binarize_cam(maps, 0.5))
     assert torch.equal(otsu, otsu_masks(maps))
@@ -62,11 +62,11 @@ def test_auto_follows_the_cam_sources_rule():
 
 def test_forced_rules_and_value():
     batch, maps = _batch_and_maps()
-    forced = threshold.Threshold(rule="otsu").refine(batch, maps, _Cam("cam"))
+    forced = threshold.Threshold(rule="otsu").refine(batch, (maps,), (_Cam("cam"),))
     assert torch.equal(forced, otsu_masks(maps))
-    low = threshold.Threshold(rule="cam", value="0.2").refine(batch, maps, _Cam("otsu"))
+    low = threshold.Threshold(rule="cam", value="0.2").refine(batch, (maps,), (_Cam("otsu"),))
     assert torch.equal(low, binarize_cam(maps, 0.2))
-    assert threshold.Threshold(rule="cam").refine(batch, maps, None).shape == (3, 16, 16)
+    assert threshold.Threshold(rule="cam").refine(batch, (maps,), (None,)).shape == (3, 16, 16)
 
 
 def test_bad_parameters_are_named():
@@ -76,12 +76,30 @@ def test_bad_parameters_are_named():
         threshold.Threshold(value=1.5)
     batch, maps = _batch_and_maps()
     with pytest.raises(PluginError, match="no CAM source"):
-        threshold.Threshold().refine(batch, maps, None)
+        threshold.Threshold().refine(batch, (maps,), (None,))
     with pytest.raises(PluginError, match="kmeans"):
-        threshold.Threshold().refine(batch, maps, _Cam("kmeans"))
+        threshold.Threshold().refine(batch, (maps,), (_Cam("kmeans"),))
 
 
 def test_registers_itself():
     seen = []
     threshold.register_refiners(seen.append)
     assert seen == [threshold.Threshold] and threshold.Threshold.name == "threshold"
+
+
+def test_two_sources_fuse_as_the_intersection_of_their_own_masks():
+    """Fig. 1(e): gradcam+mg is each source's mask by its own rule, intersected."""
+    batch, maps = _batch_and_maps()
+    other = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(9))
+    ref = threshold.Threshold()
+    fused = ref.refine(batch, (maps, other), (_Cam("cam"), _Cam("otsu")))
+    a = ref.refine(batch, (maps,), (_Cam("cam"),))
+    b = ref.refine(batch, (other,), (_Cam("otsu"),))
+    assert torch.equal(fused, a & b)
+    assert a.sum() > fused.sum() > 0 and b.sum() > fused.sum()  # a real intersection, not one source
+
+
+def test_no_maps_is_a_clear_error():
+    batch, _ = _batch_and_maps()
+    with pytest.raises(PluginError, match="map source"):
+        threshold.Threshold().refine(batch, (), ())

@@ -58,6 +58,109 @@ def source_hash(*objs: Any) -> str:
     return h.hexdigest()[:16]
 
 
+#: project modules that cannot change a number (plumbing, printing, registration); edits to
+#: them do not invalidate artifacts.  Everything else a plugin imports from wsss_bench or
+#: wsss_bench_plugins, directly or through another project module, is part of its source hash.
+NEUTRAL_MODULES = frozenset({
+    "wsss_bench", "wsss_bench.hookspecs", "wsss_bench.errors", "wsss_bench.progress", "wsss_bench.lazy",
+    "wsss_bench.registry", "wsss_bench.plugins", "wsss_bench.cli", "wsss_bench.cache", "wsss_bench.manifest",
+    "wsss_bench.testing", "wsss_bench.contract_suite", "wsss_bench._compat", "wsss_bench_plugins",
+})
+_PROJECT_PREFIXES = ("wsss_bench", "wsss_bench_plugins")
+_IMPORTS_MEMO: dict[tuple[str, int, int], tuple[str, ...]] = {}
+
+
+def _is_project(name: str) -> bool:
+    return name.split(".")[0] in _PROJECT_PREFIXES
+
+
+def _module_file(name: str) -> str | None:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError, AttributeError):
+        return None
+    origin = getattr(spec, "origin", None) if spec else None
+    return origin if origin and origin.endswith(".py") and os.path.exists(origin) else None
+
+
+def _imported_project_modules(path: str) -> tuple[str, ...]:
+    """Project modules named by the import statements of one file (lazy ones inside functions
+    included, ``if TYPE_CHECKING:`` blocks excluded), memoised by (path, size, mtime)."""
+    import ast
+
+    st = os.stat(path)
+    memo_key = (path, st.st_size, st.st_mtime_ns)
+    if memo_key in _IMPORTS_MEMO:
+        return _IMPORTS_MEMO[memo_key]
+    tree = ast.parse(Path(path).read_text(), filename=path)
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if _is_project(a.name))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and _is_project(node.module):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # submodules imported by name
+    found = tuple(sorted(n for n in names if _module_file(n)))
+    _IMPORTS_MEMO[memo_key] = found
+    return found
+
+
+def source_files(*objs: Any) -> list[str]:
+    """The files defining ``objs`` plus every project module they import, transitively,
+    except :data:`NEUTRAL_MODULES`; sorted."""
+    seen: set[str] = set()
+    todo: list[str] = []
+    for obj in objs:
+        try:
+            path = inspect.getsourcefile(obj)
+        except TypeError:
+            path = None
+        if path and os.path.exists(path):
+            todo.append(os.path.abspath(path))
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imported_project_modules(path):
+            if name in NEUTRAL_MODULES:
+                continue
+            dep = _module_file(name)
+            if dep:
+                todo.append(os.path.abspath(dep))
+    return sorted(seen)
+
+
+def closure_hash(*objs: Any) -> str:
+    """sha256 over the sources of ``objs`` and the project modules they import (transitively).
+
+    Editing a function in ``nn/cam.py`` therefore changes the key of every artifact made by a
+    plugin that imports it (GradCAM, LayerCAM, ...).  Objects without a source file (strings,
+    numbers) are hashed by their ``repr``.
+    """
+    h = hashlib.sha256()
+    files = source_files(*objs)
+    for path in files:
+        h.update(os.path.basename(path).encode())
+        h.update(Path(path).read_bytes())
+    for obj in objs:
+        try:
+            has_file = bool(inspect.getsourcefile(obj))
+        except TypeError:
+            has_file = False
+        if not has_file:
+            h.update(repr(obj).encode())
+    return h.hexdigest()[:16]
+
+
 # ------------------------------------------------------------------ atomic file writes
 def _umask() -> int:
     mask = os.umask(0)

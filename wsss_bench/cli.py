@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from rich.markup import escape
 
 from wsss_bench.errors import UserError
 from wsss_bench.progress import console, err_console, say
@@ -31,7 +32,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            err_console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True, markup=True, highlight=False)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True, markup=True,
+                              highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -87,7 +89,8 @@ def _slug(text: str) -> str:
 @user_errors
 def run(
     method: str = typer.Option(..., "--method", "-m", help="Refiner spec, e.g. threshold or cldf[tau=[0.1,0.5]]."),
-    cam: Optional[str] = typer.Option(None, "--cam", "-c", help="CAM source spec(s), e.g. gradcam or gradcam,layercam."),
+    cam: Optional[str] = typer.Option(None, "--cam", "-c", help="Map source spec(s): gradcam, gradcam,layercam (two cells), amecam+mg (one cell, two sources)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Feature backbone of the refiner (its 'backbone' parameter): cdm, resnet18, '[cdm,resnet18]' (a grid)."),
     task: List[str] = typer.Option(["brats"], "--task", "-t", help="brats, flare21-kidney, flare21-spleen, flare21-liver (repeatable / comma list)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real dataset folder (BraTS21 or FLARE21 layout). Default: the embedded synthetic phantom."),
     profile: str = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md)."),
@@ -104,7 +107,7 @@ def run(
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
     from wsss_bench.profiles import load_profile
-    from wsss_bench.runner import CellJob, RunConfig, plan_cells
+    from wsss_bench.runner import CellJob, RunConfig, check_out_dir, plan_cells
     from wsss_bench.spec import parse_specs
 
     host = get_host([str(p) for p in plugins_dir])
@@ -113,7 +116,7 @@ def run(
         raise UserError(f"--data-root {data_root}: no such directory; give the folder holding the "
                         f"BraTS2021_* case folders or the FLARE21 TrainingImg/TrainingMask (or imagesTr/labelsTr) folders")
     tasks, seeds = _split_csv(task), _seeds(seed)
-    cells = plan_cells(host, tasks, cam, method, seeds)
+    cells = plan_cells(host, tasks, cam, method, seeds, backbones=backbone)
     if out is None:
         out = Path("runs") / _slug(f"{'+'.join(tasks)}_{cam or 'nocam'}_{method}_{profile}_s{'-'.join(map(str, seeds))}")
     ex_spec = parse_specs(executor)[0]
@@ -122,8 +125,9 @@ def run(
                     cache_dir=Path(cache_dir), bf16=bf16, use_cache=not no_cache, force=force,
                     phantom_seed=phantom_seed, plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
                     strict=bool(_STATE["strict"]), executor=executor)
-    say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {profile}, "
-        f"data {'phantom' if data_root is None else data_root}, out {out}")
+    check_out_dir(cfg)  # before any compute: writable, and not another configuration's results
+    say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {escape(profile)}, "
+        f"data {'phantom' if data_root is None else escape(str(data_root))}, out {escape(str(out))}")
     t0 = time.perf_counter()
     job = CellJob(cfg, host=host)
     outcomes = ex.map(job, cells)
@@ -143,12 +147,12 @@ def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
         if oc.status == "failed":
             failed += 1
             user_fail = user_fail and oc.user_error
-            err_console.print(f"[bold red]cell failed[/bold red] {cell.task} {cell.method} seed {cell.seed}: {oc.error}",
-                              soft_wrap=True, highlight=False)
+            err_console.print(f"[bold red]cell failed[/bold red] {escape(cell.task)} {escape(cell.method)} seed "
+                              f"{cell.seed}: {escape(str(oc.error))}", soft_wrap=True, highlight=False)
         elif oc.status == "resumed":
-            say(f"  {cell.task} {cell.method} seed {cell.seed}: already done, reused (use --force to redo)")
+            say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: already done, reused (use --force to redo)")
         else:
-            say(f"  {cell.task} {cell.method} seed {cell.seed}: done in {oc.seconds:.1f}s")
+            say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: done in {oc.seconds:.1f}s")
     frame = results.collect(cfg.out)
     session = job.session()
     manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
@@ -163,8 +167,13 @@ def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
         mine = frame[[k in keys for k in zip(frame["task"], frame["method"], frame["seed"])]]
         if len(mine):
             print_summary(mine, cfg.out)
-    say(f"results: {Path(cfg.out) / 'results.parquet'}  manifest: {Path(cfg.out) / 'manifest.json'}  "
-        f"({seconds:.1f}s)")
+    where = Path(cfg.out)
+    if (where / "results.parquet").is_file():
+        say(f"results: {escape(str(where / 'results.parquet'))}  manifest: {escape(str(where / 'manifest.json'))}  "
+            f"({seconds:.1f}s)")
+    else:
+        say(f"no results were written ({failed} of {len(cells)} cell(s) failed); manifest: "
+            f"{escape(str(where / 'manifest.json'))}  ({seconds:.1f}s)")
     if failed:
         raise typer.Exit(2 if user_fail else 1)
 
@@ -180,7 +189,7 @@ def print_summary(frame, out: Path) -> None:
         table.add_column(h, justify="left" if h in ("task", "method", "gate") else "right",
                          overflow="fold", no_wrap=h not in ("method",))
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*[escape(c) for c in row])  # method labels hold brackets: gradcam[layer=layer3]
     console.print(table)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     atomic_write_text(Path(out) / "summary.md", "\n".join(md) + "\n")
@@ -263,23 +272,79 @@ def list_(
 @app.command()
 @user_errors
 def report(
-    run_dir: List[Path] = typer.Argument(..., help="Run directory (or several)."),
-    fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, ..."),
-    gate: Optional[str] = typer.Option(None, "--gate", help="label | classifier | none (default: all)."),
-    output: Optional[Path] = typer.Option(None, "--output", help="Write to this file instead of stdout."),
+    run_dir: List[Path] = typer.Argument(..., help="Run directory (or several, or a folder of runs)."),
+    fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, html (a whole page), ..."),
+    table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows)."),
+    gate: str = typer.Option("all", "--gate", help="label | classifier | none | all (default: all, one table per gate held)."),
+    with_paper: bool = typer.Option(False, "--with-paper", help="Put the paper's numbers (PROTOCOL 13) beside ours."),
+    per_volume: bool = typer.Option(False, "--per-volume", help="Add a per-volume (3D) Dice column per task (docs/metrics.md)."),
+    resamples: Optional[int] = typer.Option(None, "--resamples", help="Bootstrap resamples for the 95% CIs (default: the run's profile; 0 = no CIs and no tests)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Method label the significance test compares against (default: CLDF of each task)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
-    """Print a run's summary table in a format (LaTeX booktabs, Markdown, CSV)."""
-    from wsss_bench.report import load_results, render, summary_table, write_report
+    """Tables of a run with bootstrap CIs and Wilcoxon marks (LaTeX booktabs, Markdown, CSV, HTML page)."""
+    from wsss_bench.report import (bootstrap_resamples, build_tables, failed_cells, html_report,
+                                   load_manifests, load_results, render_many, write_text)
 
+    if gate not in ("label", "classifier", "none", "all"):
+        raise UserError(f"--gate {gate}: choose label, classifier, none or all")
+    if resamples is not None and resamples < 0:
+        raise UserError(f"--resamples {resamples}: give 0 (no CIs) or a positive count")
     host = get_host()
     exporter = host.get("exporters", fmt)()
-    frame = load_results(run_dir)
-    table = summary_table(frame, gate=gate)
+    if fmt == "html":
+        text = html_report(run_dir, exporter, table=table, gate=gate, with_paper=with_paper,
+                           per_volume=per_volume, resamples=resamples, reference=reference)
+    else:
+        frame = load_results(run_dir)
+        manifests = load_manifests(run_dir)
+        r = bootstrap_resamples(frame, manifests) if resamples is None else resamples
+        tables = build_tables(frame, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
+                              reference=reference, failed=failed_cells(manifests))
+        text = render_many(tables, exporter)
     if output:
-        write_report(table, exporter, output)
+        write_text(output, text)
         say(f"wrote {output}")
     else:
-        sys.stdout.write(render(table, exporter))
+        sys.stdout.write(text)
+
+
+@app.command()
+@user_errors
+def figures(
+    run_dir: List[Path] = typer.Argument(..., help="Run directory (or several)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the figures (default RUN_DIR/figures)."),
+    gate: str = typer.Option("label", "--gate", help="label | classifier | none."),
+    fmt: List[str] = typer.Option(["png", "pdf"], "--format", "-f", help="png and/or pdf (repeatable)."),
+) -> None:
+    """Figures of a run (matplotlib): qualitative grid (Fig. 3), ablation curves (Fig. 4), Dice boxplots."""
+    from wsss_bench.figures import write_figures
+
+    paths, skipped = write_figures(run_dir, out, gate=gate, formats=_split_csv(fmt))
+    for p in paths:
+        say(f"wrote {p}")
+    for why in skipped:
+        say(f"skipped: {why}")
+
+
+@app.command("export-masks")
+@user_errors
+def export_masks_cmd(
+    run_dir: List[Path] = typer.Argument(..., help="Run directory (or several)."),
+    method: str = typer.Option(..., "--method", "-m", help="Method label as in the results, e.g. gradcam+threshold."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write <task>/<method>/<case>.nii.gz into."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Only this task (default: every task of the method)."),
+    gate: str = typer.Option("none", "--gate", help="none (raw prediction) | label | classifier: blank what that gate blanked."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the cell (default: the smallest)."),
+    ground_truth: bool = typer.Option(False, "--ground-truth", help="Export the run's preprocessed ground truth of the same cases instead (geometry check)."),
+) -> None:
+    """Predicted masks per test case as NIfTI in the source volume's space and affine."""
+    from wsss_bench.export_masks import export_masks
+
+    if gate not in ("label", "classifier", "none"):
+        raise UserError(f"--gate {gate}: choose none, label or classifier")
+    paths = export_masks(run_dir, method, out, task=task, gate=gate, seed=seed, ground_truth=ground_truth)
+    say(f"wrote {len(paths)} NIfTI file(s) under {out}")
 
 
 # ---------------------------------------------------------------------------- data

@@ -1,22 +1,46 @@
-"""RunContext: what a plugin sees of a run (task, data, profile, device, seeds, cache)."""
+"""RunContext: what a plugin sees of a run, and the one mechanism for each service.
+
+A context belongs to one (task, seed) in a process and is shared by that pair's cells, so a
+model trained for one cell is reused by the next.  What it offers (docs/plugins.md has the
+exact signatures):
+
+- ``ctx.data``: images and image-level labels (a mask-free view, :class:`DataView`);
+- ``ctx.artifact``: any cached artifact (content key, atomic, resumable);
+- ``ctx.shared_model``: any trained model (classifier, CDM, SEAM, AME-CAM, DiG, FSL, ...):
+  built, trained on the resumable loop, cached as safetensors, memoised;
+- ``ctx.plugin``: a registered plugin, bound and prepared, memoised (backbones, MG);
+- ``ctx.maps``: a map source's maps on train, val or test, cached, read-only memmap;
+- seeds, records, timed stages, progress and bf16 autocast.
+
+The context knows no method.  What a cell did (records, stages, artifacts, seeds) goes to
+that cell's own :class:`~wsss_bench.records.CellLog`; a memoised model or plugin replays
+its records into every cell that uses it.
+"""
 from __future__ import annotations
 
 import resource
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from wsss_bench.cache import ArtifactCache, Built, source_hash, stable_hash
-from wsss_bench.errors import UserError
-from wsss_bench.interfaces import Plugin, TaskDef
+from wsss_bench.cache import ArtifactCache, Built, closure_hash, stable_hash
+from wsss_bench.errors import PluginError, UserError
 from wsss_bench.progress import progress, say
+from wsss_bench.records import CellLog, TaskDef
 from wsss_bench.seeding import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
 
-    from wsss_bench.data.taskdata import TaskData
+    from wsss_bench.interfaces import CamSource, Plugin
+
+#: how many derived seeds a cell lists in its manifest (per-slice seeds would flood it)
+MAX_LISTED_SEEDS = 200
+#: artifacts a map source writes per split
+MAPS_STAGE = "maps"
 
 
 def resolve_device(name: str) -> str:
@@ -40,38 +64,169 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# ============================================================================ mask isolation
+_HIDDEN = frozenset({"store", "fg_fraction", "_rows_with_masks"})
+
+
+class DataView:
+    """The task's data as plugins see it: images and image-level labels, no segmentation.
+
+    ``masks`` (and ``batches(with_masks=True)``) work only while a plugin that declares
+    ``reads_train_masks = True`` is acting (the FSL upper bound), and only on train/val
+    rows.  Test masks are read by the runner alone, for scoring.  Everything else is
+    forwarded to the underlying TaskData.
+    """
+
+    def __init__(self, data: Any, ctx: "RunContext") -> None:
+        object.__setattr__(self, "_data", data)
+        object.__setattr__(self, "_ctx", ctx)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _HIDDEN:
+            raise PluginError(self._refusal(f"'{name}'"))
+        return getattr(self._data, name)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _refusal(self, what: str) -> str:
+        who = self._ctx.acting_plugin
+        name = f"{who.kind} plugin '{who.name}'" if who is not None else "code outside a plugin"
+        return (f"{name} tried to read {what} of the segmentation ground truth; WSSS methods see image-level "
+                f"labels only (PROTOCOL section 5). A fully supervised plugin must declare "
+                f"`reads_train_masks = True`, and then reads training/validation masks only")
+
+    def _check(self, idx: Any) -> None:
+        import numpy as np
+
+        who = self._ctx.acting_plugin
+        if who is None or not getattr(who, "reads_train_masks", False):
+            raise PluginError(self._refusal("masks"))
+        rows = np.asarray(idx, dtype=np.int64).reshape(-1)
+        allowed = np.concatenate([self._data.split("train"), self._data.split("val")])
+        if not np.isin(rows, allowed).all():
+            raise PluginError(f"{who.kind} plugin '{who.name}' tried to read masks of test slices; "
+                              f"only training and validation masks may be read")
+
+    def masks(self, idx: Any):
+        self._check(idx)
+        return self._data.masks(idx)
+
+    def batches(self, split_or_idx: Any, batch_size: int, shuffle: bool = False, seed: int | None = None,
+                with_masks: bool = False, device: str = "cpu"):
+        if with_masks:
+            rows = self._data.split(split_or_idx) if isinstance(split_or_idx, str) else split_or_idx
+            self._check(rows)
+        extra = {"with_masks": True} if with_masks else {}
+        return self._data.batches(split_or_idx, batch_size, shuffle=shuffle, seed=seed, device=device, **extra)
+
+
+@dataclass
+class TrainRun:
+    """What a shared model's ``train(model, run)`` gets: where to checkpoint, its seed, its device,
+    and the progress callback (call ``run.advance(1)`` per step)."""
+
+    work: Path
+    seed: int
+    device: str
+    advance: Callable[[int], Any]
+
+
+@dataclass
+class _Memo:
+    value: Any
+    used: list[str]
+    records: dict[str, Any]
+    seeds: dict[str, int]
+
+
+# ============================================================================ the context
 class RunContext:
     """Everything a stage needs.  One per (task, seed) in a process; shared by its cells."""
 
     def __init__(
         self,
         task: TaskDef,
-        data: "TaskData",
+        data: Any,
         profile: Any,
         base_seed: int,
         device: str,
         cache: ArtifactCache,
         bf16: bool = False,
+        host: Any = None,
     ) -> None:
         self.task = task
-        self.data = data
+        self.task_data = data  # the full TaskData: the runner scores with it; plugins never see it
+        self.data = DataView(data, self)
         self.profile = profile
         self.base_seed = base_seed
         self.device = device
         self.cache = cache
         self.bf16 = bf16
-        self.records: dict[str, Any] = {}
-        self.stages: list[dict[str, Any]] = []
-        self.used: list[str] = []  # artifact keys touched, in order (upstream of later stages)
-        self.seeds_used: dict[str, int] = {}  # component -> derived seed, for the manifest
-        self._memo: dict[str, Any] = {}
+        self.host = host
+        self.log = CellLog()
         self.profile_hash = stable_hash(dict(profile), 16)
+        self._memo: dict[Any, _Memo] = {}
+        self._model_keys: dict[str, str] = {}
+        self._acting: list[Any] = []
+
+    # ------------------------------------------------------------------ per-cell bookkeeping
+    def begin_cell(self) -> CellLog:
+        """Start a new cell's log (records, stages, artifacts, seeds); returns it."""
+        self.log = CellLog()
+        return self.log
+
+    @property
+    def records(self) -> dict[str, Any]:
+        return self.log.records
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return self.log.stages
+
+    @property
+    def used(self) -> list[str]:
+        return self.log.used
+
+    @property
+    def seeds_used(self) -> dict[str, int]:
+        return self.log.seeds
+
+    def record(self, key: str, value: Any) -> None:
+        """Add a fact to the current cell's manifest (e.g. AME-CAM's polarity and both drops)."""
+        self.log.records[key] = value
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage; wall time and peak RSS go to the cell's manifest."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.log.stages.append({"stage": name, "seconds": round(time.perf_counter() - t0, 3),
+                                    "peak_rss_mb": round(peak_rss_mb(), 1)})
+
+    def progress(self, description: str, total: int | None):
+        return progress(description, total)
+
+    @contextmanager
+    def acting(self, plugin: Any) -> Iterator[None]:
+        """Mark ``plugin`` as the one whose code runs now (the data view's mask guard asks)."""
+        self._acting.append(plugin)
+        try:
+            yield
+        finally:
+            self._acting.pop()
+
+    @property
+    def acting_plugin(self) -> Any:
+        return self._acting[-1] if self._acting else None
 
     # ------------------------------------------------------------------ seeds
     def seed(self, component: str) -> int:
         value = derive_seed(self.base_seed, self.task.task_id, component)
-        if len(self.seeds_used) < 200 or component in self.seeds_used:  # per-slice seeds would flood it
-            self.seeds_used[component] = value
+        if len(self.log.seeds) < MAX_LISTED_SEEDS or component in self.log.seeds:
+            self.log.seeds[component] = value
         return value
 
     def generator(self, component: str, device: str = "cpu") -> "torch.Generator":
@@ -80,110 +235,6 @@ class RunContext:
         g = torch.Generator(device=device)
         g.manual_seed(self.seed(component))
         return g
-
-    # ------------------------------------------------------------------ caching
-    def artifact_key(
-        self,
-        stage: str,
-        plugin: Plugin | type | str,
-        params: dict[str, Any] | None = None,
-        upstream: list[str] | tuple[str, ...] = (),
-        version: str | None = None,
-        source: Any = None,
-    ) -> tuple[str, dict[str, Any]]:
-        """The content key of an artifact and the description stored with it.
-
-        key = stage + plugin name + version + source hash + parameters + upstream keys + seed
-        + data fingerprint (+ the resolved profile and the task).
-        """
-        if isinstance(plugin, str):
-            name, ver, src = plugin, version or "1", source_hash(source) if source is not None else ""
-        else:
-            cls = plugin if isinstance(plugin, type) else type(plugin)
-            name, ver, src = cls.name or cls.__name__, version or cls.version, source_hash(source or cls)
-        params = dict(params if params is not None else getattr(plugin, "p", {}))
-        key = self.cache.key(stage, name, ver, src, {"params": params, "profile": self.profile_hash,
-                                                      "task": self.task.task_id}, upstream,
-                             self.base_seed, self.data.fingerprint)
-        describe = {"plugin": name, "version": ver, "params": params, "task": self.task.task_id,
-                    "profile": self.profile.name, "seed": self.base_seed}
-        return key, describe
-
-    def artifact(
-        self,
-        stage: str,
-        plugin: Plugin | type | str,
-        build: Callable[[Path], dict | None],
-        params: dict[str, Any] | None = None,
-        upstream: list[str] | tuple[str, ...] = (),
-        version: str | None = None,
-        source: Any = None,
-    ) -> Built:
-        """A cached artifact of this task/seed/data/profile; ``build(workdir)`` writes it."""
-        key, describe = self.artifact_key(stage, plugin, params, upstream, version, source)
-        built = self.cache.build(stage, key, build, describe)
-        self.used.append(key)
-        if built.hit:
-            say(f"  [dim]reused cached {stage} ({describe['plugin']}, {key[:10]})[/dim]")
-        return built
-
-    # ------------------------------------------------------------------ shared models
-    def classifier(self) -> "torch.nn.Module":
-        """The task's CAM classifier (METHODS section 0), trained once and cached (safetensors)."""
-        if "classifier" in self._memo:
-            self.used.append(self._memo["classifier_key"])
-            return self._memo["classifier"]
-        from safetensors.torch import load_file, save_file
-
-        from wsss_bench.cache import atomic_path
-        from wsss_bench.nn import classifier as clf
-
-        spec, recipe = dict(self.profile.cam_classifier), dict(self.profile.classifier)
-        model = clf.build_classifier(self.profile.cam_classifier, self.task.channels, seed=self.seed("init/classifier"))
-
-        def build(work: Path) -> dict:
-            with self.stage("train/classifier"):
-                state, info = clf.train_classifier(model, self.data, self.profile, self.device,
-                                                   self.seed("train/classifier"), flips=self.task.flips,
-                                                   bf16=self.bf16)
-            with atomic_path(work / "model.safetensors") as tmp:
-                save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(tmp))
-            return {"train": info}
-
-        built = self.artifact("classifier", "cam-classifier", build, params={**spec, **recipe},
-                              source=clf)
-        model.load_state_dict(load_file(str(built.path / "model.safetensors")))
-        model.to(self.device).eval()
-        self._memo.update(classifier=model, classifier_key=built.key)
-        return model
-
-    def classifier_p1(self, idx) -> Any:
-        """softmax p(1) of the CAM classifier on slices ``idx`` (for gate=classifier)."""
-        import numpy as np
-
-        from wsss_bench.nn.classifier import predict_p1
-
-        model = self.classifier()
-        bs = int(self.profile.classifier.batch)
-        return np.asarray(predict_p1(model, self.data.batches(idx, bs, device=self.device)))
-
-    # ------------------------------------------------------------------ bookkeeping
-    def record(self, key: str, value: Any) -> None:
-        """Add a fact to this run's manifest (e.g. AME-CAM's polarity and both drops)."""
-        self.records[key] = value
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time a stage; wall time and peak RSS go to the manifest."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages.append({"stage": name, "seconds": round(time.perf_counter() - t0, 3),
-                                "peak_rss_mb": round(peak_rss_mb(), 1)})
-
-    def progress(self, description: str, total: int | None):
-        return progress(description, total)
 
     def autocast(self):
         """bf16 autocast when --bf16 was given, else a no-op context."""
@@ -195,3 +246,250 @@ class RunContext:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu",
                               dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------ artifacts
+    def artifact_key(
+        self,
+        stage: str,
+        plugin: Any,
+        params: dict[str, Any] | None = None,
+        upstream: Sequence[str] = (),
+        version: str | None = None,
+        source: Any = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """The content key of an artifact and the description stored with it.
+
+        key = stage + plugin name + version + source hash (the plugin's module and every
+        project module it imports) + parameters + upstream keys + seed + data fingerprint
+        + the resolved profile, the task, bf16 and the device type.
+        """
+        if isinstance(plugin, str):
+            name, ver = plugin, version or "1"
+            srcs = source if isinstance(source, (list, tuple)) else ([source] if source is not None else [])
+        else:
+            cls = plugin if isinstance(plugin, type) else type(plugin)
+            name, ver = cls.name or cls.__name__, version or cls.version
+            srcs = list(source) if isinstance(source, (list, tuple)) else [source or cls]
+        src = closure_hash(*srcs) if srcs else ""
+        params = dict(params if params is not None else getattr(plugin, "p", {}))
+        device_type = "cuda" if str(self.device).startswith("cuda") else "cpu"
+        key = self.cache.key(stage, name, ver, src, {"params": params, "profile": self.profile_hash,
+                                                      "task": self.task.task_id, "bf16": bool(self.bf16),
+                                                      "device": device_type}, list(upstream),
+                             self.base_seed, self.task_data.fingerprint)
+        describe = {"plugin": name, "version": ver, "params": params, "task": self.task.task_id,
+                    "profile": self.profile.name, "seed": self.base_seed, "bf16": bool(self.bf16),
+                    "device": device_type}
+        return key, describe
+
+    def artifact(
+        self,
+        stage: str,
+        plugin: Any,
+        build: Callable[[Path], dict | None],
+        params: dict[str, Any] | None = None,
+        upstream: Sequence[str] = (),
+        version: str | None = None,
+        source: Any = None,
+    ) -> Built:
+        """A cached artifact of this task/seed/data/profile; ``build(workdir)`` writes it."""
+        key, describe = self.artifact_key(stage, plugin, params, upstream, version, source)
+        built = self.cache.build(stage, key, build, describe)
+        self.log.used.append(key)
+        if built.hit:
+            say(f"  [dim]reused cached {stage} ({describe['plugin']}, {key[:10]})[/dim]")
+        return built
+
+    # ------------------------------------------------------------------ memo with replay
+    @contextmanager
+    def _capturing(self) -> Iterator[dict[str, Any]]:
+        """Collect what the enclosed code adds to the cell log (to replay it on memo hits)."""
+        used0, rec0, seeds0 = len(self.log.used), dict(self.log.records), dict(self.log.seeds)
+        out: dict[str, Any] = {}
+        yield out
+        out["used"] = list(self.log.used[used0:])
+        out["records"] = {k: v for k, v in self.log.records.items() if k not in rec0 or rec0[k] is not v}
+        out["seeds"] = {k: v for k, v in self.log.seeds.items() if k not in seeds0}
+
+    def _replay(self, memo: _Memo) -> Any:
+        self.log.used.extend(memo.used)
+        self.log.records.update(memo.records)
+        for k, v in memo.seeds.items():
+            if len(self.log.seeds) < MAX_LISTED_SEEDS:
+                self.log.seeds.setdefault(k, v)
+        return memo.value
+
+    # ------------------------------------------------------------------ shared models
+    def shared_model(
+        self,
+        name: str,
+        build: Callable[[], "torch.nn.Module"],
+        train: Callable[["torch.nn.Module", TrainRun], tuple[dict[str, "torch.Tensor"], dict[str, Any]]],
+        params: dict[str, Any],
+        source: Sequence[Any] = (),
+        upstream: Sequence[str] = (),
+        total: int | None = None,
+    ) -> "torch.nn.Module":
+        """The one way a trained model is made: built, trained, cached, memoised.
+
+        ``build()`` returns a freshly initialised module (seeded by the caller, e.g. with
+        ``ctx.seed(f"init/{name}")``); ``train(model, run)`` trains it on the resumable loop
+        (:mod:`wsss_bench.nn.training`), checkpointing into ``run.work``, and returns
+        (weights, info).  The weights are stored as ``<name>.safetensors`` (the artifact's
+        stage is ``name``); a build killed after training finished does not train again.
+        ``params`` must hold everything that changes the weights; ``source`` the modules
+        whose code does (the training loop is always included); ``upstream`` the keys of
+        artifacts the model depends on.  Returns the model loaded, in eval, frozen
+        (``requires_grad=False``), on ``ctx.device``; a second call is free.
+        """
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        from wsss_bench.cache import atomic_path, atomic_write_json
+        from wsss_bench.nn import training
+
+        if ("provided", name) in self._memo:
+            return self._replay(self._memo[("provided", name)])
+        key, _ = self.artifact_key(name, name, params=params, upstream=upstream, source=[*source, training])
+        if ("model", key) in self._memo:
+            return self._replay(self._memo[("model", key)])
+        fname = name.replace("-", "_")
+        with self._capturing() as cap:
+            model = build()
+
+            def builder(work: Path) -> dict:
+                out, meta = work / f"{fname}.safetensors", work / f"{fname}.train.json"
+                if out.is_file() and meta.is_file():  # killed after training finished
+                    return {"train": json.loads(meta.read_text())}
+                with self.stage(f"train/{name}"), self.progress(f"train {name}", total) as advance:
+                    run = TrainRun(work=work, seed=self.seed(f"train/{name}"), device=self.device, advance=advance)
+                    weights, info = train(model, run)
+                with atomic_path(out) as tmp:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp))
+                atomic_write_json(meta, info)
+                training.clear_checkpoint(work)
+                return {"train": info}
+
+            built = self.artifact(name, name, builder, params=params, upstream=upstream,
+                                  source=[*source, training])
+            model.load_state_dict(load_file(str(built.path / f"{fname}.safetensors")))
+            model.to(self.device).eval().requires_grad_(False)
+        self._model_keys[name] = built.key
+        self._memo[("model", key)] = _Memo(model, cap["used"], cap["records"], cap["seeds"])
+        return model
+
+    def provide_model(self, name: str, model: "torch.nn.Module", key: str = "provided") -> None:
+        """Make ``shared_model(name, ...)`` return ``model`` in this context (tests, diagnostics:
+        a tiny randomised network in place of a trained one)."""
+        self._model_keys[name] = key
+        self._memo[("provided", name)] = _Memo(model, [key], {}, {})
+
+    def shared_model_key(self, name: str) -> str:
+        """The artifact key of shared model ``name`` made earlier in this context (for ``upstream``)."""
+        if name not in self._model_keys:
+            raise KeyError(f"shared model '{name}' has not been made in this context yet")
+        return self._model_keys[name]
+
+    def classifier(self) -> "torch.nn.Module":
+        """The task's CAM classifier: :func:`wsss_bench.nn.classifier.get_classifier`."""
+        from wsss_bench.nn.classifier import get_classifier
+
+        return get_classifier(self)
+
+    # ------------------------------------------------------------------ plugins
+    def _host(self) -> Any:
+        if self.host is None:
+            from wsss_bench.plugins import load_plugins
+
+            self.host = load_plugins()
+        return self.host
+
+    def instantiate(self, kind: str, spec: str) -> "Plugin":
+        """A plugin of ``kind`` from one spec string (no grid), unbound and unprepared."""
+        from wsss_bench.spec import parse_specs
+
+        specs = parse_specs(spec)
+        grids = specs[0].expand() if len(specs) == 1 else []
+        if len(grids) != 1:
+            raise UserError(f"{kind} spec '{spec}' must name one plugin with one value per parameter")
+        return self._host().get(kind, specs[0].name)(**grids[0])
+
+    def plugin(self, kind: str, spec: "str | Plugin", sources: Sequence[Any] = ()) -> "Plugin":
+        """A registered plugin, instantiated, bound to this context and prepared, memoised
+        per canonical spec: a refiner gets its feature backbone (``kind="backbones"``) or a
+        second map source (``kind="cams"``) this way, and the runner prepares the cell's
+        sources with the same call.  Refiners are prepared with ``sources``.
+        """
+        inst = self.instantiate(kind, spec) if isinstance(spec, str) else spec
+        memo_key = ("plugin", kind, inst.spec(), tuple(s.spec() for s in sources))
+        if memo_key in self._memo:
+            return self._replay(self._memo[memo_key])
+        inst.ctx = self
+        with self._capturing() as cap, self.acting(inst), self.stage(f"prepare/{inst.spec()}"):
+            if kind == "refiners":
+                inst.prepare(self, tuple(sources))
+            else:
+                inst.prepare(self)
+        inst._wsss_upstream = list(dict.fromkeys(cap["used"]))
+        self._memo[memo_key] = _Memo(inst, cap["used"], cap["records"], cap["seeds"])
+        return inst
+
+    # ------------------------------------------------------------------ maps
+    def maps(self, source: "str | CamSource", split: str) -> "np.ndarray":
+        """``source``'s maps on a split: (N, S, S) float32 in [0, 1], read-only memmap.
+
+        Row i is slice ``ctx.data.split(split)[i]``.  Built once per source, split, upstream
+        models and data, and cached; the runner uses the same call for the test split.
+        """
+        import numpy as np
+        import torch
+
+        if isinstance(source, str):
+            source = self.plugin("cams", source)
+        elif getattr(source, "ctx", None) is not self:
+            source = self.plugin("cams", source)
+        memo_key = ("maps", source.spec(), split)
+        if memo_key in self._memo:
+            return self._replay(self._memo[memo_key])
+        idx = self.data.split(split)
+        size = int(self.data.image_size)
+        bs = int(self.profile.classifier.batch)
+        upstream = list(getattr(source, "_wsss_upstream", []))
+        spec = source.spec()
+
+        def build(work: Path) -> dict:
+            arr = np.lib.format.open_memmap(work / "maps.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(idx), size, size))
+            pos = 0
+            with self.stage(f"maps/{spec}/{split}"), self.progress(f"maps {spec} ({split})", len(idx)) as advance, \
+                    self.acting(source):
+                for batch in self.data.batches(idx, bs, device=self.device):
+                    grad = torch.no_grad() if getattr(source, "no_grad", False) else torch.enable_grad()
+                    with grad:
+                        out = source.maps(batch)
+                    check_maps(out, batch, source)
+                    arr[pos:pos + len(batch)] = out.detach().float().clamp(0, 1).cpu().numpy()
+                    pos += len(batch)
+                    advance(len(batch))
+            arr.flush()
+            del arr
+            return {"n": int(len(idx)), "split": split}
+
+        with self._capturing() as cap:
+            built = self.artifact(MAPS_STAGE, source, build, params={**source.p, "split": split}, upstream=upstream)
+        maps = np.load(built.path / "maps.npy", mmap_mode="r")
+        self._memo[memo_key] = _Memo(maps, cap["used"], cap["records"], cap["seeds"])
+        return maps
+
+
+def check_maps(maps: Any, batch: Any, source: Any) -> None:
+    """A map source's output must be (B, S, S), finite, in [0, 1]."""
+    import torch
+
+    b, s = len(batch), batch.images.shape[-1]
+    if tuple(maps.shape) != (b, s, s):
+        raise PluginError(f"CAM source '{source.name}' returned maps of shape {tuple(maps.shape)}; "
+                          f"expected (B, S, S) = {(b, s, s)}")
+    if not torch.isfinite(maps).all() or maps.min() < -1e-4 or maps.max() > 1 + 1e-4:
+        raise PluginError(f"CAM source '{source.name}' returned maps outside [0, 1] or non-finite values")

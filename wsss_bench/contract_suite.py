@@ -126,8 +126,9 @@ def _run_cam(ctx, cls, batch):
     set_determinism(ctx.seed("contract"), ctx.device)
     cam = cls()
     cam.ctx = ctx
-    cam.prepare(ctx)
-    maps = cam.maps(batch)
+    with ctx.acting(cam):
+        cam.prepare(ctx)
+        maps = cam.maps(batch)
     return cam, maps.detach().float().cpu()
 
 
@@ -162,14 +163,19 @@ def check_refiner(contract_item, contract_host, contexts, config, **_):
     if cls.needs_cam:
         cam, maps = _run_cam(ctx, contract_host.get("cams", getattr(cls, "contract_cam", "gradcam")), batch)
         maps = maps.to(ctx.device)
+    sources = (cam,) if cam is not None else ()
+    maps = (maps,) if maps is not None else ()
     ref = cls()
     ref.ctx = ctx
-    ref.prepare(ctx, cam)
-    masks = ref.refine(batch, maps, cam)
+    with ctx.acting(ref):
+        ref.prepare(ctx, sources)
+        masks = ref.refine(batch, maps, sources)
     size = ctx.data.image_size
     assert tuple(masks.shape) == (len(batch), size, size)
     assert masks.dtype == torch.bool, f"masks must be bool, got {masks.dtype}"
-    assert torch.equal(masks, ref.refine(batch, maps, cam)), "refine is not deterministic"
+    with ctx.acting(ref):
+        again = ref.refine(batch, maps, sources)
+    assert torch.equal(masks, again), "refine is not deterministic"
     _check_keys_change(ctx, cls, "masks")
 
 
@@ -182,7 +188,8 @@ def check_backbone(contract_item, contract_host, contexts, config, **_):
     batch = _batch(ctx, 2)
     bb = cls()
     bb.ctx = ctx
-    bb.prepare(ctx)
+    with ctx.acting(bb):
+        bb.prepare(ctx)
     s = ctx.data.image_size
     assert bb.dim > 0
     g = torch.Generator().manual_seed(0)

@@ -71,6 +71,9 @@ class Plugin:
     version: ClassVar[str] = "1"
     params: ClassVar[dict[str, Any]] = {}
     description: ClassVar[str] = ""
+    #: only a plugin that sets this (the fully supervised upper bound) may read training
+    #: masks through ``ctx.data``; every other plugin gets a PluginError if it tries
+    reads_train_masks: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params))
@@ -112,31 +115,9 @@ class Plugin:
 
 
 # --------------------------------------------------------------------------- data records
-@dataclass(frozen=True)
-class TaskDef:
-    """One binary segmentation task of a dataset (PROTOCOL section 1)."""
-
-    task_id: str
-    dataset: str
-    foreground: tuple[int, ...] | None  # label ids that are foreground; None = any label > 0
-    channels: int
-    flips: bool  # flip augmentation / TTA allowed (BraTS only, METHODS section 0)
-    cldf_cam: str  # the CAM source CLDF uses for this task
-
-
-@dataclass
-class SliceBatch:
-    """A batch of preprocessed slices.  ``masks`` is None for every WSSS method."""
-
-    images: "torch.Tensor"  # (B, C, S, S) float32 in [0, 1]
-    labels: "torch.Tensor"  # (B,) long, image-level label
-    index: "np.ndarray"  # (B,) row indices into the task's slice table
-    case_ids: list[str]
-    z: list[int]
-    masks: "torch.Tensor | None" = None  # (B, S, S) bool, only for FSL and evaluation
-
-    def __len__(self) -> int:
-        return len(self.case_ids)
+# TaskDef and SliceBatch live in wsss_bench.records (no imports, so data/ and the context can
+# use them without importing the plugin interfaces); re-exported here for plugin authors.
+from wsss_bench.records import SliceBatch, TaskDef  # noqa: E402
 
 
 # --------------------------------------------------------------------------- plugin kinds
@@ -181,16 +162,22 @@ class CamSource(Plugin):
 
 
 class Refiner(Plugin):
-    """Turns maps (or images) into binary masks."""
+    """Turns maps (or images) into binary masks.
+
+    ``sources`` are the cell's prepared map sources, in the order of ``--cam a+b`` (empty when
+    ``needs_cam`` is False); ``maps[i]`` holds ``sources[i]``'s (B, S, S) maps of the batch.
+    A refiner obtains anything else it needs (a feature backbone, an extra map source, the
+    maps of the training slices) from the context: ``ctx.plugin`` and ``ctx.maps``.
+    """
 
     kind: ClassVar[str] = "refiner"
     needs_cam: ClassVar[bool] = True
 
-    def prepare(self, ctx: "RunContext", cam: CamSource | None) -> None:
-        """Train what the refiner needs; ``cam`` is the prepared CAM source (or None)."""
+    def prepare(self, ctx: "RunContext", sources: "Sequence[CamSource]") -> None:
+        """Train what the refiner needs."""
 
     @abc.abstractmethod
-    def refine(self, batch: SliceBatch, maps: "torch.Tensor | None", cam: CamSource | None) -> "torch.Tensor":
+    def refine(self, batch: SliceBatch, maps: "Sequence[torch.Tensor]", sources: "Sequence[CamSource]") -> "torch.Tensor":
         """(B, S, S) bool masks."""
 
 

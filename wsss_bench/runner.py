@@ -1,29 +1,46 @@
-"""Runs cells.  A cell = task x CAM source x refiner x seed; its stages are
+"""Runs cells.  A cell = task x map sources x refiner (with its backbone) x seed.
 
-    data -> (classifier, other trained models) -> maps on the test set -> masks -> gates -> scores
+A cell is a short list of named stages (:data:`CELL_STAGES`), each a small function of the
+cell's :class:`CellState`:
 
-Each stage's output is a cached artifact, so cells that share a trained model reuse it.
-Per-cell results are written atomically to ``<out>/cells/<key>.parquet``; a re-run skips
-finished cells (resume) unless ``force``.
+    prepare sources -> maps (per source, test split) -> prepare refiner -> refine -> gate -> score
+
+Everything a stage trains or computes goes through the context (``ctx.plugin``,
+``ctx.maps``, ``ctx.shared_model``, ``ctx.artifact``), so cells that share a trained model or
+a source's maps reuse them.  A new stage is one function added to :data:`CELL_STAGES`.
+
+Per-cell results are written atomically to ``<out>/cells/<key>.parquet`` with the cell's
+identity (everything that changes its numbers: resolved profile, data fingerprint, phantom
+seed, bf16, device type, each plugin's version and source hash).  A re-run skips a finished
+cell only when the identity matches; otherwise it recomputes it.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, stable_hash
+from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
 from wsss_bench.errors import PluginError, UserError
-from wsss_bench.interfaces import CamSource, Refiner
 from wsss_bench.profiles import load_profile
 from wsss_bench.progress import say
-from wsss_bench.spec import format_spec, parse_specs
+from wsss_bench.spec import format_spec, parse_sources, parse_specs
 
 GATES = ("label", "classifier", "none")
+RUN_FILE = "run.json"
+
+
+# ============================================================================ cells
+def _canonical_params(inst) -> tuple:
+    """The parameters that differ from the plugin's defaults, sorted, hashable."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                        for k, v in inst.p.items() if v != inst.params.get(k)))
 
 
 @dataclass(frozen=True)
@@ -31,13 +48,17 @@ class Cell:
     task: str
     refiner: str
     refiner_params: tuple
-    cam: str | None
-    cam_params: tuple
-    seed: int
+    sources: tuple = ()  # ((name, params), ...): the map sources, in the order of --cam a+b
+    seed: int = 0
+
+    @property
+    def source_specs(self) -> list[str]:
+        return [format_spec(name, dict(params)) for name, params in self.sources]
 
     @property
     def cam_spec(self) -> str | None:
-        return format_spec(self.cam, dict(self.cam_params)) if self.cam else None
+        """The map sources as one spec string (``amecam+mg``), None without sources."""
+        return "+".join(self.source_specs) if self.sources else None
 
     @property
     def refiner_spec(self) -> str:
@@ -45,12 +66,24 @@ class Cell:
 
     @property
     def method(self) -> str:
-        """Row label: 'cam+refiner' (or the refiner alone when it uses no CAM)."""
-        return f"{self.cam_spec}+{self.refiner_spec}" if self.cam else self.refiner_spec
+        """Row label: 'source[+source...]+refiner' (the refiner alone when it uses no map).
+
+        The last top-level '+' part is the refiner; :func:`parse_method` reads it back.
+        """
+        return f"{self.cam_spec}+{self.refiner_spec}" if self.sources else self.refiner_spec
 
     @property
     def key(self) -> str:
         return stable_hash([self.task, self.method, self.seed], 12)
+
+
+def parse_method(label: str) -> tuple[list[str], str]:
+    """(source specs, refiner spec) of a row label made by :attr:`Cell.method`."""
+    combo = parse_sources(label)
+    if len(combo) != 1:
+        raise UserError(f"'{label}' is not one method label")
+    parts = [p.text for p in combo[0]]
+    return parts[:-1], parts[-1]
 
 
 @dataclass
@@ -72,6 +105,22 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
+    def identity(self) -> dict[str, Any]:
+        """What of the configuration changes numbers (the run folder's identity)."""
+        profile = load_profile(self.profile)
+        dev = str(self.device)
+        return {"profile": profile.name, "profile_values": stable_hash(dict(profile), 16),
+                "data_root": str(Path(self.data_root).resolve()) if self.data_root else None,
+                "phantom_seed": int(self.phantom_seed) if self.data_root is None else None,
+                "bf16": bool(self.bf16), "ambiguous": self.ambiguous,
+                "device_type": "cuda" if dev.startswith("cuda") or (dev == "auto" and _cuda()) else "cpu"}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
 
 @dataclass
 class CellOutcome:
@@ -83,39 +132,279 @@ class CellOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------ planning
-def _instantiate(host, kind: str, name: str, params: dict):
-    cls = host.get(kind, name)
-    return cls(**params)
+# ============================================================================ planning
+def _expand(host, kind: str, spec) -> list[tuple[str, tuple, Any]]:
+    out = []
+    for params in spec.expand():
+        inst = host.get(kind, spec.name)(**params)
+        out.append((spec.name, _canonical_params(inst), inst))
+    return out
 
 
-def plan_cells(host, tasks: list[str], cams: str | None, methods: str, seeds: list[int]) -> list[Cell]:
+def _backbone_values(host, backbones: str) -> list[str]:
+    """Canonical backbone specs from ``--backbone`` (``cdm``, ``'[cdm,resnet18]'``, ``cdm[t_scale=native]``)."""
+    text = str(backbones).strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    values = []
+    for spec in parse_specs(text):
+        for name, params, inst in _expand(host, "backbones", spec):
+            values.append(format_spec(name, dict(params)))
+    return values
+
+
+def plan_cells(host, tasks: list[str], cams: str | None, methods: str, seeds: list[int],
+               backbones: str | None = None) -> list[Cell]:
     """Expand spec strings into cells, validating every plugin name and parameter first."""
-    cam_cells: list[tuple[str, tuple]] = []
+    import itertools
+
+    combos: list[tuple] = []
     if cams:
-        for spec in parse_specs(cams):
-            for params in spec.expand():
-                inst = _instantiate(host, "cams", spec.name, params)
-                cam_cells.append((spec.name, tuple(sorted((k, v if not isinstance(v, list) else tuple(v))
-                                                          for k, v in inst.p.items() if v != inst.params.get(k)))))
+        for combo in parse_sources(cams):
+            per_part = [[(name, params) for name, params, _ in _expand(host, "cams", part)] for part in combo]
+            combos.extend(tuple(choice) for choice in itertools.product(*per_part))
+    bb_values = _backbone_values(host, backbones) if backbones else None
     cells: list[Cell] = []
     for task in tasks:
         host.task(task)
         for spec in parse_specs(methods):
-            for params in spec.expand():
-                ref = _instantiate(host, "refiners", spec.name, params)
-                rparams = tuple(sorted((k, v if not isinstance(v, list) else tuple(v))
-                                       for k, v in ref.p.items() if v != ref.params.get(k)))
-                if ref.needs_cam and not cam_cells:
-                    raise UserError(f"--method {spec.name} refines a CAM: add --cam NAME "
+            refiners = []
+            for name, params, inst in _expand(host, "refiners", spec):
+                if bb_values is None:
+                    refiners.append((name, params, inst))
+                    continue
+                if "backbone" not in inst.params:
+                    raise UserError(f"--backbone: refiner '{name}' has no backbone parameter; use --backbone "
+                                    f"with a refiner that takes features (e.g. cldf)")
+                for bb in bb_values:
+                    with_bb = host.get("refiners", name)(**{**dict(params), "backbone": bb})
+                    refiners.append((name, _canonical_params(with_bb), with_bb))
+            for name, rparams, ref in refiners:
+                if ref.needs_cam and not combos:
+                    raise UserError(f"--method {name} refines a CAM: add --cam NAME "
                                     f"(available: {', '.join(host.registries['cams'].names())})")
                 for seed in seeds:
-                    for cam_name, cparams in (cam_cells if ref.needs_cam else [(None, ())]):
-                        cells.append(Cell(task, spec.name, rparams, cam_name, cparams, seed))
-    return cells
+                    for sources in (combos if ref.needs_cam else [()]):
+                        cells.append(Cell(task, name, rparams, tuple(sources), seed))
+    return list(dict.fromkeys(cells))
 
 
-# ------------------------------------------------------------------ execution
+# ============================================================================ the stages of a cell
+@dataclass
+class CellState:
+    """What the stages of one cell hand each other."""
+
+    ctx: RunContext
+    cell: Cell
+    profile: Any
+    sources: tuple = ()
+    maps: tuple = ()
+    refiner: Any = None
+    test: Any = None
+    pred: Any = None
+    gated: dict[str, tuple] = field(default_factory=dict)
+    frame: Any = None
+
+
+def stage_prepare_sources(st: CellState) -> None:
+    """Each map source, bound and prepared (trains what it needs; shared across cells)."""
+    st.sources = tuple(st.ctx.plugin("cams", spec) for spec in st.cell.source_specs)
+
+
+def stage_maps(st: CellState) -> None:
+    """Each source's maps on the test slices (cached per source: shared by every cell using it)."""
+    st.test = st.ctx.data.split("test")
+    st.maps = tuple(st.ctx.maps(source, "test") for source in st.sources)
+
+
+def stage_prepare_refiner(st: CellState) -> None:
+    st.refiner = st.ctx.plugin("refiners", st.cell.refiner_spec, sources=st.sources)
+
+
+def stage_refine(st: CellState) -> None:
+    """Masks for every test slice (before any gate)."""
+    import numpy as np
+    import torch
+
+    ctx, refiner = st.ctx, st.refiner
+    size = int(ctx.data.image_size)
+    bs = int(st.profile.classifier.batch)
+    pred = np.zeros((len(st.test), size, size), dtype=bool)
+    pos = 0
+    with ctx.stage(f"refine/{st.cell.refiner_spec}"), ctx.acting(refiner):
+        for batch in ctx.data.batches(st.test, bs, device=ctx.device):
+            maps = tuple(torch.from_numpy(np.array(m[pos:pos + len(batch)])).to(ctx.device) for m in st.maps)
+            masks = refiner.refine(batch, maps, st.sources)
+            if tuple(masks.shape) != (len(batch), size, size):
+                raise PluginError(f"refiner '{refiner.name}' returned masks of shape {tuple(masks.shape)}; "
+                                  f"expected {(len(batch), size, size)}")
+            pred[pos:pos + len(batch)] = masks.bool().cpu().numpy()
+            pos += len(batch)
+    st.pred = pred
+
+
+def stage_gate(st: CellState) -> None:
+    """Blank predictions per gate (PROTOCOL section 7): label, classifier, none."""
+    from wsss_bench.metrics import apply_gate
+
+    ctx = st.ctx
+    labels = ctx.data.labels[st.test].astype(int)
+    p1 = classifier_p1(ctx, st.test)
+    for gate in GATES:
+        st.gated[gate] = apply_gate(st.pred, gate, labels, p1)
+    st.gated["_p1"] = (p1, None)
+
+
+def stage_score(st: CellState) -> None:
+    """Dice and IoU per test slice and gate, against the test masks (read here only)."""
+    import numpy as np
+    import pandas as pd
+
+    from wsss_bench.metrics import dice_iou
+
+    ctx, cell, test = st.ctx, st.cell, st.test
+    data = ctx.task_data
+    gt = data.masks(test)
+    labels = data.labels[test].astype(int)
+    p1 = st.gated["_p1"][0]
+    frames = []
+    for gate in GATES:
+        gated, passed = st.gated[gate]
+        dice, iou = dice_iou(gated, gt)
+        frames.append(pd.DataFrame({
+            "task": cell.task, "method": cell.method, "cam": cell.cam_spec or "", "refiner": cell.refiner_spec,
+            "gate": gate, "case_id": data.case_ids[test], "z": data.z[test].astype(int), "split": "test",
+            "label": labels, "fg_fraction": data.fg_fraction[test], "gt_area": gt.reshape(len(test), -1).sum(1),
+            "pred_area": np.asarray(gated).reshape(len(test), -1).sum(1), "gate_pass": passed,
+            "classifier_p1": p1, "dice": dice, "iou": iou, "seed": cell.seed,
+            "params": json.dumps({"sources": {n: dict(p) for n, p in cell.sources},
+                                  "refiner": dict(cell.refiner_params)}, default=str),
+        }))
+    st.frame = pd.concat(frames, ignore_index=True)
+
+
+#: the stages of a cell, in order
+CELL_STAGES: tuple[tuple[str, Callable[[CellState], None]], ...] = (
+    ("prepare sources", stage_prepare_sources),
+    ("maps", stage_maps),
+    ("prepare refiner", stage_prepare_refiner),
+    ("refine", stage_refine),
+    ("gate", stage_gate),
+    ("score", stage_score),
+)
+
+
+def compute_cell(ctx: RunContext, cell: Cell, profile: Any):
+    """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest)."""
+    st = CellState(ctx, cell, profile)
+    for _, stage in CELL_STAGES:
+        stage(st)
+    log = ctx.log
+    info = {"artifacts": list(dict.fromkeys(log.used)), "records": dict(log.records),
+            "base_seed": ctx.base_seed, "derived_seeds": dict(log.seeds),
+            "classifier_gate": gate_stats(ctx.data.labels[st.test], st.gated["_p1"][0]),
+            "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins},
+            "stage_list": [name for name, _ in CELL_STAGES]}
+    return st.frame, info
+
+
+def classifier_p1(ctx: RunContext, idx) -> Any:
+    """softmax p(1) of the task's CAM classifier on slices ``idx`` (gate=classifier), cached."""
+    import numpy as np
+
+    from wsss_bench.nn.classifier import get_classifier, predict_p1
+
+    model = get_classifier(ctx)
+    key = ctx.shared_model_key("classifier")
+    rows = np.asarray(idx)
+
+    def build(work: Path) -> dict:
+        bs = int(ctx.profile.classifier.batch)
+        p1 = np.asarray(predict_p1(model, ctx.data.batches(rows, bs, device=ctx.device)))
+        np.save(work / "p1.npy", p1.astype(np.float64))
+        return {}
+
+    built = ctx.artifact("classifier-p1", "cam-classifier", build,
+                         params={"rows": stable_hash(rows.tolist(), 16)}, upstream=[key])
+    return np.load(built.path / "p1.npy")
+
+
+def gate_stats(labels, p1) -> dict[str, float | None]:
+    """Test AUC, sensitivity and specificity of gate=classifier (reported next to the tables)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    pred = np.asarray(p1) >= 0.5
+    auc = float(roc_auc_score(labels, p1)) if len(set(labels.tolist())) == 2 else None
+    pos, neg = labels == 1, labels == 0
+    return {"auc": auc,
+            "sensitivity": float(pred[pos].mean()) if pos.any() else None,
+            "specificity": float((~pred[neg]).mean()) if neg.any() else None}
+
+
+# ============================================================================ identity and the run folder
+def plugin_identity(host, kind: str, name: str) -> dict[str, str]:
+    cls = host.get(kind, name)
+    return {"kind": kind, "name": name, "version": str(cls.version), "source": closure_hash(cls)}
+
+
+def cell_identity(cfg: RunConfig, ctx: RunContext, host, cell: Cell) -> str:
+    """Hash of everything that changes the cell's numbers."""
+    plugins = [plugin_identity(host, "cams", n) for n, _ in cell.sources]
+    plugins.append(plugin_identity(host, "refiners", cell.refiner))
+    ref_params = dict(cell.refiner_params)
+    if "backbone" in ref_params or "backbone" in host.get("refiners", cell.refiner).params:
+        bb = str(ref_params.get("backbone", host.get("refiners", cell.refiner).params.get("backbone", "")))
+        try:
+            plugins.append(plugin_identity(host, "backbones", parse_specs(bb)[0].name))
+        except Exception:  # an invalid backbone fails in the cell itself, with its own message
+            pass
+    from wsss_bench import runner as _self
+
+    return stable_hash({"config": cfg.identity(), "data": ctx.task_data.fingerprint, "plugins": plugins,
+                        "runner": closure_hash(_self)}, 16)
+
+
+def check_out_dir(cfg: RunConfig) -> None:
+    """Before any compute: the run folder is writable, and holds no results of another
+    configuration (those would be relabelled); ``--force`` clears it instead."""
+    out = Path(cfg.out)
+    probe_parent = out
+    while not probe_parent.exists():
+        probe_parent = probe_parent.parent
+    if not probe_parent.is_dir():
+        raise UserError(f"--out {out}: {probe_parent} is a file, not a folder; choose another --out")
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable folder") from None
+    mine = cfg.identity()
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        try:
+            theirs = json.loads(run_file.read_text()).get("identity", {})
+        except (OSError, ValueError):
+            theirs = {}
+        finished = any((out / "cells").glob("*.parquet"))
+        if theirs and theirs != mine and finished:
+            if cfg.force:
+                shutil.rmtree(out / "cells", ignore_errors=True)
+                (out / "cells").mkdir(parents=True, exist_ok=True)
+                for name in ("results.parquet", "manifest.json", "summary.md"):
+                    (out / name).unlink(missing_ok=True)
+            else:
+                diff = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(mine)
+                                 if theirs.get(k) != mine.get(k))
+                raise UserError(f"--out {out} holds results made with another configuration ({diff}); "
+                                f"choose a new --out, or pass --force to replace them")
+    atomic_write_json(run_file, {"identity": mine})
+
+
+# ============================================================================ execution
 class Session:
     """Per-process state: plugins, loaded task data and contexts, shared across cells."""
 
@@ -134,166 +423,49 @@ class Session:
             from wsss_bench.data.taskdata import load_task_data
 
             dataset_cls, task = self.host.task(task_id)
-            with_timer = time.perf_counter()
+            t0 = time.perf_counter()
             data = load_task_data(dataset_cls(), task_id, self.cfg.data_root, self.profile, seed,
                                   Path(self.cfg.cache_dir), phantom_seed=self.cfg.phantom_seed,
                                   ambiguous=self.cfg.ambiguous)
-            ctx = RunContext(task, data, self.profile, seed, self.device, self.cache, bf16=self.cfg.bf16)
-            ctx.stages.append({"stage": "data", "seconds": round(time.perf_counter() - with_timer, 3),
-                               "peak_rss_mb": round(peak_rss_mb(), 1)})
+            ctx = RunContext(task, data, self.profile, seed, self.device, self.cache, bf16=self.cfg.bf16,
+                             host=self.host)
+            ctx.data_seconds = round(time.perf_counter() - t0, 3)
             self._contexts[(task_id, seed)] = ctx
         return self._contexts[(task_id, seed)]
 
     def run_cell(self, cell: Cell) -> CellOutcome:
         out = Path(self.cfg.out)
         done = out / "cells" / f"{cell.key}.parquet"
-        if done.is_file() and not self.cfg.force:
-            return CellOutcome(cell, "resumed")
+        meta = out / "cells" / f"{cell.key}.json"
+        ctx = self.context(cell.task, cell.seed)
+        identity = cell_identity(self.cfg, ctx, self.host, cell)
+        if done.is_file() and meta.is_file() and not self.cfg.force:
+            try:
+                stored = json.loads(meta.read_text()).get("identity")
+            except (OSError, ValueError):
+                stored = None
+            if stored == identity:
+                return CellOutcome(cell, "resumed")
+            say(f"  {cell.task} {cell.method} seed {cell.seed}: the data or the code changed since it was "
+                f"computed; recomputing")
         t0 = time.perf_counter()
         from wsss_bench.seeding import set_determinism
 
-        ctx = self.context(cell.task, cell.seed)
+        ctx.begin_cell()
+        ctx.stages.append({"stage": "data", "seconds": getattr(ctx, "data_seconds", 0.0),
+                           "peak_rss_mb": round(peak_rss_mb(), 1)})
         set_determinism(ctx.seed(f"cell/{cell.method}"), self.device)
-        first_stage = len(ctx.stages)
-        frame, info = compute_cell(ctx, self.host, cell, self.profile)
+        frame, info = compute_cell(ctx, cell, self.profile)
         frame["profile"] = self.profile.name
-        frame["data"] = "phantom" if ctx.data.is_phantom else "real"
+        frame["data"] = "phantom" if ctx.task_data.is_phantom else "real"
         with atomic_path(done) as tmp:
             frame.to_parquet(tmp, index=False)
-        info["stages"] = ctx.stages[first_stage:]
+        info["stages"] = list(ctx.stages)
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        atomic_write_json(out / "cells" / f"{cell.key}.json", {"cell": asdict(cell), "method": cell.method, **info})
+        atomic_write_json(meta, {"cell": asdict(cell), "method": cell.method, "status": "done",
+                                 "identity": identity, **info})
+        (out / "cells" / f"{cell.key}.failed.json").unlink(missing_ok=True)
         return CellOutcome(cell, "done", info["seconds"], info=info)
-
-
-def _check_maps(maps, batch, cam: CamSource):
-    import torch
-
-    b, s = len(batch), batch.images.shape[-1]
-    if tuple(maps.shape) != (b, s, s):
-        raise PluginError(f"CAM source '{cam.name}' returned maps of shape {tuple(maps.shape)}; "
-                          f"expected (B, S, S) = {(b, s, s)}")
-    if not torch.isfinite(maps).all() or maps.min() < -1e-4 or maps.max() > 1 + 1e-4:
-        raise PluginError(f"CAM source '{cam.name}' returned maps outside [0, 1] or non-finite values")
-
-
-def compute_cell(ctx: RunContext, host, cell: Cell, profile):
-    """All stages of one cell; returns (per-slice frame for every gate, info for the manifest)."""
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from wsss_bench.metrics import apply_gate, dice_iou
-
-    data = ctx.data
-    test = data.split("test")
-    bs = int(profile.classifier.batch)
-    size = data.image_size
-    used_before = len(ctx.used)
-
-    cam: CamSource | None = None
-    maps_mm = None
-    if cell.cam:
-        cam = host.get("cams", cell.cam)(**dict(cell.cam_params))
-        cam.ctx = ctx
-        with ctx.stage(f"prepare/{cell.cam_spec}"):
-            cam.prepare(ctx)
-
-        def build_maps(work: Path) -> dict:
-            arr = np.lib.format.open_memmap(work / "maps.npy", mode="w+", dtype=np.float32, shape=(len(test), size, size))
-            pos = 0
-            with ctx.stage(f"maps/{cell.cam_spec}"), ctx.progress(f"maps {cell.cam_spec}", len(test)) as advance:
-                for batch in data.batches(test, bs, device=ctx.device):
-                    with torch.no_grad() if getattr(cam, "no_grad", False) else _null():
-                        maps = cam.maps(batch)
-                    _check_maps(maps, batch, cam)
-                    arr[pos:pos + len(batch)] = maps.detach().float().clamp(0, 1).cpu().numpy()
-                    pos += len(batch)
-                    advance(len(batch))
-            arr.flush()
-            del arr
-            return {"n": int(len(test))}
-
-        built = ctx.artifact("maps", cam, build_maps, upstream=list(dict.fromkeys(ctx.used[used_before:])))
-        maps_mm = np.load(built.path / "maps.npy", mmap_mode="r")
-
-    refiner: Refiner = host.get("refiners", cell.refiner)(**dict(cell.refiner_params))
-    refiner.ctx = ctx
-    with ctx.stage(f"prepare/{cell.refiner_spec}"):
-        refiner.prepare(ctx, cam)
-    pred = np.zeros((len(test), size, size), dtype=bool)
-    pos = 0
-    with ctx.stage(f"refine/{cell.refiner_spec}"):
-        for batch in data.batches(test, bs, device=ctx.device):
-            maps = torch.from_numpy(np.array(maps_mm[pos:pos + len(batch)])).to(ctx.device) if maps_mm is not None else None
-            masks = refiner.refine(batch, maps, cam)
-            if tuple(masks.shape) != (len(batch), size, size):
-                raise PluginError(f"refiner '{refiner.name}' returned masks of shape {tuple(masks.shape)}; "
-                                  f"expected {(len(batch), size, size)}")
-            pred[pos:pos + len(batch)] = masks.bool().cpu().numpy()
-            pos += len(batch)
-
-    gt = data.masks(test)
-    labels = data.labels[test].astype(int)
-    p1 = _classifier_p1(ctx, test)
-    frames = []
-    for gate in GATES:
-        gated, passed = apply_gate(pred, gate, labels, p1)
-        dice, iou = dice_iou(gated, gt)
-        frames.append(pd.DataFrame({
-            "task": cell.task, "method": cell.method, "cam": cell.cam_spec or "", "refiner": cell.refiner_spec,
-            "gate": gate, "case_id": data.case_ids[test], "z": data.z[test].astype(int), "split": "test",
-            "label": labels, "fg_fraction": data.fg_fraction[test], "gt_area": gt.reshape(len(test), -1).sum(1),
-            "pred_area": np.asarray(gated).reshape(len(test), -1).sum(1), "gate_pass": passed,
-            "classifier_p1": p1, "dice": dice, "iou": iou, "seed": cell.seed,
-            "params": json.dumps({"cam": dict(cell.cam_params), "refiner": dict(cell.refiner_params)}, default=str),
-        }))
-    info = {"artifacts": list(dict.fromkeys(ctx.used[used_before:])), "records": dict(ctx.records),
-            "base_seed": ctx.base_seed, "derived_seeds": dict(ctx.seeds_used),
-            "classifier_gate": ctx._memo.get("gate_stats"),
-            "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins}}
-    return pd.concat(frames, ignore_index=True), info
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def _classifier_p1(ctx: RunContext, test):
-    """p(1) of the CAM classifier on the test slices, cached; gate statistics go to the manifest."""
-    import numpy as np
-
-    if "p1" in ctx._memo:
-        return ctx._memo["p1"]
-
-    def build(work: Path) -> dict:
-        p1 = ctx.classifier_p1(test)
-        np.save(work / "p1.npy", p1.astype(np.float64))
-        return {}
-
-    ctx.classifier()
-    built = ctx.artifact("classifier-p1", "cam-classifier", build, params={"split": "test"},
-                         upstream=[ctx._memo["classifier_key"]])
-    p1 = np.load(built.path / "p1.npy")
-    ctx._memo["p1"] = p1
-    ctx._memo["gate_stats"] = gate_stats(ctx.data.labels[test], p1)
-    return p1
-
-
-def gate_stats(labels, p1) -> dict[str, float | None]:
-    """Test AUC, sensitivity and specificity of gate=classifier (reported next to the tables)."""
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels).astype(int)
-    pred = np.asarray(p1) >= 0.5
-    auc = float(roc_auc_score(labels, p1)) if len(set(labels.tolist())) == 2 else None
-    pos, neg = labels == 1, labels == 0
-    return {"auc": auc,
-            "sensitivity": float(pred[pos].mean()) if pos.any() else None,
-            "specificity": float((~pred[neg]).mean()) if neg.any() else None}
 
 
 class CellJob:
@@ -314,16 +486,23 @@ class CellJob:
             CellJob._sessions[key] = Session(self.cfg, host=self._host)
         return CellJob._sessions[key]
 
+    def _record_failure(self, cell: Cell, error: str, user_error: bool) -> None:
+        atomic_write_json(Path(self.cfg.out) / "cells" / f"{cell.key}.failed.json",
+                          {"cell": asdict(cell), "method": cell.method, "status": "failed", "error": error,
+                           "user_error": user_error})
+
     def __call__(self, cell: Cell) -> CellOutcome:
         t0 = time.perf_counter()
         try:
             return self.session().run_cell(cell)
         except UserError as err:
+            self._record_failure(cell, str(err), True)
             return CellOutcome(cell, "failed", time.perf_counter() - t0, str(err), user_error=True)
         except Exception as err:  # a bug in a plugin or in us: keep the traceback next to the results
             tb = traceback.format_exc()
             path = Path(self.cfg.out) / "cells" / f"{cell.key}.error.txt"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(tb)
-            return CellOutcome(cell, "failed", time.perf_counter() - t0,
-                               f"{type(err).__name__}: {err} (traceback in {path})")
+            message = f"{type(err).__name__}: {err} (traceback in {path})"
+            self._record_failure(cell, message, False)
+            return CellOutcome(cell, "failed", time.perf_counter() - t0, message)

@@ -3,6 +3,9 @@
 - A bracketed list is a grid axis: ``cldf[tau=[0.1,0.5]]`` is two cells.
 - A parameter that itself takes a list joins items with ``+``: ``layercam[layers=layer2+layer4]``.
 - Several specs are separated by top-level commas: ``gradcam,scorecam[variant=library]``.
+- Map sources combine with a top-level ``+``: ``amecam+mg`` is one cell with two sources
+  (``+`` inside brackets still joins list items: ``layercam[layers=layer3+layer4]+mg``);
+  :func:`parse_sources` reads these, :func:`parse_specs` refuses them.
 - Scalars become int, float, bool (true/false) or None (none) when they look like one; quote
   a value ('...' or "...") to keep it a string.
 """
@@ -67,16 +70,27 @@ class _Parser:
         self.pos = m.end()
         return m.group(0)
 
-    def specs(self) -> list[Spec]:
-        out = [self.spec()]
+    def specs(self, combine: bool = False) -> list[list[Spec]]:
+        out = [self.combo(combine)]
         self.skip_ws()
         while self.peek() == ",":
             self.pos += 1
-            out.append(self.spec())
+            out.append(self.combo(combine))
             self.skip_ws()
         if self.pos != len(self.text):
+            if self.peek() == "+" and not combine:
+                raise self.error("'+' joins map sources (--cam a+b), not refiners; give one plugin here")
             raise self.error(f"unexpected '{self.peek()}'")
         return out
+
+    def combo(self, combine: bool) -> list[Spec]:
+        parts = [self.spec()]
+        self.skip_ws()
+        while combine and self.peek() == "+":
+            self.pos += 1
+            parts.append(self.spec())
+            self.skip_ws()
+        return parts
 
     def spec(self) -> Spec:
         start = self.pos
@@ -153,7 +167,31 @@ def parse_specs(text: str) -> list[Spec]:
     """Parse one or more comma-separated specs; UserError with a pointer if malformed."""
     if text is None or not str(text).strip():
         raise UserError("empty spec: give a plugin name such as 'gradcam' or 'gradcam[layer=layer3]'")
-    return _Parser(str(text)).specs()
+    return [combo[0] for combo in _Parser(str(text)).specs(combine=False)]
+
+
+def parse_sources(text: str) -> list[list[Spec]]:
+    """Comma-separated alternatives, each one or more map sources joined by a top-level ``+``.
+
+    ``gradcam,amecam+mg`` -> [[gradcam], [amecam, mg]]: two kinds of cell, the second with two
+    sources.  A source named twice in one combination is refused.
+    """
+    if text is None or not str(text).strip():
+        raise UserError("empty --cam spec: give a map source such as 'gradcam', 'amecam+mg' or "
+                        "'layercam[layers=layer3+layer4]'")
+    combos = _Parser(str(text)).specs(combine=True)
+    for combo in combos:
+        names = [s.name for s in combo]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"map source '{dup[0]}' appears twice in '{'+'.join(s.text for s in combo)}'; "
+                            f"name each source once")
+    return combos
+
+
+def format_sources(specs: list[str]) -> str:
+    """Canonical text of a combination of map sources (already canonical specs)."""
+    return "+".join(specs)
 
 
 def format_value(value: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from wsss_bench.lazy import F, np, torch
@@ -101,20 +102,29 @@ def train_classifier(
     flips: bool,
     bf16: bool = False,
     progress: Callable[[int], Any] | None = None,
+    work: "Path | str | None" = None,
 ) -> tuple[dict[str, "_torch.Tensor"], dict[str, Any]]:
     """Train ``model`` on ``data``'s train split; return (best state dict on CPU, info).
 
-    ``data`` is a TaskData: ``split(name)`` gives row indices, ``batches(idx, batch_size,
-    device=...)`` yields SliceBatch.  The batch order and the flips come from one
-    ``torch.Generator`` seeded with ``seed``.  The epoch with the best validation AUC of p(1)
-    is kept (the first one on ties); if the validation split holds one class only, the last
-    epoch is kept and ``info["selection"]`` says so.  On return the model holds the kept
-    weights and is in eval mode.  ``progress(1)`` is called after every optimisation step
-    (:func:`classifier_steps` gives the total).
+    ``data`` is a TaskData (or its mask-free view): ``split(name)`` gives row indices,
+    ``batches(idx, batch_size, device=...)`` yields SliceBatch.  Runs on the shared resumable
+    loop (:func:`wsss_bench.nn.training.run_resumable`) with checkpoints in ``work`` (a
+    temporary folder when None): every epoch reshuffles with a generator of (seed, epoch),
+    each step's flips come from a generator of (seed, step), so a killed build resumes
+    bit-identically.  The epoch with the best validation AUC of p(1) is kept (the first one
+    on ties); if the validation split holds one class only, the last epoch is kept and
+    ``info["selection"]`` says so.  On return the model holds the kept weights and is in eval
+    mode.  ``progress(1)`` is called after every optimisation step (:func:`classifier_steps`
+    gives the total).
 
     info: ``train_loss`` and ``val_auc`` (None where undefined) per epoch, ``best_epoch``
     (0-based), ``selection``, ``steps``, ``n_train``, ``n_val``, ``seconds``, ``bf16``.
     """
+    import tempfile
+    from pathlib import Path
+
+    from wsss_bench.nn.training import IterationBatches, iteration_generator, random_flips, run_resumable
+
     cfg = profile.classifier
     epochs, batch_size = int(cfg.epochs), int(cfg.batch)
     dev = torch.device(device)
@@ -124,63 +134,51 @@ def train_classifier(
     val_idx = np.asarray(data.split("val"))
     if len(train_idx) == 0:
         raise ValueError("train_classifier: the train split is empty")
-    steps_per_epoch = _n_train_batches(len(train_idx), batch_size)
+    batches = IterationBatches(data, train_idx, batch_size, seed, dev, drop_last=False)
+    steps_per_epoch = batches.per_epoch
     total_steps = epochs * steps_per_epoch
 
     opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=LR_MIN)
-    gen = torch.Generator().manual_seed(int(seed) % (2**63))
 
-    train_loss: list[float] = []
-    val_auc: list[float | None] = []
-    best_state: dict[str, Any] | None = None
-    best_auc, best_epoch = -math.inf, -1
+    def step(it: int) -> float:
+        b = batches.get(it)
+        x = b.images.to(dev, non_blocking=True)  # (B, C, S, S)
+        y = b.labels.to(dev, non_blocking=True).long()  # (B,)
+        if flips:
+            x = random_flips(x, iteration_generator(seed, it))
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    def evaluate(m) -> float | None:
+        p1, labels = _forward_p1(m, data.batches(val_idx, batch_size, shuffle=False, device=str(dev)), dev, bf16)
+        return _auc(labels, p1)
+
     t0 = time.perf_counter()
-
-    for epoch in range(epochs):
-        model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
-        loss_sum, seen = 0.0, 0
-        for b in data.batches(order, batch_size, shuffle=False, device=str(dev)):
-            x = b.images.to(dev, non_blocking=True)  # (B, C, S, S)
-            y = b.labels.to(dev, non_blocking=True).long()  # (B,)
-            if flips:
-                flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(dev)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * x.shape[0]
-            seen += x.shape[0]
-            if progress is not None:
-                progress(1)
-        train_loss.append(loss_sum / max(1, seen))
-
-        p1, labels = _forward_p1(model, data.batches(val_idx, batch_size, shuffle=False, device=str(dev)), dev, bf16)
-        auc = _auc(labels, p1)
-        val_auc.append(auc)
-        if auc is not None and auc > best_auc:
-            best_auc, best_epoch = auc, epoch
-            best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-
-    if best_state is None:  # validation has one class (or is empty): keep the last epoch
+    with tempfile.TemporaryDirectory(prefix="wsss-classifier-") as tmp:
+        weights, run = run_resumable(Path(work) if work is not None else Path(tmp), model, opt, total_steps, step,
+                                     progress=progress, sched=sched, evaluate=evaluate,
+                                     eval_every=steps_per_epoch)
+    val_auc = [score for _, score in run["scores"]]
+    if run["best_iteration"] is None:  # validation has one class (or is empty): keep the last epoch
         selection = "last epoch (validation split has a single class; AUC undefined)"
         best_epoch = epochs - 1
-        best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     else:
         selection = "best validation AUC of p(1)"
-        model.load_state_dict(best_state)
+        best_epoch = int(run["best_iteration"]) // steps_per_epoch - 1
+    model.load_state_dict(weights)
     model.eval()
 
     info = {
-        "train_loss": train_loss,
+        "train_loss": [loss for _, loss in run["loss_log"]][-epochs:],
         "val_auc": val_auc,
         "best_epoch": best_epoch,
-        "best_val_auc": None if best_auc == -math.inf else best_auc,
+        "best_val_auc": run["best_score"],
         "selection": selection,
         "steps": total_steps,
         "n_train": int(len(train_idx)),
@@ -190,5 +188,30 @@ def train_classifier(
         "flips": bool(flips),
         "bf16": bool(bf16),
         "seconds": time.perf_counter() - t0,
+        "resumed_from": run["resumed_from"],
     }
-    return best_state, info
+    return weights, info
+
+
+def get_classifier(ctx: Any) -> "_torch.nn.Module":
+    """The task's CAM classifier (METHODS section 0), a shared model: trained once per task,
+    seed, data and profile, cached as safetensors, resumable, memoised on the context.
+
+    Returned frozen, in eval, on ``ctx.device``; gradients with respect to inputs and
+    activations still flow (GradCAM-style methods need them).
+    """
+    import sys
+
+    spec, recipe = dict(ctx.profile.cam_classifier), dict(ctx.profile.classifier)
+    module = sys.modules[__name__]
+
+    def build():
+        return build_classifier(ctx.profile.cam_classifier, ctx.task.channels, seed=ctx.seed("init/classifier"))
+
+    def train(model, run):
+        return train_classifier(model, ctx.data, ctx.profile, run.device, run.seed, flips=ctx.task.flips,
+                                bf16=ctx.bf16, progress=run.advance, work=run.work)
+
+    n_train = len(ctx.data.split("train"))
+    return ctx.shared_model("classifier", build, train, params={**spec, **recipe}, source=[module],
+                            total=classifier_steps(n_train, ctx.profile))

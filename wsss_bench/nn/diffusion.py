@@ -11,8 +11,7 @@ What lives here:
   ``cdm_unet`` section, :func:`train_cdm` (epsilon-MSE, AdamW 1e-4, optional EMA) and
   :func:`get_cdm`, the task's shared CDM, trained once, cached as safetensors and resumed
   from its last checkpoint when a build was interrupted;
-- :func:`run_resumable`, the checkpointed training loop the CDM and the noisy classifier
-  (:mod:`wsss_bench.nn.noisy_classifier`) share.
+- the checkpointed training loop lives in :mod:`wsss_bench.nn.training` (re-exported here).
 
 Every sampling loop elsewhere is written by hand with explicit alpha-bar values; MONAI's
 ``DDIMScheduler.set_timesteps/step`` is never used (its spacing changed between MONAI 1.5
@@ -203,128 +202,16 @@ def build_cdm(spec: Mapping[str, Any], in_channels: int, seed: int | None = None
 
 
 # ============================================================================ resumable training
-def _mix(seed: int, *parts: int) -> int:
-    """A deterministic sub-seed of ``seed`` for ``parts`` (epoch, iteration, ...)."""
-    h = int(seed) % (2**63)
-    for p in parts:
-        h = (h * 6364136223846793005 + 1442695040888963407 + int(p)) % (2**63)
-    return h
-
-
-class IterationBatches:
-    """Training batch of iteration ``it``: epoch-wise reshuffled, restartable at any iteration.
-
-    The order of epoch e is a permutation drawn from a generator seeded with (seed, e), so a
-    run resumed at iteration k sees exactly the batches an uninterrupted run would.  An epoch
-    has ``len(idx) // batch`` full batches (a last partial batch is dropped), or one batch
-    of everything when there are fewer slices than ``batch``.
-    """
-
-    def __init__(self, data: Any, idx: Sequence[int], batch: int, seed: int, device: Any) -> None:
-        self.data, self.idx, self.batch = data, np.asarray(idx), int(batch)
-        if len(self.idx) == 0:
-            raise ValueError("training split is empty: nothing to train on")
-        self.seed, self.device = seed, str(device)
-        self.per_epoch = max(1, len(self.idx) // self.batch)
-        self._pos: tuple[int, int] | None = None
-        self._iter: Iterable | None = None
-
-    def order(self, epoch: int):
-        g = torch.Generator().manual_seed(_mix(self.seed, 1, epoch))
-        perm = torch.randperm(len(self.idx), generator=g).numpy()
-        return self.idx[perm][: self.per_epoch * self.batch] if len(self.idx) >= self.batch else self.idx[perm]
-
-    def get(self, it: int):
-        epoch, k = divmod(int(it), self.per_epoch)
-        if self._pos != (epoch, k):
-            rest = self.order(epoch)[k * self.batch:]
-            self._iter = iter(self.data.batches(rest, self.batch, shuffle=False, device=self.device))
-        batch = next(self._iter)
-        self._pos = (epoch, k + 1)
-        return batch
-
-
-def iteration_generator(seed: int, it: int) -> "_torch.Generator":
-    """The CPU generator for iteration ``it``'s timesteps, noise and flips (resume-exact)."""
-    return torch.Generator().manual_seed(_mix(seed, 2, it))
-
-
-def random_flips(x: "Tensor", g: "_torch.Generator") -> "Tensor":
-    """Flip each image left-right with probability 1/2 (BraTS only, METHODS section 0)."""
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    from wsss_bench.cache import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def checkpoint_every(iterations: int) -> int:
-    """Checkpoint interval: 20 checkpoints per run, between every 50 and every 1000 iterations."""
-    return int(min(1000, max(50, iterations // 20)))
-
-
-def run_resumable(
-    work: Path,
-    model,
-    opt,
-    iterations: int,
-    step: Callable[[int], float],
-    ema_decay: float = 0.0,
-    progress: Callable[[int], Any] | None = None,
-    every: int | None = None,
-) -> tuple[dict[str, "Tensor"], dict[str, Any]]:
-    """Run ``step(it)`` for it = start..iterations-1, checkpointing into ``work``.
-
-    ``step`` does one optimisation step (forward, backward, ``opt.step()``) and returns the
-    loss.  If ``work/checkpoint.pt`` exists (an interrupted build of the same artifact), the
-    model, optimiser, EMA and loss log are restored and training continues from there; on
-    CPU the result is bit-identical to an uninterrupted run.  Returns (weights on CPU to
-    keep, EMA weights when ``ema_decay > 0``; info).
-    """
-    ckpt = Path(work) / "checkpoint.pt"
-    every = every or checkpoint_every(iterations)
-    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
-    start, log, resumed_from = 0, [], None
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start, log, resumed_from = int(state["iteration"]), list(state["log"]), int(state["iteration"])
-    t0 = time.perf_counter()
-    window: list[float] = []
-    if progress is not None and start:
-        progress(start)
-    for it in range(start, iterations):
-        model.train()
-        loss = step(it)
-        window.append(float(loss))
-        if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.mul_(ema_decay).add_(pm.detach(), alpha=1.0 - ema_decay)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
-        if (it + 1) % every == 0 or it + 1 == iterations:
-            log.append([it + 1, sum(window) / len(window)])
-            window = []
-            _save_checkpoint(ckpt, {
-                "model": model.state_dict(), "opt": opt.state_dict(), "iteration": it + 1, "log": log,
-                **({"ema": ema.state_dict()} if ema is not None else {}),
-            })
-        if progress is not None:
-            progress(1)
-    keep = ema if ema is not None else model
-    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in keep.state_dict().items()}
-    info = {"iterations": int(iterations), "resumed_from": resumed_from, "loss_log": log,
-            "final_loss": log[-1][1] if log else None, "seconds_this_attempt": round(time.perf_counter() - t0, 2),
-            "ema": float(ema_decay), "weights": "ema" if ema is not None else "raw", "checkpoint_every": every}
-    return weights, info
+# The loop and its helpers live in wsss_bench.nn.training (shared by every trained model);
+# these names stay importable from here.
+from wsss_bench.nn.training import (  # noqa: E402
+    IterationBatches,
+    checkpoint_every,
+    iteration_generator,
+    mix as _mix,
+    random_flips,
+    run_resumable,
+)
 
 
 # ============================================================================ CDM training
@@ -371,61 +258,28 @@ def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path
     return weights, info
 
 
-def finish_training(work: Path, name: str, train: Callable, ctx: "RunContext", desc: str,
-                    total: int) -> dict:
-    """Run ``train(advance)`` inside a timed stage, save ``<name>.safetensors`` atomically.
-
-    The weights and ``<name>.train.json`` are written before the checkpoint is deleted, so a
-    build interrupted after training finished does not train again.
-    """
-    import json
-
-    from safetensors.torch import save_file
-
-    from wsss_bench.cache import atomic_path, atomic_write_json
-
-    out, meta = work / f"{name}.safetensors", work / f"{name}.train.json"
-    if out.is_file() and meta.is_file():
-        return {"train": json.loads(meta.read_text())}
-    with ctx.stage(f"train/{name}"), ctx.progress(desc, total) as advance:
-        weights, info = train(advance)
-    with atomic_path(out) as tmp:
-        save_file(weights, str(tmp))
-    atomic_write_json(meta, info)
-    (work / "checkpoint.pt").unlink(missing_ok=True)
-    return {"train": info}
-
-
 def _this_module():
     return sys.modules[__name__]
 
 
 def get_cdm(ctx: "RunContext"):
-    """The task's CDM (EMA weights when the profile has EMA), trained once per task and seed.
-
-    Cached as ``cdm.safetensors``; an interrupted training resumes from its last checkpoint
-    (the artifact's work directory survives a failed build).  Returned frozen, in eval, on
-    ``ctx.device``; memoised on the context.
+    """The task's CDM (EMA weights when the profile has EMA), a shared model: trained once per
+    task and seed, cached as ``cdm.safetensors``, resumed from its last checkpoint when a
+    build was interrupted, returned frozen, in eval, on ``ctx.device``, memoised.
     """
-    if "cdm" in ctx._memo:
-        ctx.used.append(ctx._memo["cdm_key"])
-        return ctx._memo["cdm"]
-    from safetensors.torch import load_file
-
     spec, recipe = dict(ctx.profile.cdm_unet), dict(ctx.profile.cdm)
-    model = build_cdm(spec, ctx.task.channels, seed=ctx.seed("init/cdm"))
 
-    def build(work: Path) -> dict:
-        return finish_training(work, "cdm", lambda advance: train_cdm(
-            model, ctx.data, ctx.profile, ctx.device, ctx.seed("train/cdm"), work, flips=ctx.task.flips,
-            bf16=ctx.bf16, progress=advance), ctx, "train CDM", int(recipe["iterations"]))
+    def build():
+        return build_cdm(spec, ctx.task.channels, seed=ctx.seed("init/cdm"))
+
+    def train(model, run):
+        return train_cdm(model, ctx.data, ctx.profile, run.device, run.seed, run.work, flips=ctx.task.flips,
+                         bf16=ctx.bf16, progress=run.advance)
 
     params = {"unet": spec, "train": recipe, "schedule": list(_harness_spec(ctx.profile)),
-              "image_size": int(ctx.data.image_size), "channels": int(ctx.task.channels), "bf16": bool(ctx.bf16)}
-    built = ctx.artifact("cdm", "cdm", build, params=params, source=_this_module())
-    model.load_state_dict(load_file(str(built.path / "cdm.safetensors")))
-    model.to(ctx.device).eval().requires_grad_(False)
+              "image_size": int(ctx.data.image_size), "channels": int(ctx.task.channels)}
+    model = ctx.shared_model("cdm", build, train, params=params, source=[_this_module()],
+                             total=int(recipe["iterations"]))
     ctx.record("diffusion/schedule", {"harness": list(_harness_spec(ctx.profile)), "prediction": "epsilon",
                                       "cdm_weights": "ema" if float(recipe["ema"]) > 0 else "raw"})
-    ctx._memo.update(cdm=model, cdm_key=built.key)
     return model

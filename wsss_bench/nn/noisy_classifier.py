@@ -167,37 +167,26 @@ def noisy_scores(model: NoisyClassifier, data: Any, idx, t: int, seed: int, batc
 
 
 def get_noisy_classifier(ctx: "RunContext") -> NoisyClassifier:
-    """The task's noisy classifier, trained once per task and seed, cached as safetensors.
+    """The task's noisy classifier, a shared model (trained once per task and seed, cached as
+    safetensors, resumable, memoised).
 
     Returned frozen (``requires_grad=False`` on its parameters; gradients w.r.t. its input
-    still flow), in eval, on ``ctx.device``; memoised on the context.
+    still flow), in eval, on ``ctx.device``.
     """
-    if "noisy_classifier" in ctx._memo:
-        ctx.used.append(ctx._memo["noisy_classifier_key"])
-        return ctx._memo["noisy_classifier"]
     import sys
-
-    from safetensors.torch import load_file
-
-    from wsss_bench.cache import source_hash
 
     spec, recipe = dict(ctx.profile.cdm_unet), dict(ctx.profile.noisy_classifier)
     size = int(ctx.data.image_size)
-    model = build_noisy_classifier(spec, ctx.task.channels, size, seed=ctx.seed("init/noisy-classifier"))
 
-    def build(work: Path) -> dict:
-        return dif.finish_training(work, "noisy_classifier", lambda advance: train_noisy_classifier(
-            model, ctx.data, ctx.profile, ctx.device, ctx.seed("train/noisy-classifier"), work,
-            flips=ctx.task.flips, bf16=ctx.bf16, progress=advance), ctx, "train noisy classifier",
-            int(recipe["iterations"]))
+    def build():
+        return build_noisy_classifier(spec, ctx.task.channels, size, seed=ctx.seed("init/noisy-classifier"))
+
+    def train(model, run):
+        return train_noisy_classifier(model, ctx.data, ctx.profile, run.device, run.seed, run.work,
+                                      flips=ctx.task.flips, bf16=ctx.bf16, progress=run.advance)
 
     params = {"encoder": spec, "train": recipe, "schedule": [int(ctx.profile.common.diffusion_timesteps),
                                                              str(ctx.profile.common.schedule)],
-              "image_size": size, "channels": int(ctx.task.channels), "bf16": bool(ctx.bf16),
-              "training_loop_source": source_hash(dif)}  # run_resumable lives in nn/diffusion.py
-    built = ctx.artifact("noisy-classifier", "noisy-classifier", build, params=params,
-                         source=(sys.modules[__name__]))
-    model.load_state_dict(load_file(str(built.path / "noisy_classifier.safetensors")))
-    model.to(ctx.device).eval().requires_grad_(False)
-    ctx._memo.update(noisy_classifier=model, noisy_classifier_key=built.key)
-    return model
+              "image_size": size, "channels": int(ctx.task.channels)}
+    return ctx.shared_model("noisy-classifier", build, train, params=params, source=[sys.modules[__name__]],
+                            total=int(recipe["iterations"]))

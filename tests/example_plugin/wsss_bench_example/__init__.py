@@ -43,8 +43,8 @@ class Dilate(Refiner):
         if self.p["radius"] < 0 or not 0 <= self.p["threshold"] < 1:
             raise self.bad_param("radius/threshold", "needs radius >= 0 and 0 <= threshold < 1")
 
-    def refine(self, batch, maps, cam):
-        mask = (minmax(maps) > self.p["threshold"]).float()[:, None]
+    def refine(self, batch, maps, sources):
+        mask = (minmax(maps[0]) > self.p["threshold"]).float()[:, None]  # the first map source
         r = self.p["radius"]
         if r:
             mask = F.max_pool2d(mask, 2 * r + 1, stride=1, padding=r)
