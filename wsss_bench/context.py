@@ -165,15 +165,17 @@ class RunContext:
         self.bf16 = bf16
         self.host = host
         self.log = CellLog()
+        self.cell_label = ""  # the cell whose stages run now (for log lines)
         self.profile_hash = stable_hash(dict(profile), 16)
         self._memo: dict[Any, _Memo] = {}
         self._model_keys: dict[str, str] = {}
         self._acting: list[Any] = []
 
     # ------------------------------------------------------------------ per-cell bookkeeping
-    def begin_cell(self) -> CellLog:
+    def begin_cell(self, label: str = "") -> CellLog:
         """Start a new cell's log (records, stages, artifacts, seeds); returns it."""
         self.log = CellLog()
+        self.cell_label = label
         return self.log
 
     @property
@@ -198,13 +200,24 @@ class RunContext:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage; wall time and peak RSS go to the cell's manifest."""
+        """Time a stage; wall time and peak RSS go to the cell's manifest (and, in a log, a
+        plain line when it starts and ends)."""
+        from wsss_bench.progress import log_line, log_lines_enabled
+
         t0 = time.perf_counter()
+        where = f" [{self.cell_label}]" if self.cell_label else ""
+        if log_lines_enabled():
+            log_line(f"stage {name}{where}: started")
+        ok = False
         try:
             yield
+            ok = True
         finally:
-            self.log.stages.append({"stage": name, "seconds": round(time.perf_counter() - t0, 3),
+            seconds = time.perf_counter() - t0
+            self.log.stages.append({"stage": name, "seconds": round(seconds, 3),
                                     "peak_rss_mb": round(peak_rss_mb(), 1)})
+            if log_lines_enabled():
+                log_line(f"stage {name}{where}: {'done' if ok else 'failed'} in {seconds:.1f}s")
 
     def progress(self, description: str, total: int | None):
         return progress(description, total)

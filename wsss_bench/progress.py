@@ -1,8 +1,16 @@
-"""Rich progress bars for long stages; silent when stdout is not a terminal or CI is set."""
+"""Progress of long stages: rich bars on a terminal, plain lines in a log.
+
+On an interactive terminal a stage shows a rich progress bar.  When stdout is not a terminal
+(CI, SLURM, ``> run.log``) each stage prints one plain line when it starts and one when it
+ends (name, elapsed time), and long ones a line every 10% or every minute, whichever comes
+first, so a user watching a log can tell a training run from a hang.
+``WSSS_BENCH_NO_PROGRESS=1`` silences both.
+"""
 from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -23,11 +31,50 @@ def bars_enabled() -> bool:
     return sys.stdout.isatty()
 
 
+def log_lines_enabled() -> bool:
+    """Plain progress lines: output is not an interactive terminal and not silenced."""
+    return not os.environ.get("WSSS_BENCH_NO_PROGRESS") and not bars_enabled()
+
+
+#: seconds between two progress lines of one stage in a log
+LOG_EVERY_S = 60.0
+
+
+def log_line(message: str) -> None:
+    """One plain, timestamped line (no markup: user text stays as it is)."""
+    console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a bar only on an interactive terminal."""
+    """Yield ``advance(n)``; a bar on an interactive terminal, plain lines in a log."""
     if not bars_enabled():
-        yield lambda n=1: None
+        if not log_lines_enabled():
+            yield lambda n=1: None
+            return
+        state = {"done": 0, "next_pct": 10, "last": time.perf_counter()}
+        t0 = state["last"]
+        log_line(f"{description}: started" + (f" ({total} steps)" if total else ""))
+
+        def advance(n: int = 1) -> None:
+            state["done"] += n
+            now = time.perf_counter()
+            pct = 100.0 * state["done"] / total if total else None
+            if (pct is not None and pct >= state["next_pct"] and state["done"] < total) or \
+                    now - state["last"] >= LOG_EVERY_S:
+                where = f"{state['done']}/{total} ({pct:.0f}%)" if pct is not None else f"{state['done']}"
+                log_line(f"{description}: {where}, {now - t0:.0f}s")
+                state["last"] = now
+                if pct is not None:
+                    while state["next_pct"] <= pct:
+                        state["next_pct"] += 10
+
+        ok = False
+        try:
+            yield advance
+            ok = True
+        finally:
+            log_line(f"{description}: {'done' if ok else 'stopped'} after {time.perf_counter() - t0:.1f}s")
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -451,7 +451,7 @@ class Session:
         t0 = time.perf_counter()
         from wsss_bench.seeding import set_determinism
 
-        ctx.begin_cell()
+        ctx.begin_cell(f"{cell.task} {cell.method} seed {cell.seed}")
         ctx.stages.append({"stage": "data", "seconds": getattr(ctx, "data_seconds", 0.0),
                            "peak_rss_mb": round(peak_rss_mb(), 1)})
         set_determinism(ctx.seed(f"cell/{cell.method}"), self.device)
