@@ -144,9 +144,11 @@ def test_pcm_equals_a_float64_loop():
     torch.manual_seed(0)
     model = seam.build_seam(SMOKE_SPEC, 4, seed=3).double()
     cam_d = torch.rand(1, 2, 3, 3, dtype=torch.float64)
-    f = torch.relu(torch.randn(1, 4 + 192, 3, 3, dtype=torch.float64))
+    f = torch.randn(1, 4 + 192, 3, 3, dtype=torch.float64)
     got = model.pcm(cam_d, f)[0].detach().numpy()
     w = model.pcm_proj.weight.detach()[:, :, 0, 0].numpy()
+    proj = w @ f[0].numpy().reshape(196, 9)
+    assert (proj.T @ proj < 0).any()  # some affinities are negative: the ReLU matters here
     want = naive_pcm(cam_d[0].numpy(), f[0].numpy(), w)
     assert np.allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -235,6 +237,38 @@ def test_er_and_ecr_equal_float64_loops(flip):
         top2.append(np.sort(np.abs(c1 - r2).ravel())[::-1][:k])
     assert er == pytest.approx(np.concatenate(er_terms).mean(), rel=1e-9, abs=1e-12)
     assert ecr == pytest.approx(np.concatenate(top1).mean() + np.concatenate(top2).mean(), rel=1e-9)
+
+
+def test_ecr_targets_are_detached():
+    """Only cam_rv learns from the ECR: the CAMs of both views are detached targets."""
+    maps = [t.requires_grad_(True) for t in _random_maps(2, 8, 4, seed=3)]
+    seam.ecr_loss(*maps, torch.tensor([1, 1]), True).backward()
+    cam1, rv1, cam2, rv2 = maps
+    assert cam1.grad is None and cam2.grad is None
+    assert rv1.grad.abs().sum() > 0 and rv2.grad.abs().sum() > 0
+
+
+class RampCam(torch.nn.Module):
+    """A perfectly equivariant 'network': cam = [-a, a] with a the channel mean of the input."""
+
+    def forward(self, x):
+        a = x.mean(dim=1, keepdim=True)
+        cam = torch.cat([-a, a], dim=1)
+        return cam, cam.clone()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_an_equivariant_cam_has_zero_er_loss(flip):
+    """On an affine ramp image (kept exactly by align_corners=True resizing) a CAM that commutes
+    with rescale-and-flip has L_ER = 0: the second view and the alignment of the first agree."""
+    ii, jj = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    ramp = (ii + 2 * jj) / 93.0  # affine, not mirror-symmetric
+    x = ramp.expand(2, 4, 32, 32).contiguous()
+    y = torch.tensor([1, 1])
+    losses = seam.seam_losses(RampCam(), x, y, 0.5, flip)
+    assert float(losses["er"]) < 1e-6
+    mirrored = seam.seam_losses(RampCam(), x.flip(-1), y, 0.5, flip)
+    assert float(mirrored["er"]) < 1e-6
 
 
 def test_cls_loss_equals_a_float64_loop():
@@ -336,6 +370,25 @@ def test_poly_schedule_and_parameter_groups():
     assert seam.poly_factor(0, 10) == 1.0 and seam.poly_factor(5, 10) == pytest.approx(0.5 ** 0.9)
 
 
+def test_training_uses_poly_decay_and_the_lr_multipliers(tmp_path, monkeypatch):
+    seen = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        seen.append({g["name"]: (g["lr"], g["weight_decay"], g["momentum"]) for g in self.param_groups})
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    model = seam.build_seam(SMOKE_SPEC, 4, seed=0)
+    seam.train_seam(model, FakeTaskData(), load_profile("smoke"), "cpu", 0, tmp_path, flips=False, iterations=4)
+    assert len(seen) == 4
+    mult = {"backbone": 1, "backbone_bias": 2, "new": 10}
+    for it, groups in enumerate(seen):
+        for name, (lr, wd, mom) in groups.items():
+            assert lr == pytest.approx(0.01 * mult[name] * (1 - it / 4) ** 0.9, rel=1e-12)
+            assert mom == 0.9 and wd == (0.0 if name.endswith("bias") else 5e-4)
+
+
 def test_training_resumes_bit_identically_after_a_kill(tmp_path):
     prof, data = load_profile("smoke"), FakeTaskData()
 
@@ -351,9 +404,12 @@ def test_training_resumes_bit_identically_after_a_kill(tmp_path):
         return seam.train_seam(model, data, prof, "cpu", 7, work, flips=True, iterations=6,
                                checkpoint_interval=2, step_hook=hook)
 
+    torch.manual_seed(11)  # each run starts from a different global RNG state (a fresh process)
     full, info = train(tmp_path / "full")
+    torch.manual_seed(12)
     with pytest.raises(Killed):
         train(tmp_path / "cut", kill_at=5)
+    torch.manual_seed(13)
     resumed, info2 = train(tmp_path / "cut")
     assert info["resumed_from"] is None and info2["resumed_from"] == 4
     assert all(torch.equal(full[k], resumed[k]) for k in full)
