@@ -66,7 +66,8 @@ def test_exit_logits_are_the_spatial_means_of_the_exit_maps():
     feats = {}
     hooks = [getattr(model.encoder, f"layer{k}").register_forward_hook(
         lambda mod, i, o, k=k: feats.__setitem__(k, o.detach())) for k in range(1, 5)]
-    x = torch.rand(3, 4, S, S, generator=torch.Generator().manual_seed(1))
+    size = 36  # exit maps 9x9 and 5x5: Up is not an integer zoom, so mean(Up(M)) != mean(M)
+    x = torch.rand(3, 4, size, size, generator=torch.Generator().manual_seed(1))
     logits, maps = model(x)
     for h in hooks:
         h.remove()
@@ -86,8 +87,21 @@ def test_exit_logits_are_the_spatial_means_of_the_exit_maps():
         torch.testing.assert_close(logits[:, k].double(), naive_logit, rtol=0, atol=1e-6)
     # m_k = Up(M_k) at image size, bilinear, align_corners=False
     _, m = model.up_maps(x)
-    want = torch.nn.functional.interpolate(maps[0], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
-    assert m.shape == (3, 4, S, S) and torch.allclose(m[:, 0], want)
+    want = torch.nn.functional.interpolate(maps[3], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    assert m.shape == (3, 4, size, size) and torch.allclose(m[:, 3], want)
+
+
+def test_exit_loss_is_the_deep_weighted_sum_of_exit_bces():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(5, 4, generator=g) * 3, torch.tensor([1, 0, 1, 1, 0])
+    want = 0.0
+    for k, wk in enumerate((0.25, 0.5, 0.75, 1.0)):
+        bce = 0.0
+        for b in range(5):
+            p = 1 / (1 + math.exp(-float(logits[b, k])))
+            bce += -(math.log(p) if int(y[b]) == 1 else math.log(1 - p))
+        want += wk * bce / 5
+    assert float(am.exit_loss(logits, y)) == pytest.approx(want, rel=1e-5)
 
 
 def test_stage1_is_a_resnet18_with_instance_norm_and_profile_geometry():
@@ -130,6 +144,7 @@ def test_attention_weights_sum_to_one_and_the_aggregate_lies_between_the_exit_ma
             p.mul_(3.0)
     x = torch.rand(4, 4, S, S, generator=g)
     m = torch.randn(4, 4, S, S, generator=g) * 4 - 1  # raw maps, far outside [0, 1]
+    m[:, 1] *= 1e-4  # a nearly flat exit map: n_k's 1e-5 matters there
     seen = {}
     h = att.att[0].register_forward_pre_hook(lambda mod, inp: seen.__setitem__("u", inp[0].detach()))
     a, w = att(x, m)
@@ -343,6 +358,9 @@ def test_simclr_stage_runs_resumes_and_loads_the_encoder_by_name(tmp_path):
         net = am.SimCLRNet(cfg, 4)
         return am.train_simclr(net, data, cfg, work, seed=17, device="cpu", flips=True, progress=progress, every=1)
 
+    torch.manual_seed(7)
+    z = am.SimCLRNet(cfg, 4)(torch.rand(3, 4, S, S))
+    assert z.shape == (3, 256) and torch.allclose(z.norm(dim=1), torch.ones(3))  # L2-normalised
     (w_full, info), (w_res, info2) = killed_then_resumed(train, tmp_path, stop_at=1)
     assert info["iterations"] == 36 // 16 and info["batch"] == 16 and info2["resumed_from"] == 1
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full) and math.isfinite(info["final_loss"])

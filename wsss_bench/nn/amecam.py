@@ -289,6 +289,13 @@ def sim_min(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     return (-torch.log(1.0 - similarity(bg, fg))).mean()
 
 
+def exit_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """L1 = sum_k w_k BCEWithLogits(logit_k, y); logits (B, 4), y (B,) in {0, 1}."""
+    w = torch.tensor(EXIT_WEIGHTS, device=logits.device)
+    per_exit = torch.stack([F.binary_cross_entropy_with_logits(logits[:, k].float(), y.float()) for k in range(4)])
+    return (w * per_exit).sum()
+
+
 def c2am_loss(fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
     """L = SimMax(fg) + SimMin(fg, bg) + SimMax(bg)."""
     return sim_max(fg) + sim_min(fg, bg) + sim_max(bg)
@@ -435,15 +442,13 @@ def train_stage1(model: MultiExitResNet, data: Any, cfg: Mapping[str, Any], work
     batches = IterationBatches(data, data.split("train"), batch, seed, dev)
     iterations = batches.epochs(int(cfg["stage1_epochs"]))
     opt, sched = _adam(model.parameters(), iterations)
-    w = torch.tensor(EXIT_WEIGHTS, device=dev)
 
     def step(it: int) -> float:
         b = batches.get(it)
         x, y = b.images.to(dev).float(), b.labels.to(dev).float()  # (B, C, S, S), (B,)
         with _autocast(dev, bf16):
             logits, _ = model(x)
-        per_exit = torch.stack([F.binary_cross_entropy_with_logits(logits[:, k].float(), y) for k in range(4)])
-        loss = (w * per_exit).sum()
+        loss = exit_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
