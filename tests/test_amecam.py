@@ -30,29 +30,36 @@ def smoke_cfg(**over):
 
 
 class FakeTaskData:
-    """TaskData's training interface on random images; positives carry a bright square."""
+    """TaskData's interface on random images; positives carry a bright square."""
 
     def __init__(self, n=48, size=S, channels=4, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.labels = (torch.arange(n) % 2).long()
-        self.images = torch.rand(n, channels, size, size, generator=g) * 0.4
-        for i in torch.nonzero(self.labels).flatten().tolist():
+        lab = (torch.arange(n) % 2).long()
+        self.labels = lab.numpy().astype(np.int8)
+        self._images = torch.rand(n, channels, size, size, generator=g) * 0.4
+        for i in torch.nonzero(lab).flatten().tolist():
             r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
-            self.images[i, :, r:r + 12, c:c + 12] += 0.6
+            self._images[i, :, r:r + 12, c:c + 12] += 0.6
         n_tr = (3 * n) // 4
         self._splits = {"train": np.arange(n_tr), "val": np.arange(n_tr, n), "test": np.arange(n_tr, n)}
         self.image_size, self.channels, self.fingerprint, self.is_phantom = size, channels, f"fake-{seed}-{n}", True
 
+    def __len__(self):
+        return len(self.labels)
+
     def split(self, name):
-        return self._splits[name]
+        return self._splits[name].copy()
+
+    def images(self, idx):
+        return self._images[torch.as_tensor(np.asarray(idx))].numpy()
 
     def batches(self, idx_or_split, batch_size, shuffle=False, seed=None, device="cpu", with_masks=False):
         idx = self.split(idx_or_split) if isinstance(idx_or_split, str) else np.asarray(idx_or_split)
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
             t = torch.as_tensor(part)
-            yield SliceBatch(images=self.images[t].to(device), labels=self.labels[t].to(device), index=part,
-                             case_ids=[f"c{i}" for i in part], z=[0] * len(part))
+            yield SliceBatch(images=self._images[t].to(device), labels=torch.from_numpy(self.labels[part]).long(),
+                             index=part, case_ids=[f"c{i}" for i in part], z=[0] * len(part))
 
 
 def stage1(seed=0, channels=4, **over):
@@ -400,3 +407,160 @@ def test_simclr_views_crop_flip_and_jitter():
     j = am.channel_jitter(x, torch.Generator().manual_seed(2))
     changed = (j - x).abs().flatten(1).amax(dim=1) > 0
     assert 0.6 < float(changed.float().mean()) < 0.97  # p = 0.8
+
+
+# ---------------------------------------------------------------- the plugin
+def make_ctx(tmp_path, data=None, **amecam):
+    from wsss_bench.cache import ArtifactCache
+    from wsss_bench.context import RunContext
+    from wsss_bench.profiles import Section
+    from wsss_bench.records import TaskDef
+
+    prof = load_profile("smoke")
+    if amecam:
+        prof["amecam"] = Section.of({**prof.amecam, **amecam})
+    task = TaskDef("brats", "brats", None, 4, True, "amecam")
+    return RunContext(task, data or FakeTaskData(), prof, 0, "cpu", ArtifactCache(tmp_path / "cache"))
+
+
+def events(ctx):
+    return {e["stage"]: e["hit"] for e in ctx.cache.events if e["stage"].startswith("amecam")}
+
+
+def test_plugin_caches_each_stage_and_a_stage2_change_keeps_stage1(tmp_path):
+    data = FakeTaskData()
+    ctx = make_ctx(tmp_path, data)
+    cam = ctx.plugin("cams", "amecam")
+    assert events(ctx) == {"amecam-stage1": False, "amecam-stage2": False, "amecam-polarity": False}
+    pol = ctx.records["amecam/polarity"]
+    assert pol["s"] in (1, -1) and {"drop_plus", "drop_minus", "tied", "n_slices"} <= set(pol)
+    assert pol["n_slices"] == int((data.labels[data.split("train")] == 1).sum())
+    assert ctx.records["amecam/stage0"]["simclr_epochs"] == 0
+    batch = next(data.batches("test", 5))
+    maps = cam.maps(batch)
+    assert maps.shape == (5, S, S) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+    # the map is minmax(s * avg) of the trained stages
+    with torch.no_grad():
+        avg = am.AmeCamNet(cam.net.stage1, cam.net.stage2)(batch.images)
+    torch.testing.assert_close(maps, am.final_cam(avg, pol["s"]))
+
+    other = make_ctx(tmp_path, data)
+    other.plugin("cams", "amecam[stage2_epochs=2]")  # a stage-2 parameter: stage 1 is reused
+    assert events(other) == {"amecam-stage1": True, "amecam-stage2": False, "amecam-polarity": False}
+    assert not [st for st in other.stages if st["stage"] == "train/amecam-stage1"]
+    assert [st for st in other.stages if st["stage"] == "train/amecam-stage2"]
+
+    again = make_ctx(tmp_path, data)
+    cam3 = again.plugin("cams", "amecam")  # everything reused, same maps, polarity replayed
+    assert events(again) == {"amecam-stage1": True, "amecam-stage2": True, "amecam-polarity": True}
+    assert not [st for st in again.stages if st["stage"].startswith("train/")]
+    assert torch.equal(cam3.maps(batch), maps) and again.records["amecam/polarity"] == pol
+
+
+def test_plugin_runs_simclr_when_the_profile_asks_and_loads_its_encoder(tmp_path, monkeypatch):
+    seen = {}
+    real = am.train_stage1
+
+    def spy(model, *args, **kwargs):
+        seen["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(am, "train_stage1", spy)
+    ctx = make_ctx(tmp_path, simclr_epochs=1, batch=8)
+    cam = ctx.plugin("cams", "amecam")
+    assert events(ctx) == {"amecam-stage0": False, "amecam-stage1": False, "amecam-stage2": False,
+                           "amecam-polarity": False}
+    stage0 = [m.value for k, m in ctx._memo.items() if isinstance(k, tuple) and k[0] == "model"
+              and isinstance(m.value, am.SimCLRNet)]  # the memoised stage-0 model
+    assert len(stage0) == 1
+    enc0 = stage0[0].encoder.state_dict()
+    assert seen["encoder"].keys() == enc0.keys()
+    assert all(torch.equal(seen["encoder"][k], enc0[k].cpu()) for k in enc0)  # loaded by name before training
+    assert ctx.records["amecam/stage0"]["encoder"] == "loaded by name"
+    assert cam.net.stage1 is not None
+    # without SimCLR the stage-1 artifact is a different one
+    plain = make_ctx(tmp_path, batch=8)
+    plain.plugin("cams", "amecam")
+    assert plain.shared_model_key("amecam-stage1") != ctx.shared_model_key("amecam-stage1")
+
+
+@pytest.mark.parametrize("over,key", [({"output_stride": 32}, "amecam.output_stride"), ({"batch": 3}, "amecam.batch"),
+                                      ({"channels": [8, 16, 32]}, "amecam.channels")])
+def test_plugin_refuses_a_bad_profile_before_training(tmp_path, over, key):
+    from wsss_bench.errors import PluginError
+
+    ctx = make_ctx(tmp_path, **over)
+    with pytest.raises(PluginError, match=key) as err:
+        ctx.plugin("cams", "amecam")
+    assert "cam plugin 'amecam'" in str(err.value) and "profile 'smoke'" in str(err.value)
+    assert ctx.cache.events == [] and not [st for st in ctx.stages if st["stage"].startswith("train/")]
+
+
+def test_plugin_rejects_a_negative_stage2_override():
+    from wsss_bench.errors import PluginError
+    from wsss_bench_plugins.amecam import AmeCam
+
+    with pytest.raises(PluginError, match="stage2_epochs"):
+        AmeCam(stage2_epochs=-1)
+
+
+def test_plugin_resumes_a_killed_stage_from_its_last_checkpoint(tmp_path):
+    import contextlib
+    import json
+
+    data = FakeTaskData()
+
+    @contextlib.contextmanager
+    def killing(description, total):
+        count = [0]
+
+        def advance(n=1):
+            count[0] += n
+            if description == "train amecam-stage1" and count[0] >= 5:
+                raise KeyboardInterrupt  # killed in stage 1's third epoch
+        yield advance
+
+    ctx = make_ctx(tmp_path, data, stage1_epochs=3)
+    ctx.progress = killing
+    with pytest.raises(KeyboardInterrupt):
+        ctx.plugin("cams", "amecam")
+    assert list((tmp_path / "cache").rglob("checkpoint.safetensors"))
+    again = make_ctx(tmp_path, data, stage1_epochs=3)
+    again.plugin("cams", "amecam")
+    meta = json.loads(next((tmp_path / "cache").rglob("amecam_stage1.train.json")).read_text())
+    assert meta["resumed_from"] == 4 and meta["iterations"] == 6  # 2 iterations an epoch, checkpoint per epoch
+    fresh = make_ctx(tmp_path / "b", data, stage1_epochs=3)
+    fresh.plugin("cams", "amecam")
+    a = again.plugin("cams", "amecam").net.stage1.state_dict()
+    b = fresh.plugin("cams", "amecam").net.stage1.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed == uninterrupted
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.filterwarnings("ignore:amecam")  # smoke-size exits: the polarity test may tie
+@pytest.mark.parametrize("task", ["brats", "flare21-kidney"])
+def test_cli_runs_amecam_end_to_end_and_reuses_every_stage(tmp_path, monkeypatch, task):
+    import json
+
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+
+    monkeypatch.setitem(cli._STATE, "host", None)
+    monkeypatch.setenv("WSSS_BENCH_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--method", "threshold", "--cam", "amecam", "--task", task, "--profile", "smoke", "--device", "cpu"]
+    first = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "one")])
+    assert first.exit_code == 0, first.output
+    man = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    cell = man["cells"][0]
+    pol = cell["records"]["amecam/polarity"]
+    assert pol["s"] in (1, -1) and "drop_plus" in pol and "drop_minus" in pol
+    trained = {st["stage"] for st in cell["stages"]}
+    assert {"train/amecam-stage1", "train/amecam-stage2"} <= trained
+    second = CliRunner().invoke(cli.app, [*args, "--out", str(tmp_path / "two")])
+    assert second.exit_code == 0, second.output
+    man2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    hits = {e["stage"]: e["hit"] for e in man2["cache_events"] if e["stage"].startswith("amecam")}
+    assert hits == {"amecam-stage1": True, "amecam-stage2": True, "amecam-polarity": True}
+    assert not [st for st in man2["cells"][0]["stages"] if st["stage"].startswith("train/amecam")]
+    assert man2["cells"][0]["records"]["amecam/polarity"] == pol

@@ -36,8 +36,9 @@ mean_ij -log(1 - S(B, F)_ij).  Adam lr 1e-4, weight decay 1e-5, cosine to 5e-6; 
 **Final map**: avg = mean(m_1, m_2, m_3, m_4, A); cam = minmax(s * avg), where the polarity
 s is chosen by the deletion test (:func:`polarity_test`), never by a blind inversion.
 
-All three trainings run through :func:`wsss_bench.nn.training.run_resumable`, so a killed
-build resumes from its last checkpoint and ends bit-identical (CPU).  Shapes in comments.
+All three trainings run through :func:`wsss_bench.nn.training.run_resumable` with a
+checkpoint after every epoch (or every ``every`` iterations), so a killed build resumes
+from its last checkpoint and ends bit-identical (CPU).  Shapes in comments.
 This module imports torch; plugin modules import it from ``prepare`` only.
 """
 from __future__ import annotations
@@ -419,7 +420,8 @@ def train_simclr(model: SimCLRNet, data: Any, cfg: Mapping[str, Any], work: Path
         opt.step()
         return float(loss.detach())
 
-    weights, info = run_resumable(work, model, opt, iterations, step, progress=progress, every=every, sched=sched)
+    weights, info = run_resumable(work, model, opt, iterations, step, progress=progress,
+                                  every=every or batches.per_epoch, sched=sched)
     info.update(stage="simclr", epochs=int(cfg["simclr_epochs"]), batch=batch, lr=SIMCLR_LR,
                 temperature=SIMCLR_TEMPERATURE, flips=bool(flips), n_train=int(len(batches.idx)))
     return weights, info
@@ -493,7 +495,8 @@ def train_stage2(model: AttentionAggregator, stage1: MultiExitResNet, data: Any,
         opt.step()
         return float(loss.detach())
 
-    weights, info = run_resumable(work, model, opt, iterations, step, progress=progress, every=every, sched=sched)
+    weights, info = run_resumable(work, model, opt, iterations, step, progress=progress,
+                                  every=every or batches.per_epoch, sched=sched)
     info.update(stage="attention", epochs=int(cfg["stage2_epochs"]), batch=batch, lr=LR,
                 n_train=int(len(batches.idx)), selection="last epoch")
     return weights, info
