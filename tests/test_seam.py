@@ -446,3 +446,65 @@ def test_background_remap_moves_the_protocol_threshold_to_bg():
 
     assert torch.equal(minmax(out) > 0.5, m > 0.26)
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+
+
+# ---------------------------------------------------------------- the CAM source, end to end
+@pytest.fixture
+def run_cli(monkeypatch):
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+
+    monkeypatch.setitem(cli._STATE, "host", None)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli.app, [str(a) for a in args])
+
+    return invoke
+
+
+def test_seam_parameters_are_checked():
+    from wsss_bench_plugins.seam import Seam
+
+    assert Seam().bg is None and Seam(bg="0.26").bg == 0.26
+    for bad in ("1.5", "0", "dark"):
+        with pytest.raises(PluginError, match=r"plugin 'seam': parameter bg="):
+            Seam(bg=bad)
+
+
+@pytest.mark.parametrize("task", ["brats", "flare21-kidney"])
+def test_e2e_cli_trains_seam_once_and_reuses_it(run_cli, tmp_path, task):
+    import json
+
+    import pandas as pd
+
+    args = ["run", "--method", "threshold", "--cam", "seam", "--task", task, "--profile", "smoke", "--out"]
+    first = run_cli(*args, tmp_path / "run1")
+    assert first.exit_code == 0, first.output
+    assert "train seam" in first.output
+    frame = pd.read_parquet(tmp_path / "run1" / "results.parquet")
+    assert frame["dice"].between(0, 1).all() and set(frame["gate"]) >= {"label"}
+    cell = json.loads((tmp_path / "run1" / "manifest.json").read_text())["cells"][0]
+    rec = cell["records"]["seam"]
+    assert rec["tta_flip"] is (task == "brats") and rec["view_flip"] is (task == "brats")
+    assert rec["geometry"]["seam.view_scale=0.5"] == [16, 2, 2]
+    again = run_cli(*args, tmp_path / "run2")  # another run directory: the trained SEAM is reused
+    assert again.exit_code == 0, again.output
+    assert "reused cached seam" in again.output and "train seam" not in again.output
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "run2" / "results.parquet"), frame)
+
+
+def test_e2e_a_collapsing_profile_fails_before_training(run_cli, tmp_path, monkeypatch):
+    import copy
+
+    from wsss_bench import profiles
+
+    raw = copy.deepcopy(profiles._raw())
+    raw["smoke"]["seam"]["view_scale"] = 0.1
+    monkeypatch.setattr(profiles, "_raw", lambda: raw)
+    out = run_cli("run", "--method", "threshold", "--cam", "seam", "--task", "brats", "--profile", "smoke",
+                  "--out", tmp_path / "run")
+    assert out.exit_code != 0
+    assert "seam.view_scale" in out.output and "0.1" in out.output
+    assert "train seam" not in out.output

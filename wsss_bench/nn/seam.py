@@ -325,11 +325,12 @@ def check_geometry(model, in_chans: int, image_size: int, view_scale: float,
         grid = cam_grid_size(model, in_chans, n) if n >= 1 else (0, 0)
         if min(grid) < MIN_GRID:
             need = MIN_GRID * OUTPUT_STRIDE - OUTPUT_STRIDE + 1
+            what = f"{name}={scale:g}" if name == "seam.view_scale" else f"{name} contains {scale:g}, which"
             raise PluginError(
-                f"{owner}: profile value {name} contains {scale:g}, which makes a {n}x{n} px view of the "
-                f"{s} px image whose CAM grid is {grid[0]}x{grid[1]} (output stride {OUTPUT_STRIDE}); the PCM "
-                f"and the view's BatchNorm need at least {MIN_GRID}x{MIN_GRID}, i.e. a view of >= {need} px: "
-                f"raise {name} to >= {need / s:.3g} or use a profile with a larger image_size")
+                f"{owner}: profile value {what} makes a {n}x{n} px view of the {s} px image whose CAM grid "
+                f"is {grid[0]}x{grid[1]} (output stride {OUTPUT_STRIDE}); the PCM and the view's BatchNorm "
+                f"need at least {MIN_GRID}x{MIN_GRID}, i.e. a view of >= {need} px: raise {name} to "
+                f">= {math.ceil(need / s * 1000) / 1000:g} or use a profile with a larger image_size")
         grids[f"{name}={scale:g}"] = [n, *grid]
     return grids
 
@@ -445,11 +446,16 @@ def train_seam(model, data: Any, profile: Any, device: Any, seed: int, work: Pat
 
 # ============================================================================ inference
 def seam_maps(model, images: "Tensor", tta_scales: Sequence[float], flips: bool,
-              autocast: Any = None) -> "Tensor":
-    """SEAM's map for ``images`` (B, C, S, S): sum over scales (x flip) of the Up'd cam_rv fg, ReLU, minmax."""
+              autocast: Callable[[], Any] | None = None) -> "Tensor":
+    """SEAM's map for ``images`` (B, C, S, S): sum over scales (x flip) of the Up'd cam_rv fg, ReLU, minmax.
+
+    ``autocast`` is a factory of the context each forward runs in (``ctx.autocast``).
+    """
     import contextlib
 
     from wsss_bench.maps import minmax
+
+    autocast = autocast or contextlib.nullcontext
 
     size = tuple(images.shape[-2:])
     total = torch.zeros(images.shape[0], *size, device=images.device)
@@ -459,7 +465,7 @@ def seam_maps(model, images: "Tensor", tta_scales: Sequence[float], flips: bool,
             x = images if n == size else F.interpolate(images, size=n, mode="bilinear", align_corners=False)
             for flip in ((False, True) if flips else (False,)):
                 xi = x.flip(-1) if flip else x
-                with autocast if autocast is not None else contextlib.nullcontext():
+                with autocast():
                     _, cam_rv = model(xi)
                 fg = cam_rv[:, 1:2].float()
                 if fg.shape[-2:] != size:
