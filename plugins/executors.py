@@ -1,11 +1,20 @@
-"""Executors: how the cells of a run are run.
+"""Executors: how the jobs of a run or a bench are run.
 
-- ``local``: one after another in this process (models and data are shared between cells).
-- ``slurm``: one SLURM job per cell through submitit (``pip install 'wsss-bench[slurm]'``);
-  cells that share a trained model wait on the artifact lock instead of training it twice.
+- ``local``: one after another in this process (models and data are shared between cells);
+  ``local[jobs=N]``: a pool of N worker processes (spawned, so torch starts clean in each),
+  each with cores / N torch threads.  ``bench`` builds every shared model in its first
+  phase, so two workers never train the same model; within a phase, units that need the
+  same model meet at the artifact's file lock and the second one reuses the first one's.
+- ``slurm[...]``: one SLURM job per unit or cell through submitit
+  (``pip install 'wsss-bench[slurm]'``), submitted as a job array per phase (the cells'
+  array starts after the shared phase has finished).  Options come from the spec or from a
+  YAML file (``slurm[config=cluster.yaml]``); ``cluster=local`` runs the very same code path
+  through submitit's local executor (how the tests run it, and a dry run on a laptop).
+  Each job returns its own outcome (status, cache events, data summary) to the parent.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,35 +25,100 @@ from wsss_bench.interfaces import Executor
 
 class LocalExecutor(Executor):
     name = "local"
-    description = "run cells sequentially in this process"
+    params = {"jobs": 1}
+    description = "run cells in this process, or in a pool of worker processes (jobs=N)"
+
+    def validate(self) -> None:
+        if self.p["jobs"] < 1:
+            raise self.bad_param("jobs", "must be >= 1 (the number of worker processes)")
 
     def map(self, fn: Callable[[Any], Any], cells: Sequence[Any]) -> list[Any]:
-        results = []
-        for cell in cells:
-            try:
-                results.append(fn(cell))
-            except Exception as err:  # fn normally catches; this keeps other cells going regardless
-                results.append(err)
+        if self.p["jobs"] == 1 or len(cells) <= 1:
+            results = []
+            for cell in cells:
+                try:
+                    results.append(fn(cell))
+                except Exception as err:  # fn normally catches; this keeps other cells going regardless
+                    results.append(err)
+            return results
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        jobs = min(int(self.p["jobs"]), len(cells))
+        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = [pool.submit(fn, cell) for cell in cells]
+            results = []
+            for fut in futures:
+                try:
+                    results.append(fut.result())
+                except Exception as err:
+                    results.append(err)
         return results
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 class SlurmExecutor(Executor):
     name = "slurm"
-    description = "one SLURM job per cell via submitit (extra: slurm)"
+    description = "one SLURM job per unit/cell via submitit job arrays (extra: slurm)"
     params = {"partition": "", "gpus": 1, "cpus": 8, "mem_gb": 32, "timeout_min": 1440,
-              "folder": "slurm-logs", "account": ""}
+              "folder": "slurm-logs", "account": "", "parallelism": 64, "config": "", "cluster": "slurm"}
+
+    def validate(self) -> None:
+        if self.p["cluster"] not in ("slurm", "local", "auto"):
+            raise self.bad_param("cluster", "is not one of slurm, local (submitit's local executor), auto")
+
+    def options(self) -> dict[str, Any]:
+        """The spec's options, overridden by the YAML file named by ``config`` (if any)."""
+        opts = {k: v for k, v in self.p.items() if k != "config"}
+        if self.p["config"]:
+            path = Path(self.p["config"])
+            try:
+                import yaml
+            except ImportError:
+                raise UserError("executor 'slurm': config= needs PyYAML (pip install pyyaml)") from None
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except OSError as err:
+                raise UserError(f"executor 'slurm': cannot read config file {path}: {err.strerror}") from None
+            except yaml.YAMLError as err:
+                raise UserError(f"executor 'slurm': config file {path} is not valid YAML: {err}") from None
+            if not isinstance(data, dict):
+                raise UserError(f"executor 'slurm': config file {path} must hold a mapping of options")
+            unknown = sorted(set(data) - set(opts))
+            if unknown:
+                raise UserError(f"executor 'slurm': config file {path} has unknown option(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(sorted(opts))}")
+            opts.update(data)
+        return opts
 
     def map(self, fn: Callable[[Any], Any], cells: Sequence[Any]) -> list[Any]:
+        if not cells:
+            return []
         try:
             import submitit
         except ImportError:
             raise UserError("executor 'slurm' needs submitit: pip install 'wsss-bench[slurm]'") from None
-        executor = submitit.AutoExecutor(folder=Path(self.p["folder"]))
-        extra = {"slurm_partition": self.p["partition"]} if self.p["partition"] else {}
-        if self.p["account"]:
-            extra["slurm_account"] = self.p["account"]
-        executor.update_parameters(gpus_per_node=self.p["gpus"], cpus_per_task=self.p["cpus"],
-                                   mem_gb=self.p["mem_gb"], timeout_min=self.p["timeout_min"], **extra)
+        opts = self.options()
+        folder = Path(opts["folder"])
+        if opts["cluster"] == "local":
+            executor = submitit.AutoExecutor(folder=folder, cluster="local")
+            executor.update_parameters(timeout_min=int(opts["timeout_min"]))
+        else:
+            executor = submitit.AutoExecutor(folder=folder, cluster=None if opts["cluster"] == "auto" else "slurm")
+            extra = {"slurm_partition": opts["partition"]} if opts["partition"] else {}
+            if opts["account"]:
+                extra["slurm_account"] = opts["account"]
+            executor.update_parameters(gpus_per_node=int(opts["gpus"]), cpus_per_task=int(opts["cpus"]),
+                                       mem_gb=int(opts["mem_gb"]), timeout_min=int(opts["timeout_min"]),
+                                       slurm_array_parallelism=int(opts["parallelism"]), **extra)
         jobs = executor.map_array(fn, list(cells))
         results = []
         for job in jobs:

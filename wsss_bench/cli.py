@@ -35,19 +35,28 @@ def user_errors(fn: Callable) -> Callable:
             err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True, markup=True,
                               highlight=False)
             raise typer.Exit(2) from None
+        except OSError as err:  # disk full, quota, read-only, no permission: one line too
+            from wsss_bench.errors import disk_problem
+
+            message = disk_problem(err)
+            if message is None:
+                raise
+            err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
 
     return wrapper
 
 
 def get_host(extra_dirs: list[str] | None = None, strict: bool | None = None):
-    from wsss_bench.plugins import load_plugins
+    from wsss_bench.plugins import load_plugins, show_problem
 
     dirs = list(_STATE["plugins_dirs"]) + list(extra_dirs or [])
     strict = _STATE["strict"] if strict is None else strict
     key = (tuple(dirs), strict, _STATE["trace"])
     cached = _STATE["host"]  # (key, host), one slot so the two can never disagree
     if cached is None or cached[0] != key:
-        cached = (key, load_plugins(strict=strict or None, plugins_dirs=dirs, trace=_STATE["trace"]))
+        cached = (key, load_plugins(strict=strict or None, plugins_dirs=dirs, trace=_STATE["trace"],
+                                    report=show_problem))
         _STATE["host"] = cached
     return cached[1]
 
@@ -73,9 +82,9 @@ def _split_csv(values: list[str]) -> list[str]:
 
 def _seeds(values: list[str]) -> list[int]:
     try:
-        return [int(s) for s in _split_csv(values)] or [0]
+        return [int(s) for s in _split_csv(values)]
     except ValueError:
-        raise UserError(f"--seed {values}: seeds are integers, e.g. --seed 0 or --seed 0,1,2") from None
+        raise UserError(f"--seed {','.join(values)}: seeds are integers, e.g. --seed 0 or --seed 0,1,2") from None
 
 
 def _slug(text: str) -> str:
@@ -210,6 +219,102 @@ def summary_rows(frame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# ---------------------------------------------------------------------------- bench
+def _data_roots(values: list[str]) -> tuple[tuple[str, str], ...]:
+    roots = []
+    for item in _split_csv(values):
+        if "=" not in item:
+            raise UserError(f"--data-root {item}: expected DATASET=DIR, e.g. brats=/data/BraTS2021,flare=/data/FLARE21")
+        key, path = item.split("=", 1)
+        if not Path(path).is_dir():
+            raise UserError(f"--data-root {key}={path}: no such directory")
+        roots.append((key.strip(), path))
+    return tuple(roots)
+
+
+@app.command()
+@user_errors
+def bench(
+    tables: List[Path] = typer.Argument(..., help="Benchmark table files, e.g. benchmarks/table1.toml benchmarks/table3.toml."),
+    profile: str = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md)."),
+    data_root: List[str] = typer.Option([], "--data-root", help="Real data per dataset: brats=DIR,flare=DIR. Default: the embedded phantoms."),
+    executor: str = typer.Option("local", "--executor", help="local, local[jobs=2], slurm[partition=gpu,gpus=1] or slurm[config=cluster.yaml]."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds for every table (default: each table's own), e.g. 0,1,2."),
+    task: List[str] = typer.Option([], "--task", "-t", help="Only these tasks (default: each table's)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bench directory (default runs/bench_<profile>)."),
+    failed: bool = typer.Option(False, "--failed", help="Re-run only the cells recorded as failed."),
+    collect: bool = typer.Option(False, "--collect", help="Run nothing: gather the finished cells and print the tables."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction."),
+    force: bool = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Artifact, phantom and slice cache (env WSSS_BENCH_CACHE)."),
+    phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantoms."),
+    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
+) -> None:
+    """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
+    from wsss_bench import bench as bn
+    from wsss_bench import results
+    from wsss_bench.context import resolve_device
+    from wsss_bench.manifest import environment, plugin_distributions
+    from wsss_bench.profiles import load_profile
+    from wsss_bench.runner import RunConfig, check_out_dir
+    from wsss_bench.spec import parse_specs
+
+    host = get_host([str(p) for p in plugins_dir])
+    load_profile(profile)
+    specs = [bn.load_table(p, host) for p in tables]
+    seed_list = _seeds([seeds]) if seeds else None
+    cells, planned = bn.plan(host, specs, seed_list, _split_csv(task) or None)
+    if not cells and not collect:
+        raise UserError("the benchmark files expand to no cell (check their tasks and --task)")
+    out = Path(out or Path("runs") / f"bench_{profile}")
+    ex_spec = parse_specs(executor)[0]
+    ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
+    cfg = RunConfig(profile=profile, out=out, data_root=None, device=device, cache_dir=Path(cache_dir), bf16=bf16,
+                    force=force, phantom_seed=phantom_seed, data_roots=_data_roots(data_root),
+                    plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
+                    strict=bool(_STATE["strict"]), executor=executor)
+    check_out_dir(cfg)
+    unavailable = [p for p in planned if p.error]
+    say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
+        f"{escape(profile)}, out {escape(str(out))}" + (f"; {len(unavailable)} row(s) not available" if unavailable else ""))
+    t0 = time.perf_counter()
+    rep = bn.run_bench(cfg, host, ex, cells, failed_only=failed, collect_only=collect)
+    seconds = time.perf_counter() - t0
+    failures = [oc for oc in rep["cells"] if oc.status == "failed"]
+    for oc in failures:
+        err_console.print(f"[bold red]cell failed[/bold red] {escape(oc.cell.task)} {escape(oc.cell.method)} "
+                          f"seed {oc.cell.seed}: {escape(str(oc.error))}", soft_wrap=True, highlight=False)
+    frame = results.collect(out)
+    old = {}
+    if (out / "manifest.json").is_file():
+        import json
+
+        try:
+            old = json.loads((out / "manifest.json").read_text())
+        except ValueError:
+            old = {}
+    manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
+                "config": cfg.to_json(), "wall_seconds": round(seconds, 2), "tables": [str(p) for p in tables],
+                "environment": environment(resolve_device(device)),
+                "plugins": plugin_distributions(host), "profile": dict(load_profile(profile)),
+                "data": {**old.get("data", {}), **rep["data"]}, "phases": rep["phases"], "units": rep["units"],
+                "cache_events": rep["cache_events"],
+                "training_builds": bn.training_builds(rep["cache_events"]),
+                "not_available": [{"table": p.table, "row": p.row, "task": p.task, "why": p.error} for p in unavailable]}
+    results.write_manifest(out, manifest)
+    resamples = int(load_profile(profile).bootstrap.resamples)
+    reasons = bn.failure_reasons(out)
+    text = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=reasons) for t in specs)
+    from wsss_bench.cache import atomic_write_text
+
+    atomic_write_text(out / "tables.md", text)
+    console.print(text, markup=False, highlight=False)
+    say(f"tables: {escape(str(out / 'tables.md'))}  manifest: {escape(str(out / 'manifest.json'))}  ({seconds:.1f}s)")
+    if failures:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------------------- plugins / list
 @app.command()
 @user_errors
@@ -228,10 +333,10 @@ def plugins(
         table.add_column(col)
     for name, info in sorted(host.infos.items(), key=lambda kv: (not kv[1].builtin, kv[0])):
         kinds = sorted({p.split(":")[0] for p in info.provides})
-        status = f"[red]error: {info.error}[/red]" if info.error else "ok"
-        table.add_row(name, ",".join(kinds) or "-", info.distribution, info.version, status)
+        status = f"[red]error: {escape(info.error)}[/red]" if info.error else "ok"
+        table.add_row(escape(name), ",".join(kinds) or "-", escape(info.distribution), escape(info.version), status)
         if all_ and info.provides:
-            table.add_row("", "  " + ", ".join(info.provides), "", "", "")
+            table.add_row("", "  " + escape(", ".join(info.provides)), "", "", "")
     console.print(table)
 
 
@@ -257,15 +362,15 @@ def list_(
     if kind == "tasks":
         for task_id, cls in sorted(host.tasks().items()):
             if fnmatch.fnmatchcase(task_id, pattern):
-                console.print(f"{task_id}  [dim](dataset {cls.name})[/dim]", highlight=False)
+                console.print(f"{escape(task_id)}  [dim](dataset {escape(str(cls.name))})[/dim]", highlight=False)
         return
     for entry in host.registries[kind].list(pattern):
         obj = entry.obj
         params = getattr(obj, "params", {}) or {}
         ptxt = ", ".join(f"{k}={v!r}" for k, v in params.items())
         desc = getattr(obj, "description", "") or (obj.__doc__ or "").strip().split("\n")[0]
-        console.print(f"[bold]{entry.name}[/bold]  [dim]({entry.plugin})[/dim]  {desc}"
-                      + (f"\n    params: {ptxt}" if ptxt else ""), highlight=False)
+        console.print(f"[bold]{escape(entry.name)}[/bold]  [dim]({escape(entry.plugin)})[/dim]  {escape(str(desc))}"
+                      + (f"\n    params: {escape(ptxt)}" if ptxt else ""), highlight=False)
 
 
 # ---------------------------------------------------------------------------- report
@@ -304,7 +409,7 @@ def report(
         text = render_many(tables, exporter)
     if output:
         write_text(output, text)
-        say(f"wrote {output}")
+        say(f"wrote {escape(str(output))}")
     else:
         sys.stdout.write(text)
 
@@ -322,9 +427,9 @@ def figures(
 
     paths, skipped = write_figures(run_dir, out, gate=gate, formats=_split_csv(fmt))
     for p in paths:
-        say(f"wrote {p}")
+        say(f"wrote {escape(str(p))}")
     for why in skipped:
-        say(f"skipped: {why}")
+        say(f"skipped: {escape(str(why))}")
 
 
 @app.command("export-masks")
@@ -344,7 +449,7 @@ def export_masks_cmd(
     if gate not in ("label", "classifier", "none"):
         raise UserError(f"--gate {gate}: choose none, label or classifier")
     paths = export_masks(run_dir, method, out, task=task, gate=gate, seed=seed, ground_truth=ground_truth)
-    say(f"wrote {len(paths)} NIfTI file(s) under {out}")
+    say(f"wrote {len(paths)} NIfTI file(s) under {escape(str(out))}")
 
 
 # ---------------------------------------------------------------------------- data
@@ -369,7 +474,7 @@ def data_synth(
     ds = host.get("datasets", names[kind])()
     t0 = time.perf_counter()
     ds.synthesize(Path(out), load_profile(profile), seed, cases)
-    say(f"wrote {kind} phantom to {out} ({time.perf_counter() - t0:.1f}s)")
+    say(f"wrote {escape(kind)} phantom to {escape(str(out))} ({time.perf_counter() - t0:.1f}s)")
 
 
 @data_app.command("prepare")
@@ -397,8 +502,8 @@ def data_prepare(
     cls, _ = host.task(task)
     t0 = time.perf_counter()
     data = load_task_data(cls(), task, data_root, load_profile(profile), seed, Path(cache_dir), jobs=jobs)
-    say(json.dumps(data.summary(), indent=1, default=str)[:4000])
-    say(f"prepared {task} in {time.perf_counter() - t0:.1f}s")
+    say(escape(json.dumps(data.summary(), indent=1, default=str)[:4000]))
+    say(f"prepared {escape(task)} in {time.perf_counter() - t0:.1f}s")
 
 
 @app.command()
@@ -437,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         _STATE["strict"] = True if strict else None
         add_plugin_commands(get_host())
     except UserError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True, highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True, highlight=False)
         raise SystemExit(2)
     app(args=argv, prog_name="wsss-bench")
 

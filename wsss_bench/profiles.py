@@ -66,6 +66,8 @@ def _fmt(value: Any) -> str:
             return "(" + ",".join("T" if v else "F" for v in value) + ")"
         return "(" + ",".join(_fmt(v) for v in value) + ")"
     if isinstance(value, dict):
+        if not value:
+            return "dataset rules"
         return "; ".join(f"{k} {_fmt(v)}" for k, v in value.items())
     return str(value)
 

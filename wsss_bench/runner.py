@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
-from wsss_bench.errors import PluginError, UserError
+from wsss_bench.errors import PluginError, UserError, disk_problem
 from wsss_bench.profiles import load_profile
 from wsss_bench.progress import say
 from wsss_bench.spec import format_spec, parse_sources, parse_specs
@@ -101,6 +101,16 @@ class RunConfig:
     plugins_dirs: tuple[str, ...] = ()
     strict: bool = False
     executor: str = "local"
+    #: per-dataset data roots (bench: --data-root brats=DIR,flare=DIR); keys are dataset names
+    #: or their profile cap keys; a dataset not named here uses ``data_root`` (None: phantom)
+    data_roots: tuple[tuple[str, str], ...] = ()
+
+    def root_for(self, dataset: Any) -> Path | None:
+        roots = dict(self.data_roots)
+        for key in (getattr(dataset, "name", ""), getattr(dataset, "cap_key", "")):
+            if key and key in roots:
+                return Path(roots[key])
+        return self.data_root
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -109,9 +119,11 @@ class RunConfig:
         """What of the configuration changes numbers (the run folder's identity)."""
         profile = load_profile(self.profile)
         dev = str(self.device)
+        roots = {k: str(Path(v).resolve()) for k, v in self.data_roots}
         return {"profile": profile.name, "profile_values": stable_hash(dict(profile), 16),
                 "data_root": str(Path(self.data_root).resolve()) if self.data_root else None,
-                "phantom_seed": int(self.phantom_seed) if self.data_root is None else None,
+                **({"data_roots": roots} if roots else {}),
+                "phantom_seed": int(self.phantom_seed),
                 "bf16": bool(self.bf16), "ambiguous": self.ambiguous,
                 "device_type": "cuda" if dev.startswith("cuda") or (dev == "auto" and _cuda()) else "cpu"}
 
@@ -158,6 +170,11 @@ def plan_cells(host, tasks: list[str], cams: str | None, methods: str, seeds: li
     """Expand spec strings into cells, validating every plugin name and parameter first."""
     import itertools
 
+    if not tasks:
+        raise UserError("--task: no task given, so the grid is empty; name one, e.g. --task brats, or several: "
+                        "--task brats,flare21-kidney")
+    if not seeds:
+        raise UserError("--seed: no seed given, so the grid is empty; e.g. --seed 0 or --seed 0,1,2")
     combos: list[tuple] = []
     if cams:
         for combo in parse_sources(cams):
@@ -294,8 +311,23 @@ CELL_STAGES: tuple[tuple[str, Callable[[CellState], None]], ...] = (
 )
 
 
+def check_scorable(ctx: RunContext) -> None:
+    """Before any training: the test split must hold slices to score.  The test negatives are
+    drawn in proportion to the positives (PROTOCOL 4.3), so test cases without a positive
+    slice leave the split empty."""
+    data = ctx.task_data
+    if len(data.split("test")) == 0:
+        cases = list(data.case_split.get("test", []))
+        names = ", ".join(cases[:4]) + (", ..." if len(cases) > 4 else "")
+        raise UserError(f"task '{ctx.task.task_id}': the test case(s) {names} under {data.data_root} hold no "
+                        f"positive slice, so the test split, whose negatives are drawn "
+                        f"in proportion to its positives, is empty and nothing can be scored; use data whose "
+                        f"test cases contain the target, more cases, or another --seed (another case split)")
+
+
 def compute_cell(ctx: RunContext, cell: Cell, profile: Any):
     """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest)."""
+    check_scorable(ctx)
     st = CellState(ctx, cell, profile)
     for _, stage in CELL_STAGES:
         stage(st)
@@ -409,10 +441,10 @@ class Session:
     """Per-process state: plugins, loaded task data and contexts, shared across cells."""
 
     def __init__(self, cfg: RunConfig, host=None) -> None:
-        from wsss_bench.plugins import load_plugins
+        from wsss_bench.plugins import load_plugins, show_problem
 
         self.cfg = cfg
-        self.host = host or load_plugins(strict=cfg.strict, plugins_dirs=cfg.plugins_dirs)
+        self.host = host or load_plugins(strict=cfg.strict, plugins_dirs=cfg.plugins_dirs, report=show_problem)
         self.profile = load_profile(cfg.profile)
         self.device = resolve_device(cfg.device)
         self.cache = ArtifactCache(Path(cfg.cache_dir) / "artifacts", enabled=cfg.use_cache, force=cfg.force)
@@ -424,7 +456,7 @@ class Session:
 
             dataset_cls, task = self.host.task(task_id)
             t0 = time.perf_counter()
-            data = load_task_data(dataset_cls(), task_id, self.cfg.data_root, self.profile, seed,
+            data = load_task_data(dataset_cls(), task_id, self.cfg.root_for(dataset_cls), self.profile, seed,
                                   Path(self.cfg.cache_dir), phantom_seed=self.cfg.phantom_seed,
                                   ambiguous=self.cfg.ambiguous)
             ctx = RunContext(task, data, self.profile, seed, self.device, self.cache, bf16=self.cfg.bf16,
@@ -487,9 +519,12 @@ class CellJob:
         return CellJob._sessions[key]
 
     def _record_failure(self, cell: Cell, error: str, user_error: bool) -> None:
-        atomic_write_json(Path(self.cfg.out) / "cells" / f"{cell.key}.failed.json",
-                          {"cell": asdict(cell), "method": cell.method, "status": "failed", "error": error,
-                           "user_error": user_error})
+        try:
+            atomic_write_json(Path(self.cfg.out) / "cells" / f"{cell.key}.failed.json",
+                              {"cell": asdict(cell), "method": cell.method, "status": "failed", "error": error,
+                               "user_error": user_error})
+        except OSError:  # a full disk cannot take the record either; the message still reaches the user
+            pass
 
     def __call__(self, cell: Cell) -> CellOutcome:
         t0 = time.perf_counter()
@@ -499,10 +534,17 @@ class CellJob:
             self._record_failure(cell, str(err), True)
             return CellOutcome(cell, "failed", time.perf_counter() - t0, str(err), user_error=True)
         except Exception as err:  # a bug in a plugin or in us: keep the traceback next to the results
+            disk = disk_problem(err, (self.cfg.cache_dir, self.cfg.out))
+            if disk:  # disk full, quota, read-only: the machine's state, not a bug
+                self._record_failure(cell, disk, True)
+                return CellOutcome(cell, "failed", time.perf_counter() - t0, disk, user_error=True)
             tb = traceback.format_exc()
             path = Path(self.cfg.out) / "cells" / f"{cell.key}.error.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(tb)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(tb)
+            except OSError:
+                path = Path("(traceback not written: the run folder refused it)")
             message = f"{type(err).__name__}: {err} (traceback in {path})"
             self._record_failure(cell, message, False)
             return CellOutcome(cell, "failed", time.perf_counter() - t0, message)

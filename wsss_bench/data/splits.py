@@ -25,9 +25,19 @@ def split_sizes(n: int, rule: str) -> tuple[int, int, int]:
     """(n_train, n_val, n_test) for ``n`` cases.
 
     - ``tenths`` (BraTS): n_val = n_test = max(1, round(0.1 n)), the rest train;
-    - ``flare21``: n_train = round(n 211/361), n_val = max(1, round(n 50/361)), the rest test.
+    - ``flare21``: n_train = round(n 211/361), n_val = max(1, round(n 50/361)), the rest test;
+    - ``counts:A/B/C`` (phantoms of a profile with ``phantom_split``): exactly A/B/C cases,
+      for n = A + B + C (PROTOCOL 10: phantoms may get a larger test share than real data).
     """
-    if rule == "tenths":
+    if rule.startswith("counts:"):
+        try:
+            n_train, n_val, n_test = (int(v) for v in rule.split(":", 1)[1].split("/"))
+        except ValueError:
+            raise ValueError(f"split rule {rule!r}: expected counts:TRAIN/VAL/TEST") from None
+        if n_train + n_val + n_test != n:
+            raise UserError(f"the phantom split {n_train}/{n_val}/{n_test} needs {n_train + n_val + n_test} "
+                            f"cases, the phantom has {n}; regenerate the phantom or fix the profile's phantom_split")
+    elif rule == "tenths":
         n_val = max(1, round_half_up(Fraction(n, 10)))
         n_test = n_val
         n_train = n - n_val - n_test
@@ -36,7 +46,7 @@ def split_sizes(n: int, rule: str) -> tuple[int, int, int]:
         n_val = max(1, round_half_up(Fraction(n * 50, 361)))
         n_test = n - n_train - n_val
     else:
-        raise ValueError(f"unknown split rule {rule!r}; use 'tenths' or 'flare21'")
+        raise ValueError(f"unknown split rule {rule!r}; use 'tenths', 'flare21' or 'counts:A/B/C'")
     if min(n_train, n_val, n_test) < 1:
         raise UserError(
             f"{n} case(s) cannot be split into train/val/test by the '{rule}' rule "

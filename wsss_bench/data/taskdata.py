@@ -35,7 +35,11 @@ PHANTOM_META = ".phantom.json"
 
 # --------------------------------------------------------------------------- phantoms
 def phantom_dir(cache_root: Path, source: DatasetSource, profile: Any, seed: int) -> Path:
-    return Path(cache_root) / "phantoms" / f"{source.name}-{profile.name}-{source.phantom_version}-seed{seed}"
+    """One folder per (dataset, profile, generator version, seed, phantom sizes)."""
+    from wsss_bench.cache import stable_hash
+
+    sizes = stable_hash([dict(profile.get("brain_phantom") or {}), dict(profile.get("abdomen_phantom") or {})], 8)
+    return Path(cache_root) / "phantoms" / f"{source.name}-{profile.name}-{source.phantom_version}-seed{seed}-{sizes}"
 
 
 def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: int = 0) -> Path:
@@ -275,6 +279,9 @@ def load_task_data(
         labels[amb] = sp.NEGATIVE
 
     rule = getattr(source, "split_rule", "tenths")
+    phantom_split = dict(profile.get("phantom_split") or {}) if data_root is None else {}
+    if source.cap_key in phantom_split:  # phantoms of this profile: fixed train/val/test case counts
+        rule = "counts:" + "/".join(str(int(v)) for v in phantom_split[source.cap_key])
     seeds = {
         "split": derive_seed(base_seed, source.name, "split"),
         "test_negatives": derive_seed(base_seed, task_id, "test/negatives"),
