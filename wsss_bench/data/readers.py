@@ -77,6 +77,8 @@ def read_ras(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
         raise UserError(f"cannot read NIfTI file {path}: {err}") from None
     if data.ndim != 3:
         raise UserError(f"{path} has shape {disk_shape}; expected a 3D volume")
+    if data.dtype.kind not in "biuf":  # complex or RGB voxels: neither an intensity nor a label
+        raise UserError(f"{path} holds {data.dtype} voxels; expected real-valued (integer or float) voxels")
     return data, disk_shape
 
 
@@ -157,6 +159,8 @@ class BratsDataset(DatasetSource):
     description: ClassVar[str] = "BraTS 2021 (flair, t1, t1ce, t2; whole tumour = seg > 0)"
     #: nonfinite: "error" (default) or "zero" (NaN/inf voxels read as background, counted)
     params: ClassVar[dict[str, Any]] = {"nonfinite": "error"}
+    #: largest label value load() can return (it validates them): the store packs labels in 4 bits
+    label_max: ClassVar[int] = max(BRATS_LABELS)
     cap_key: ClassVar[str] = "brats"
     split_rule: ClassVar[str] = "tenths"
     modalities: ClassVar[tuple[str, ...]] = phantom_brain.MODALITIES
@@ -261,6 +265,7 @@ class Flare21Dataset(DatasetSource):
     version: ClassVar[str] = "2"
     #: nonfinite: "error" (default) or "zero" (NaN/inf voxels read as air, 0 after windowing)
     params: ClassVar[dict[str, Any]] = {"nonfinite": "error"}
+    label_max: ClassVar[int] = max(FLARE_LABELS)
     description: ClassVar[str] = "FLARE 2021 CT (liver 1, kidney 2, spleen 3, pancreas 4)"
     cap_key: ClassVar[str] = "flare"
     split_rule: ClassVar[str] = "flare21"

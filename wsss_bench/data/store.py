@@ -5,7 +5,9 @@
 - ``images.npy``  (N, C, S, S) uint8 codes q = rint(255 x) of the float images x in [0, 1];
   :attr:`SliceStore.images` decodes them on read as ``q / 255`` (float32), so every consumer
   sees float32 in [0, 1] within 1/510 of the preprocessed image (docs/data.md, "Slice store");
-- ``labels.npy``  (N, S, S) uint8, the dataset's full label map (so tasks of one dataset share it);
+- ``labels.npy``  the dataset's full label map (so tasks of one dataset share it): (N, S, S/2) uint8
+  holding two 4-bit labels per byte when the reader declares labels <= 15 (``label_max``, both
+  built-in datasets), else (N, S, S) uint8; :attr:`SliceStore.labels` reads (N, S, S) uint8 either way;
 - ``index.parquet`` one row per slice: ``case_id``, ``z``, ``tissue_fraction`` and ``px_<v>``, the
   number of pixels of each label value v > 0 on the final S x S mask;
 - ``meta.json`` what was built from what (identical for every build of the same key);
@@ -107,6 +109,28 @@ def get_codec(name: str) -> ImageCodec:
     if name not in CODECS:
         raise UserError(f"image codec {name!r}: choose one of {', '.join(CODECS)}")
     return CODECS[name]
+
+
+# --------------------------------------------------------------------------- label packing
+def pack4(labels: np.ndarray) -> np.ndarray:
+    """(..., S) uint8 labels <= 15 -> (..., ceil(S/2)): even columns in the low nibble, odd in the high."""
+    if labels.shape[-1] % 2:
+        labels = np.concatenate([labels, np.zeros(labels.shape[:-1] + (1,), labels.dtype)], axis=-1)
+    return (labels[..., 0::2] | (labels[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack4(packed: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of :func:`pack4` for rows of ``width`` pixels."""
+    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=np.uint8)
+    out[..., 0::2] = packed & 15
+    out[..., 1::2] = packed >> 4
+    return out[..., :width]
+
+
+def label_bits(source: Any) -> int:
+    """4 when the reader guarantees label values <= 15 (it validates them), else 8."""
+    top = getattr(source, "label_max", None)
+    return 4 if top is not None and int(top) <= 15 else 8
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -212,6 +236,7 @@ def store_key(
         "image_size": int(image_size),
         "case_cap": int(case_cap),
         "codec": codec,
+        "label_bits": label_bits(source),
         "extra": extra,
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -234,6 +259,27 @@ class StoredImages:
 
     def __getitem__(self, idx: Any) -> np.ndarray:
         return self.codec.decode(self.raw[idx])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class StoredLabels:
+    """The label array of a store: indexes like a (N, S, S) uint8 array, unpacks 4-bit rows on read."""
+
+    def __init__(self, raw: np.ndarray, bits: int, width: int) -> None:
+        self.raw, self.bits, self.width = raw, bits, width
+        self.shape = (raw.shape[0], raw.shape[1], width)
+        self.ndim = 3
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        rows = self.raw[idx]
+        return unpack4(rows, self.width) if self.bits == 4 else np.asarray(rows)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self[...]
@@ -269,8 +315,10 @@ class SliceStore:
         return StoredImages(self._array("images"), self.codec)
 
     @property
-    def labels(self) -> np.ndarray:
-        return self._array("labels")
+    def labels(self) -> StoredLabels:
+        """(N, S, S) uint8 label maps on indexing (unpacked from 4 bits where stored so)."""
+        bits = int(self.meta.get("label_codec", {}).get("bits", 8))
+        return StoredLabels(self._array("labels"), bits, int(self.meta["image_size"]))
 
     def __len__(self) -> int:
         return len(self.index)
@@ -365,9 +413,16 @@ def _prepare_case(job: dict) -> dict:
         os.close(fd)
     del image
     labs = resize_masks(labels.astype(np.uint8, copy=False), size)  # (Z, S, S)
+    if job["label_bits"] == 4:
+        if labs.max(initial=0) > 15:
+            raise UserError(f"case {case} under {root}: label value {int(labs.max())} does not fit the 4-bit "
+                            f"label store that {type(source).__name__}.label_max promises")
+        stored = pack4(labs)  # (Z, S, S/2)
+    else:
+        stored = labs
     fd = os.open(job["labels"], os.O_WRONLY)
     try:
-        _write_runs(fd, labs, labs.reshape(len(labs), -1).any(axis=1), job["labels_offset"], row0)
+        _write_runs(fd, stored, stored.reshape(len(stored), -1).any(axis=1), job["labels_offset"], row0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -469,7 +524,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _plan(source: Any, root: Path, cases: list[str], size: int, codec: str) -> dict:
+def _plan(source: Any, root: Path, cases: list[str], size: int, codec: str, bits: int) -> dict:
     """Every case's channels, RAS shape and first row, from the headers; validates geometry."""
     entries, channels, row = [], None, 0
     for case in cases:
@@ -481,7 +536,7 @@ def _plan(source: Any, root: Path, cases: list[str], size: int, codec: str) -> d
         entries.append({"case": case, "channels": c, "shape": list(shape), "row": row, "z": shape[2]})
         row += shape[2]
     return {"cases": entries, "n_slices": row, "channels": int(channels or 0), "image_size": int(size),
-            "codec": codec}
+            "codec": codec, "label_bits": int(bits)}
 
 
 def _arrays(build: Path, plan: dict, codec: ImageCodec) -> dict[str, tuple[Path, int]]:
@@ -489,7 +544,8 @@ def _arrays(build: Path, plan: dict, codec: ImageCodec) -> dict[str, tuple[Path,
     from numpy.lib.format import open_memmap
 
     n, c, s = plan["n_slices"], plan["channels"], plan["image_size"]
-    want = {"images": ((n, c, s, s), np.dtype(codec.dtype)), "labels": ((n, s, s), np.dtype(np.uint8))}
+    label_width = (s + 1) // 2 if plan["label_bits"] == 4 else s
+    want = {"images": ((n, c, s, s), np.dtype(codec.dtype)), "labels": ((n, s, label_width), np.dtype(np.uint8))}
     out = {}
     for name, (shape, dtype) in want.items():
         path = build / f"{name}.npy"
@@ -580,7 +636,7 @@ def prepare_slices(
                 except ValueError:
                     plan = None
             if plan is None:
-                plan = _plan(source, root, cases, int(image_size), codec)
+                plan = _plan(source, root, cases, int(image_size), codec, label_bits(source))
                 if build.exists():
                     shutil.rmtree(build)
                 _write_json_atomic(plan_path, plan)
@@ -596,6 +652,7 @@ def prepare_slices(
                     "source": source, "root": str(root), "case": entry["case"], "k": k,
                     "row": entry["row"], "z": entry["z"], "channels": entry["channels"],
                     "shape": entry["shape"], "size": int(image_size), "codec": codec,
+                    "label_bits": plan["label_bits"],
                     "images": str(arrays["images"][0]), "images_offset": arrays["images"][1],
                     "labels": str(arrays["labels"][0]), "labels_offset": arrays["labels"][1],
                     "record": str(record),
@@ -625,6 +682,9 @@ def prepare_slices(
                 "preprocess_version": PREPROCESS_VERSION,
                 "store_version": STORE_VERSION,
                 "image_codec": image_codec.describe(),
+                "label_codec": {"bits": plan["label_bits"], "rule": (
+                    "two labels per byte: even column low nibble, odd column high nibble"
+                    if plan["label_bits"] == 4 else "one uint8 label per pixel")},
                 "extra": extra_key,
             }
             _finish(build, plan, meta)
