@@ -30,3 +30,28 @@ def test_protocol_values():
 def test_unknown_profile_is_a_user_error():
     with pytest.raises(UserError, match="choose one of smoke, cpu, paper"):
         load_profile("fast")
+
+
+def test_overrides_change_values_keep_types_and_name_bad_keys():
+    from wsss_bench.profiles import apply_overrides
+
+    cpu = load_profile("cpu")
+    short = apply_overrides(cpu, ["cdm.iterations=200", "image_size=32", "mg.t_ref=[100, 200]"])
+    assert short.cdm.iterations == 200 and short.image_size == 32 and short.mg.t_ref == [100, 200]
+    assert cpu.cdm.iterations == 3000  # the original is untouched
+    assert short.overrides == ["cdm.iterations=200", "image_size=32", "mg.t_ref=[100, 200]"]
+    with pytest.raises(UserError, match="has no value 'cdm.nope'"):
+        apply_overrides(cpu, ["cdm.nope=1"])
+    with pytest.raises(UserError, match="is int"):
+        apply_overrides(cpu, ["cdm.iterations=many"])
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        apply_overrides(cpu, ["cdm.iterations"])
+
+
+def test_cpu_phantom_splits_can_rank():
+    """PROTOCOL 10: every cpu-profile phantom test split holds >= 10 cases (the measured
+    positive-slice counts, >= 150 per task, are in docs/profiles.md)."""
+    cpu = load_profile("cpu")
+    for key, phantom in (("brats", cpu.brain_phantom), ("flare", cpu.abdomen_phantom)):
+        train, val, test = cpu.phantom_split[key]
+        assert train + val + test == phantom.cases and test >= 10 and val >= 3

@@ -113,14 +113,15 @@ def run(
     phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantom (the data, not the training)."),
     executor: str = typer.Option("local", "--executor", help="Executor spec: local or slurm[partition=gpu,gpus=1]."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
-    from wsss_bench.profiles import load_profile
+    from wsss_bench.profiles import apply_overrides, load_profile
     from wsss_bench.runner import CellJob, RunConfig, check_out_dir, plan_cells
     from wsss_bench.spec import parse_specs
 
     host = get_host([str(p) for p in plugins_dir])
-    load_profile(profile)
+    apply_overrides(load_profile(profile), set_)
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root}: no such directory; give the folder holding the "
                         f"BraTS2021_* case folders or the FLARE21 TrainingImg/TrainingMask (or imagesTr/labelsTr) folders")
@@ -133,7 +134,7 @@ def run(
     cfg = RunConfig(profile=profile, out=Path(out), data_root=data_root, device=device,
                     cache_dir=Path(cache_dir), bf16=bf16, use_cache=not no_cache, force=force,
                     phantom_seed=phantom_seed, plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                    strict=bool(_STATE["strict"]), executor=executor)
+                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_))
     check_out_dir(cfg)  # before any compute: writable, and not another configuration's results
     say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {escape(profile)}, "
         f"data {'phantom' if data_root is None else escape(str(data_root))}, out {escape(str(out))}")
@@ -250,6 +251,7 @@ def bench(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Artifact, phantom and slice cache (env WSSS_BENCH_CACHE)."),
     phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantoms."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
     from wsss_bench import bench as bn
@@ -260,8 +262,10 @@ def bench(
     from wsss_bench.runner import RunConfig, check_out_dir
     from wsss_bench.spec import parse_specs
 
+    from wsss_bench.profiles import apply_overrides
+
     host = get_host([str(p) for p in plugins_dir])
-    load_profile(profile)
+    apply_overrides(load_profile(profile), set_)
     specs = [bn.load_table(p, host) for p in tables]
     seed_list = _seeds([seeds]) if seeds else None
     cells, planned = bn.plan(host, specs, seed_list, _split_csv(task) or None)
@@ -273,7 +277,7 @@ def bench(
     cfg = RunConfig(profile=profile, out=out, data_root=None, device=device, cache_dir=Path(cache_dir), bf16=bf16,
                     force=force, phantom_seed=phantom_seed, data_roots=_data_roots(data_root),
                     plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                    strict=bool(_STATE["strict"]), executor=executor)
+                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_))
     check_out_dir(cfg)
     unavailable = [p for p in planned if p.error]
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
@@ -297,7 +301,7 @@ def bench(
     manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
                 "config": cfg.to_json(), "wall_seconds": round(seconds, 2), "tables": [str(p) for p in tables],
                 "environment": environment(resolve_device(device)),
-                "plugins": plugin_distributions(host), "profile": dict(load_profile(profile)),
+                "plugins": plugin_distributions(host), "profile": dict(cfg.load_profile()),
                 "data": {**old.get("data", {}), **rep["data"]}, "phases": rep["phases"], "units": rep["units"],
                 "cache_events": rep["cache_events"],
                 "training_builds": bn.training_builds(rep["cache_events"]),

@@ -208,14 +208,21 @@ class RunContext:
         where = f" [{self.cell_label}]" if self.cell_label else ""
         if log_lines_enabled():
             log_line(f"stage {name}{where}: started")
+        cuda = str(self.device).startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
         ok = False
         try:
             yield
             ok = True
         finally:
             seconds = time.perf_counter() - t0
-            self.log.stages.append({"stage": name, "seconds": round(seconds, 3),
-                                    "peak_rss_mb": round(peak_rss_mb(), 1)})
+            entry = {"stage": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            if cuda:
+                entry["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            self.log.stages.append(entry)
             if log_lines_enabled():
                 log_line(f"stage {name}{where}: {'done' if ok else 'failed'} in {seconds:.1f}s")
 

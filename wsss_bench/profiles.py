@@ -52,6 +52,46 @@ def load_profile(name: str) -> Section:
     return prof
 
 
+def apply_overrides(profile: Section, overrides: "list[str] | tuple[str, ...]") -> Section:
+    """``profile`` with ``KEY=VALUE`` overrides (``cdm.iterations=200``, ``image_size=128``).
+
+    Values parse as TOML (numbers, booleans, lists, quoted strings; a bare word is a string);
+    the key must exist and keep its type.  An overridden profile is a different profile: its
+    values enter every cache key and the run's identity.  Used for short device checks and
+    sensitivity runs; the tables' profiles stay the ones in the file.
+    """
+    import copy
+
+    out = copy.deepcopy(profile)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set cdm.iterations=200")
+        key, text = (part.strip() for part in item.split("=", 1))
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node: Any = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise UserError(f"--set {item}: profile '{profile['name']}' has no section '{part}'")
+            node = node[part]
+        last = parts[-1]
+        if not isinstance(node, dict) or last not in node or last in ("name", "common"):
+            raise UserError(f"--set {item}: profile '{profile['name']}' has no value '{key}' "
+                            f"(see docs/profiles.md for the knobs)")
+        old = node[last]
+        if isinstance(old, bool) != isinstance(value, bool) or (
+                isinstance(old, (int, float)) and not isinstance(value, (int, float))) or (
+                isinstance(old, (list, str, dict)) and type(old) is not type(value)):
+            raise UserError(f"--set {item}: '{key}' is {type(old).__name__} ({old!r}); got {value!r}")
+        node[last] = Section.of(value) if isinstance(value, dict) else value
+    if overrides:
+        out["overrides"] = list(overrides)
+    return out
+
+
 def common() -> Section:
     return Section.of(_raw()["common"])
 

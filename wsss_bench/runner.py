@@ -104,6 +104,13 @@ class RunConfig:
     #: per-dataset data roots (bench: --data-root brats=DIR,flare=DIR); keys are dataset names
     #: or their profile cap keys; a dataset not named here uses ``data_root`` (None: phantom)
     data_roots: tuple[tuple[str, str], ...] = ()
+    #: profile overrides KEY=VALUE (``--set cdm.iterations=200``): a short device check
+    overrides: tuple[str, ...] = ()
+
+    def load_profile(self):
+        from wsss_bench.profiles import apply_overrides
+
+        return apply_overrides(load_profile(self.profile), self.overrides)
 
     def root_for(self, dataset: Any) -> Path | None:
         roots = dict(self.data_roots)
@@ -117,7 +124,7 @@ class RunConfig:
 
     def identity(self) -> dict[str, Any]:
         """What of the configuration changes numbers (the run folder's identity)."""
-        profile = load_profile(self.profile)
+        profile = self.load_profile()
         dev = str(self.device)
         roots = {k: str(Path(v).resolve()) for k, v in self.data_roots}
         return {"profile": profile.name, "profile_values": stable_hash(dict(profile), 16),
@@ -445,7 +452,7 @@ class Session:
 
         self.cfg = cfg
         self.host = host or load_plugins(strict=cfg.strict, plugins_dirs=cfg.plugins_dirs, report=show_problem)
-        self.profile = load_profile(cfg.profile)
+        self.profile = cfg.load_profile()
         self.device = resolve_device(cfg.device)
         self.cache = ArtifactCache(Path(cfg.cache_dir) / "artifacts", enabled=cfg.use_cache, force=cfg.force)
         self._contexts: dict[tuple[str, int], RunContext] = {}
