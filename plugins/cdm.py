@@ -19,10 +19,17 @@ Map, per image, with ab(i) = alpha-bar_ref(i) and a seeded eps per slice
     map = sum_c |acc_c|  (``reduce=signed``: sum_c acc_c, the reference)  -> minmax
 
 Mask: Otsu per image on the min-max map (PROTOCOL section 6, ``mask_rule = "otsu"``).
-Classifier guidance is off (Algorithm 1 has none); ``guidance_scale`` > 0 applies
-eps <- eps - sqrt(1 - ab(i)) s grad log softmax(f(x, t))[y], y = 1 for branch 1 and 0 for
-the perturbed branch, with the task's noisy classifier.  The 1/(1 - tau) factor of the
-reference vanishes in minmax.
+Classifier guidance is off (Algorithm 1 has none).  ``guidance_scale`` s > 0 guides each
+branch as guided-diffusion's ``ddim_sample`` + ``condition_score`` do, with the task's
+noisy classifier f and y = 1 for branch 1, y = 0 for the perturbed branch: the guidance
+acts on the *re-derived* eps (after clipping), and x0 is re-derived from the guided eps
+without a second clip:
+
+    e''  = e' - sqrt(1 - ab(i)) s grad_x log softmax(f(x, t))[y]
+    x0h' = (x - sqrt(1 - ab(i)) e'') / sqrt(ab(i))
+    x    = sqrt(ab(i-1)) x0h' + sqrt(1 - ab(i-1)) e''
+
+The 1/(1 - tau) factor of the reference vanishes in minmax.
 """
 from __future__ import annotations
 
@@ -79,21 +86,28 @@ def perturbed_embedding(unet, tau: float) -> "Tensor":
 
 
 # ---------------------------------------------------------------- Algorithm 1
-def ddim_step(x: "Tensor", eps: "Tensor", ab_i: float, ab_prev: float) -> "Tensor":
-    """One eta = 0 DDIM step from noise level ab_i to ab_prev, x0 clipped, eps re-derived."""
+def ddim_step(x: "Tensor", eps: "Tensor", ab_i: float, ab_prev: float, guide: "Tensor | None" = None) -> "Tensor":
+    """One eta = 0 DDIM step from noise level ab_i to ab_prev, x0 clipped, eps re-derived.
+
+    ``guide`` = s grad_x log p(y | x_t) turns it into guided-diffusion's conditioned step:
+    the re-derived eps is shifted by -sqrt(1 - ab_i) guide and x0 re-derived from it.
+    """
     x0h = ((x - (1.0 - ab_i) ** 0.5 * eps) / ab_i ** 0.5).clamp(-1.0, 1.0)
     eps2 = (x - ab_i ** 0.5 * x0h) / (1.0 - ab_i) ** 0.5
+    if guide is not None:  # condition_score: on the re-derived eps; x0 not clipped again
+        eps2 = eps2 - (1.0 - ab_i) ** 0.5 * guide
+        x0h = (x - (1.0 - ab_i) ** 0.5 * eps2) / ab_i ** 0.5
     return ab_prev ** 0.5 * x0h + (1.0 - ab_prev) ** 0.5 * eps2
 
 
-def guided(eps: "Tensor", x: "Tensor", t: "Tensor", ab_i: float, scale: float, classifier, label: int) -> "Tensor":
-    """eps - sqrt(1 - ab_i) s grad_x log softmax(f(x, t))[label] (guided diffusion's rule)."""
+def guidance_gradient(x: "Tensor", t: "Tensor", scale: float, classifier, label: int) -> "Tensor":
+    """s grad_x log softmax(f(x, t))[label], (B, C, S, S): guided-diffusion's ``cond_fn``."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         logits = classifier(xg, t)
         logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)[:, label].sum()
         (grad,) = torch.autograd.grad(logp, xg)
-    return eps - (1.0 - ab_i) ** 0.5 * scale * grad
+    return scale * grad.to(x.dtype)
 
 
 def cdm_difference(unet, x0: "Tensor", noise: "Tensor", tau: float, q_ref: int, steps: int,
@@ -116,11 +130,12 @@ def cdm_difference(unet, x0: "Tensor", noise: "Tensor", tau: float, q_ref: int, 
             e1 = unet(x1, timesteps=t, class_labels=ones).float()
             with class_embedding_swapped(unet, e_tau):
                 e2 = unet(x2, timesteps=t, class_labels=ones).float()
+        g1 = g2 = None
         if guidance_scale:
-            e1 = guided(e1, x1, t, ab(i), guidance_scale, classifier, label=1)
-            e2 = guided(e2, x2, t, ab(i), guidance_scale, classifier, label=0)
-        x1 = ddim_step(x1, e1, ab(i), ab(i - 1))
-        x2 = ddim_step(x2, e2, ab(i), ab(i - 1))
+            g1 = guidance_gradient(x1, t, guidance_scale, classifier, label=1)
+            g2 = guidance_gradient(x2, t, guidance_scale, classifier, label=0)
+        x1 = ddim_step(x1, e1, ab(i), ab(i - 1), g1)
+        x2 = ddim_step(x2, e2, ab(i), ab(i - 1), g2)
         acc += x1 - x2
     return acc
 
@@ -133,7 +148,7 @@ def reduce_channels(acc: "Tensor", reduce: str) -> "Tensor":
 # ---------------------------------------------------------------- the plugin
 class CDMSaliency(CamSource):
     name = "cdm"
-    version = "1"
+    version = "2"  # 2: guidance acts on the re-derived eps (guided-diffusion's condition_score)
     params = {"tau": 0.95, "q_ref": 400, "steps": 10, "reduce": "abs", "guidance_scale": 0.0,
               "ref_schedule": "cosine"}
     mask_rule = "otsu"

@@ -1,14 +1,17 @@
-"""CDM diffusion features (METHODS section 10): gather, mean-then-Up, streaming, block choice."""
+"""CDM diffusion features (METHODS section 10): gather, mean-then-Up, streaming, block choice.
+
+The UNet has every parameter random (tests/diffusion_helpers.py): in a fresh MONAI UNet the
+zero-initialised res blocks make the up-block outputs independent of t and of the label, so
+features computed with the wrong t or label would pass.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_bench.cache import ArtifactCache
-from wsss_bench.context import RunContext
+import diffusion_helpers as H
 from wsss_bench.errors import PluginError
-from wsss_bench.interfaces import TaskDef
 from wsss_bench.nn import diffusion as dif
 from wsss_bench.nn import diffusion_features as dfeat
 from wsss_bench.profiles import load_profile
@@ -31,21 +34,26 @@ def up(a, size):
 
 
 def tiny_unet(seed=0):
-    return dif.build_cdm(SMOKE.cdm_unet, 4, seed=seed).eval().requires_grad_(False)
+    return H.random_cdm(seed=seed)
 
 
-class FakeData:
-    image_size, fingerprint, is_phantom = S, "fake", True
-
-
-def backbone(unet, **params):
-    ctx = RunContext(TaskDef("brats", "brats", None, 4, True, "amecam"), FakeData(), SMOKE, 0, "cpu",
-                     ArtifactCache("/nonexistent", enabled=False))
-    ctx._memo.update(cdm=unet, cdm_key="tiny")
+def backbone(unet, monkeypatch, **params):
+    """The backbone, prepared on a fake context whose CDM is ``unet``."""
+    monkeypatch.setattr(dif, "get_cdm", lambda ctx: unet)
+    ctx = H.FakeContext(size=S)
     bb = CDMFeatures(**params)
     bb.ctx = ctx
     bb.prepare(ctx)
     return bb, ctx
+
+
+#: METHODS 10: t_ref {1, 10, 50, 100} on the 4000-step scale are harness {0, 2, 12, 24}
+HARNESS_T = [0, 2, 12, 24]
+
+
+def documented_noises(ctx):
+    """One fixed eps_t (1, C, S, S) per t from component noise/features/t=<t>."""
+    return [torch.randn((1, 4, S, S), generator=ctx.generator(f"noise/features/t={t}")) for t in HARNESS_T]
 
 
 # ---------------------------------------------------------------- gather
@@ -66,53 +74,58 @@ def test_gather_equals_dense_upsample_then_index(size):
     assert float((got - want).abs().max()) < 1e-5
 
 
+def test_features_equal_an_independent_float64_reference(monkeypatch):
+    """gather and stream = mean_t concat_l Up(up_blocks[l] output) at t = {0, 2, 12, 24}, label 1,
+    x_t = q_sample(2x - 1, eps_t, t) with the documented seeded eps_t (reference: MONAI's
+    alpha-bar, hooks on the block outputs, dense Up, float64)."""
+    unet = tiny_unet(seed=2)
+    H.assert_depends_on_t_and_label(unet)
+    bb, ctx = backbone(unet, monkeypatch)
+    assert bb.ts == HARNESS_T and bb.blocks == [0, 1, 2] and bb.dim == 40 == SMOKE.cldf.feature_dim
+    noises = documented_noises(ctx)
+    images = torch.rand(2, 4, S, S, generator=torch.Generator().manual_seed(1))
+    dense = H.reference_features(unet, images, HARNESS_T, noises, [0, 1, 2], S)  # (2, D, S, S)
+    scale = float(dense.abs().max())
+    g = torch.Generator().manual_seed(4)
+    coords = torch.stack([torch.randint(0, 2, (300,), generator=g), torch.randint(0, S, (300,), generator=g),
+                          torch.randint(0, S, (300,), generator=g)], dim=1)
+    got = bb.gather(images, coords)
+    want = dense[coords[:, 0], :, coords[:, 1], coords[:, 2]]
+    assert float((got.double() - want).abs().max()) < 1e-4 * max(1.0, scale)
+    streamed = torch.cat([f for _, f in bb.stream(images[1], chunk=300)])  # (S^2, D)
+    assert float((streamed.double() - dense[1].reshape(bb.dim, -1).t()).abs().max()) < 1e-4 * max(1.0, scale)
+
+    # what fakes compute is far from it: label 0, t = 0 everywhere, a single t, no mean over t
+    for wrong in (H.reference_features(unet, images, HARNESS_T, noises, [0, 1, 2], S, label=0),
+                  H.reference_features(unet, images, [0, 0, 0, 0], noises, [0, 1, 2], S),
+                  H.reference_features(unet, images, HARNESS_T[-1:], noises[-1:], [0, 1, 2], S),
+                  4 * dense):
+        assert float((wrong - dense).abs().max()) > 1e-2 * scale
+
+
 def test_mean_then_upsample_equals_upsample_then_mean():
     unet = tiny_unet()
     images = torch.rand(2, 4, S, S)
-    ts = [0, 2, 12, 24]
+    ts = HARNESS_T
     g = torch.Generator().manual_seed(1)
     noises = [torch.randn(1, 4, S, S, generator=g) for _ in ts]
     blocks = [0, 1, 2]
     mean_first = [up(a, S) for a in dfeat.mean_activations(unet, images, ts, noises, blocks)]
-    per_t = []
-    for t, eps in zip(ts, noises):
-        tt = dif.timesteps(t, 2)
-        xt = dif.add_noise(images * 2 - 1, eps.expand(2, -1, -1, -1), tt)
-        with torch.no_grad():
-            per_t.append([up(a, S) for a in dfeat.block_activations(unet, xt, tt, torch.ones(2, dtype=torch.long),
-                                                                    blocks)])
-    up_first = [torch.stack([p[k] for p in per_t]).mean(0) for k in range(len(blocks))]
-    for a, b in zip(mean_first, up_first):
-        assert float((a - b).abs().max()) < 1e-5
+    up_first = H.reference_features(unet, images, ts, noises, blocks, S)  # Up each t, then mean
+    got = torch.cat(mean_first, 1)
+    assert float((got.double() - up_first).abs().max()) < 1e-4 * max(1.0, float(up_first.abs().max()))
 
 
 # ---------------------------------------------------------------- streaming
-def reference_dense_features(unet, image, ts, noises, blocks):
-    """Independent dense reference: hook the up blocks, Up every (block, t), concatenate, mean."""
-    outs = []
-    for t, eps in zip(ts, noises):
-        found = {}
-        hooks = [unet.up_blocks[i].register_forward_hook(lambda m, i_, o, i=i: found.__setitem__(i, o))
-                 for i in blocks]
-        tt = dif.timesteps(t, 1)
-        with torch.no_grad():
-            unet(dif.add_noise(image[None] * 2 - 1, eps, tt), timesteps=tt, class_labels=torch.ones(1, dtype=torch.long))
-        for h in hooks:
-            h.remove()
-        outs.append(torch.cat([up(found[i], S) for i in blocks], dim=1))  # (1, D, S, S)
-    return torch.stack(outs).mean(0)[0]  # (D, S, S)
-
-
 def test_streamed_embeddings_equal_a_dense_computation(monkeypatch):
     unet = tiny_unet(seed=2)
-    bb, ctx = backbone(unet)
-    assert bb.ts == [0, 2, 12, 24] and bb.blocks == [0, 1, 2] and bb.dim == 40 == SMOKE.cldf.feature_dim
+    bb, ctx = backbone(unet, monkeypatch)
     torch.manual_seed(0)
     decoder = torch.nn.Sequential(torch.nn.Linear(bb.dim, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
     image = torch.rand(4, S, S)
-    dense = reference_dense_features(unet, image, bb.ts, bb.noises, bb.blocks)  # (D, S, S)
+    dense = H.reference_features(unet, image[None], HARNESS_T, documented_noises(ctx), [0, 1, 2], S)[0]
     with torch.no_grad():
-        want = decoder(dense.reshape(bb.dim, -1).t())  # (S^2, 16)
+        want = decoder(dense.float().reshape(bb.dim, -1).t())  # (S^2, 16)
 
     rows = []
     real_gather = dfeat.gather_from
@@ -130,12 +143,12 @@ def test_streamed_embeddings_equal_a_dense_computation(monkeypatch):
     monkeypatch.setattr(F, "interpolate", no_dense)  # from here on: no dense Up of feature maps
     got = dfeat.stream_embed(stream, S * S, decoder, 16)
     monkeypatch.undo()
-    assert float((got - want).abs().max()) < 1e-5
+    assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))
     assert max(rows) <= 100 and sum(rows) == S * S  # every gather has <= chunk rows, pixels once
 
 
-def test_gather_of_the_backbone_matches_the_stream_and_is_batch_independent():
-    bb, ctx = backbone(tiny_unet(seed=3))
+def test_gather_of_the_backbone_matches_the_stream_and_is_batch_independent(monkeypatch):
+    bb, ctx = backbone(tiny_unet(seed=3), monkeypatch)
     images = torch.rand(2, 4, S, S)
     coords = torch.tensor([[1, 5, 7], [0, 31, 0], [1, 0, 31], [0, 12, 12]])
     feats = bb.gather(images, coords)
@@ -145,8 +158,9 @@ def test_gather_of_the_backbone_matches_the_stream_and_is_batch_independent():
         if b == 1:
             torch.testing.assert_close(row, streamed[i * S + j], rtol=1e-5, atol=1e-5)
     assert ctx.records["match/features"]["rows"][1] == {"t_ref": 10, "t": 2, "alpha_bar": pytest.approx(
-        float(dif.harness_alphas_cumprod()[2])), "alpha_bar_ref": dif.ref_alpha_bar(10)}
-    assert torch.equal(bb.noises[0], bb._noise(ctx, bb.ts[0]))  # one seeded eps per t
+        float(H.harness_ab()[2])), "alpha_bar_ref": pytest.approx(H.ref_ab(10), rel=1e-12)}
+    assert all(torch.equal(a, b) for a, b in zip(bb.noises, documented_noises(ctx)))  # one seeded eps per t
+    assert ctx.records["features/cdm"] == {"blocks": [0, 1, 2], "dim": 40, "label": 1}
 
 
 def test_forward_stops_after_the_deepest_needed_block_and_leaves_no_hooks():
@@ -177,6 +191,6 @@ def test_blocks_and_feature_dim_follow_the_profiles():
     with pytest.raises(ValueError):
         dfeat.select_blocks("up 1-7", SMOKE.cdm_unet, 32)
     with pytest.raises(PluginError, match="blocks"):
-        backbone(tiny_unet(), blocks="everything")
+        backbone(tiny_unet(), pytest.MonkeyPatch(), blocks="everything")
     with pytest.raises(PluginError, match="t_scale"):
         CDMFeatures(t_scale="log")

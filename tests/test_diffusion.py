@@ -127,15 +127,56 @@ def test_add_noise_is_q_sample_and_timesteps_are_long_vectors():
 
 
 # ---------------------------------------------------------------- the CDM network
-def test_build_cdm_follows_the_profile():
-    prof = load_profile("smoke")
+def check_unet_against_profile(unet, spec, channels: int) -> None:
+    """Every architectural number of METHODS 1.2 / the profile's cdm_unet, block by block."""
+    ch, n_res = list(spec.channels), int(spec.res_blocks)
+    attn, heads = [bool(a) for a in spec.attention], int(spec.head_channels)
+    assert unet.conv_in.conv.in_channels == channels and unet.conv_in.conv.out_channels == ch[0]
+    assert unet.out[-1].conv.out_channels == channels  # eps has the image's channels
+    lin = [m for m in unet.time_embed if isinstance(m, torch.nn.Linear)]
+    assert lin[0].in_features == ch[0] and lin[-1].out_features == 4 * ch[0]
+    assert unet.class_embedding.num_embeddings == 2 and unet.class_embedding.embedding_dim == 4 * ch[0]
+    assert len(unet.down_blocks) == len(unet.up_blocks) == len(ch)
+    for i, blk in enumerate(unet.down_blocks):
+        assert len(blk.resnets) == n_res, i
+        assert all(r.conv2.conv.out_channels == ch[i] for r in blk.resnets), i
+        has_attn = hasattr(blk, "attentions")
+        assert has_attn == attn[i], i
+        if has_attn:
+            assert [a.attn.num_heads for a in blk.attentions] == [ch[i] // heads] * n_res
+        last = i == len(ch) - 1
+        assert (blk.downsampler is None) == last, i
+        if not last:  # resblock_updown: the downsampler is a res block, not a strided conv
+            assert hasattr(blk.downsampler, "downsample") and hasattr(blk.downsampler, "conv2")
+    up_ch, up_attn = ch[::-1], attn[::-1]
+    for i, blk in enumerate(unet.up_blocks):
+        assert len(blk.resnets) == n_res + 1, i
+        assert all(r.conv2.conv.out_channels == up_ch[i] for r in blk.resnets), i
+        assert hasattr(blk, "attentions") == up_attn[i], i
+        if up_attn[i]:
+            assert [a.attn.num_heads for a in blk.attentions] == [up_ch[i] // heads] * (n_res + 1)
+        assert (getattr(blk, "upsampler", None) is None) == (i == len(ch) - 1), i
+    assert unet.middle_block.attention.attn.num_heads == ch[-1] // heads
+    groups = {m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {int(spec.norm_groups)}
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "paper"])
+def test_build_cdm_follows_the_profile(profile):
+    prof = load_profile(profile)
+    if profile == "paper":  # 169M parameters: the structure only, on the meta device
+        with torch.device("meta"):
+            check_unet_against_profile(dif.build_cdm(prof.cdm_unet, 4), prof.cdm_unet, 4)
+        return
     unet = dif.build_cdm(prof.cdm_unet, 4, seed=3)
-    assert unet.class_embedding.weight.shape == (2, 4 * prof.cdm_unet.channels[0])
-    assert unet.conv_in.conv.in_channels == 4 and len(unet.up_blocks) == len(prof.cdm_unet.channels)
+    check_unet_against_profile(unet, prof.cdm_unet, 4)
+    check_unet_against_profile(dif.build_cdm(prof.cdm_unet, 1, seed=3), prof.cdm_unet, 1)  # FLARE
     state = torch.random.get_rng_state()
     again = dif.build_cdm(prof.cdm_unet, 4, seed=3)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), again.state_dict().values()))
+    other = dif.build_cdm(prof.cdm_unet, 4, seed=4)
+    assert not torch.equal(unet.conv_in.conv.weight, other.conv_in.conv.weight)
     out = unet(torch.randn(2, 4, 32, 32), timesteps=dif.timesteps(5, 2), class_labels=torch.tensor([0, 1]))
     assert out.shape == (2, 4, 32, 32)
 
@@ -175,7 +216,7 @@ def test_cdm_training_resumes_bit_identically(tmp_path):
     full, info = train(tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "cut", stop_at=7)
-    assert (tmp_path / "cut" / "checkpoint.pt").is_file()  # saved after iteration 4
+    assert (tmp_path / "cut" / "checkpoint.safetensors").is_file()  # saved after iteration 4
     resumed, info2 = train(tmp_path / "cut")
     assert info["resumed_from"] is None and info2["resumed_from"] == 4
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -188,7 +229,7 @@ def test_get_cdm_trains_once_caches_safetensors_and_records(tmp_path):
     assert not unet.training and not any(p.requires_grad for p in unet.parameters())
     assert dif.get_cdm(ctx) is unet  # memoised
     files = list((tmp_path / "cache").rglob("cdm.safetensors"))
-    assert len(files) == 1 and not list((tmp_path / "cache").rglob("checkpoint.pt"))
+    assert len(files) == 1 and not list((tmp_path / "cache").rglob("checkpoint.*"))
     assert ctx.records["diffusion/schedule"]["harness"] == [1000, "cosine"]
     fresh = make_ctx(tmp_path)
     again = dif.get_cdm(fresh)  # a new context reuses the cached artifact

@@ -1,4 +1,9 @@
-"""Mean gradient map (METHODS section 9) and the noisy classifier it uses (METHODS 1.3)."""
+"""Mean gradient map (METHODS section 9) and the noisy classifier it uses (METHODS 1.3).
+
+The reference for MG is float64 central differences of log softmax(f(x_t, t))[1] written
+in tests/diffusion_helpers.py, on a noisy classifier with every parameter random; it calls
+none of the code under test.
+"""
 from __future__ import annotations
 
 import inspect
@@ -7,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion_helpers as H
 from wsss_bench.cache import ArtifactCache
 from wsss_bench.context import RunContext
 from wsss_bench.errors import PluginError
@@ -58,30 +64,47 @@ def noises(ts, c, size, seed=0):
 
 
 def tiny_classifier(size=8, seed=0):
-    return ncl.build_noisy_classifier(SMOKE.cdm_unet, 4, size, seed=seed).double().eval().requires_grad_(False)
+    return H.random_noisy_classifier(size, seed=seed).double()
 
 
 # ---------------------------------------------------------------- mechanism tests
-def test_gradcheck_and_finite_differences_on_a_tiny_classifier():
+def test_gradcheck_and_an_independent_finite_difference_reference():
     model = tiny_classifier()
     t = dif.timesteps(12, 1)
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: positive_log_prob(model, v, t), (x,), eps=1e-6, atol=1e-6)
 
-    # the whole MG against central differences of log p(1 | x_t) (float64, every pixel)
-    images = torch.rand(1, 4, 8, 8, dtype=torch.float64)
+    # the whole MG against central differences of an independently written log p(1 | x_t)
+    images = torch.rand(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ts, eps = [2, 24], noises([2, 24], 4, 8)
     got = mean_gradient(model, images, ts, eps)
-    want = torch.zeros(8, 8, dtype=torch.float64)
-    h = 1e-6
-    for t_k, e_k in zip(ts, eps):
-        xt = dif.add_noise(images * 2 - 1, e_k, dif.timesteps(t_k, 1))
-        basis = torch.eye(4 * 64, dtype=torch.float64).view(-1, 4, 8, 8) * h
-        tt = dif.timesteps(t_k, basis.shape[0])
-        with torch.no_grad():
-            num = (positive_log_prob(model, xt + basis, tt) - positive_log_prob(model, xt - basis, tt)) / (2 * h)
-        want += num.view(4, 8, 8).abs().sum(0)
-    torch.testing.assert_close(got[0], want / 2, rtol=1e-5, atol=1e-8)
+    want = H.reference_mean_gradient(model, images, ts, eps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    # the classifier depends on t and the two t differ, so averaging is visible
+    one_t = H.reference_mean_gradient(model, images, ts[:1], eps[:1])
+    assert float((one_t - want).abs().max()) > 1e-3 * float(want.abs().max())
+
+
+def test_plugin_maps_equal_the_reference(monkeypatch):
+    """maps = minmax(reference MG) at the profile's matched t-set with the documented noise."""
+    model = H.random_noisy_classifier(8, seed=4)
+    monkeypatch.setattr(ncl, "get_noisy_classifier", lambda ctx: model)
+    ctx = H.FakeContext(size=8)
+    cam = MeanGradient()
+    cam.ctx = ctx
+    cam.prepare(ctx)
+    ts = [H.ref_match(t) for t in SMOKE.mg.t_ref]  # smoke t_ref {100, 200} -> {24, 49}
+    assert cam.ts == ts == [24, 49]
+    eps = [torch.randn((1, 4, 8, 8), generator=ctx.generator(f"noise/mg/t={t}")) for t in ts]
+    assert all(torch.equal(a, b) for a, b in zip(cam.noises, eps))
+    images = torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    batch = SliceBatch(images=images, labels=torch.ones(2, dtype=torch.long), index=np.arange(2),
+                       case_ids=["a", "b"], z=[0, 1])
+    got = cam.maps(batch)
+    ref = H.reference_mean_gradient(model, images, ts, eps)
+    flat = ref.flatten(1)
+    want = (ref - flat.min(1).values[:, None, None]) / (flat.max(1).values - flat.min(1).values)[:, None, None]
+    assert float((got.double() - want).abs().max()) < 1e-3  # float32 gradients vs float64 differences
 
 
 def test_classifier_reading_the_left_half_gives_zero_on_the_right_half():
@@ -116,23 +139,18 @@ def test_timestep_batching_does_not_change_the_map():
 
 
 # ---------------------------------------------------------------- the plugin
-class FakeData:
-    image_size, fingerprint, is_phantom = 16, "fake", True
-
-
-def prepared(model, **params):
-    ctx = RunContext(TaskDef("brats", "brats", None, 4, True, "amecam"), FakeData(), SMOKE, 0, "cpu",
-                     ArtifactCache("/nonexistent", enabled=False))
-    ctx._memo.update(noisy_classifier=model, noisy_classifier_key="tiny")
+def prepared(model, monkeypatch, **params):
+    monkeypatch.setattr(ncl, "get_noisy_classifier", lambda ctx: model)
+    ctx = H.FakeContext(size=16)
     cam = MeanGradient(**params)
     cam.ctx = ctx
     cam.prepare(ctx)
     return cam, ctx
 
 
-def test_plugin_maps_use_the_profile_t_set_and_record_the_match():
-    model = ncl.build_noisy_classifier(SMOKE.cdm_unet, 4, 16, seed=0).eval().requires_grad_(False)
-    cam, ctx = prepared(model)
+def test_plugin_maps_use_the_profile_t_set_and_record_the_match(monkeypatch):
+    model = H.random_noisy_classifier(16, seed=0)
+    cam, ctx = prepared(model, monkeypatch)
     assert cam.ts == [24, 49] and cam.mask_rule == "otsu"  # smoke t_ref = {100, 200}
     assert [r["t"] for r in ctx.records["match/mg"]["rows"]] == [24, 49]
     b = SliceBatch(images=torch.rand(2, 4, 16, 16), labels=torch.ones(2, dtype=torch.long), index=np.arange(2),
@@ -141,9 +159,9 @@ def test_plugin_maps_use_the_profile_t_set_and_record_the_match():
         maps = cam.maps(b)
     assert maps.shape == (2, 16, 16) and float(maps.min()) == 0.0 and float(maps.max()) == 1.0
     assert torch.equal(maps, cam.maps(b))
-    paper, _ = prepared(model, t_ref="+".join(str(v) for v in range(10, 201, 10)))
+    paper, _ = prepared(model, monkeypatch, t_ref="+".join(str(v) for v in range(10, 201, 10)))
     assert paper.ts == [2, 4, 7, 9, 12, 14, 17, 19, 22, 24, 27, 29, 32, 34, 37, 39, 42, 44, 47, 49]
-    native, _ = prepared(model, t_ref="5+6", t_scale="native")
+    native, _ = prepared(model, monkeypatch, t_ref="5+6", t_scale="native")
     assert native.ts == [5, 6]
     with pytest.raises(PluginError, match="t_ref"):
         MeanGradient(t_ref="ten")
