@@ -13,18 +13,28 @@
    inside and outside (about 0.5 after clipping); a brain-like sample is dark outside.
 3. Reports the noisy classifier's test AUC (softmax p(1), seeded noise) at small t.
 
+The result file starts with its provenance (benchmarks/_meta.py): the command, the git
+commit and any uncommitted change to the code it depends on, the phantom generator
+version of the data, the profile and the machine.
+
     python benchmarks/diffusion_check.py [--profile cpu] [--bf16] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import command_line, provenance_lines  # noqa: E402
+
+#: the code this result depends on (named in the provenance when uncommitted)
+SOURCES = ["benchmarks/diffusion_check.py", "wsss_bench/nn/diffusion.py", "wsss_bench/nn/noisy_classifier.py",
+           "wsss_bench/nn/training.py", "wsss_bench/data/phantom_brain.py", "wsss_bench/data/phantom_abdomen.py",
+           "wsss_bench/profiles.toml"]
 
 
 def oracle_unet(x_star):
@@ -155,8 +165,8 @@ def main() -> None:
         hit = any(e["stage"] == stage and e["key"] == key and e["hit"] for e in ctx.cache.events)
         return {**meta["meta"]["train"], "cached": hit}
 
-    cdm_info = train_info("cdm", ctx._memo["cdm_key"])
-    clf_info = train_info("noisy-classifier", ctx._memo["noisy_classifier_key"])
+    cdm_info = train_info("cdm", ctx.shared_model_key("cdm"))
+    clf_info = train_info("noisy-classifier", ctx.shared_model_key("noisy-classifier"))
 
     # ---- samples
     train = np.asarray(data.split("train"))
@@ -196,15 +206,12 @@ def main() -> None:
         auc_rows.append(("-", t, float(roc_auc_score(labels, p1)), float(((p1 >= 0.5) == labels).mean()),
                          float(max(labels.mean(), 1 - labels.mean())), len(labels)))
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     load1 = os.getloadavg()
     loss = cdm_info.get("loss_log") or []
     lines = [
         "# diffusion_check: is the trained CDM a generator, is the noisy classifier a classifier?", "",
-        f"- command: `{' '.join(['python benchmarks/diffusion_check.py', *sys.argv[1:]])}`",
-        f"- machine: {cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__}; {args.threads} thread(s); "
-        f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (shared machine)",
+        *provenance_lines(command_line(argv=sys.argv[1:]), profile=args.profile, data=data, sources=SOURCES),
+        f"- load average at start {load0[0]:.2f}, at end {load1[0]:.2f} (shared machine)",
         f"- data: profile `{args.profile}`, task `{args.task}`, seed {args.seed}, "
         f"{'phantom' if data.is_phantom else 'real data'}; {len(train)} training slices ({len(pos)} label 1), "
         f"{len(test)} test slices; image size {size}",
