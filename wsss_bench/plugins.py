@@ -2,8 +2,14 @@
 
 Built-in plugins are entry points of this project's own distribution (group ``wsss_bench``),
 so ours and third-party plugins load by one mechanism.  A plugin that fails to import or to
-register prints one warning naming it and is skipped; ``strict`` (``--strict`` or
-``WSSS_BENCH_STRICT_PLUGINS=1``) re-raises instead.
+register is skipped with one warning line naming its entry point, module and distribution,
+the error and where in the plugin it was raised; a plugin that registers a name another
+plugin already holds names both distributions (the first one, built-ins first, is kept).
+``strict`` (``--strict`` or ``WSSS_BENCH_STRICT_PLUGINS=1``) makes each of these fatal: a
+:class:`PluginError` that says so.  A broken plugin can only break itself.
+
+Problems go to ``report`` (the CLI prints each as one plain ``warning:`` line, see
+:func:`show_problem`); without one they are :class:`PluginLoadWarning` Python warnings.
 
 Environment:
 - ``WSSS_BENCH_LOAD_PLUGINS=a,b``: load only these third-party entry points ("" = none);
@@ -18,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -49,25 +56,69 @@ class PluginLoadWarning(UserWarning):
     """A plugin was skipped because it failed to load or register."""
 
 
+class StrictPluginError(PluginError):
+    """A plugin problem made fatal by ``strict`` (raised through the register callbacks)."""
+
+
+_SHOWN: set[str] = set()
+
+
+def show_problem(message: str) -> None:
+    """Print one plugin problem as one plain line on stderr (each message once per process:
+    the CLI may load the plugins twice, e.g. for ``run --plugins-dir``)."""
+    if message in _SHOWN:
+        return
+    _SHOWN.add(message)
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
+
+
 @dataclass
 class PluginInfo:
     name: str
     distribution: str
     version: str
-    origin: str  # "entry point" or a file path
+    origin: str  # "entry point NAME = MODULE" or a file path
     error: str | None = None
     provides: list[str] = field(default_factory=list)  # "kind:name"
+    module: str = ""  # the module an entry point names (or the file's module name)
 
     @property
     def builtin(self) -> bool:
         return self.distribution == BUILTIN_DIST
 
+    def describe(self) -> str:
+        """How messages name the plugin: entry point, module and distribution (or the file)."""
+        if self.origin.startswith("entry point"):
+            return (f"entry point '{self.name}' (module {self.module or '?'}, distribution "
+                    f"{self.distribution} {self.version}{', built-in' if self.builtin else ''})")
+        return f"file {self.origin}"
+
+
+def _raised_at(err: BaseException) -> str:
+    """'FILE:LINE' of the plugin code that raised ``err`` (the deepest frame outside the
+    import machinery, pluggy and this module), or '' when there is none."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}:{err.lineno}"
+    here = os.path.abspath(__file__)
+    pluggy_dir = os.path.dirname(os.path.abspath(pluggy.__file__))
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        name = frame.filename
+        if name.startswith("<") or os.path.abspath(name) == here or name.startswith(pluggy_dir):
+            continue
+        if os.sep + "importlib" + os.sep in name:
+            continue
+        return f"{name}:{frame.lineno}"
+    return ""
+
 
 class Host:
     """The loaded plugins and one registry per kind."""
 
-    def __init__(self, strict: bool = False, trace: bool = False) -> None:
+    def __init__(self, strict: bool = False, trace: bool = False,
+                 report: Callable[[str], None] | None = None) -> None:
         self.strict = strict
+        self.report = report
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         if trace:
@@ -78,17 +129,33 @@ class Host:
         self.problems: list[str] = []
 
     # ----------------------------------------------------------------- loading
-    def _fail(self, info: PluginInfo, err: BaseException, what: str) -> None:
-        info.error = f"{type(err).__name__}: {err}"
-        msg = f"plugin '{info.name}' ({info.origin}) {what} and was skipped: {info.error}"
-        self.problems.append(msg)
+    def _problem(self, message: str, fatal: str, err: BaseException | None = None) -> None:
+        """Record one problem: fatal under strict (``fatal`` says so), else one warning line."""
+        self.problems.append(message)
         if self.strict:
-            raise PluginError(msg) from err
-        warnings.warn(msg, PluginLoadWarning, stacklevel=3)
+            raise StrictPluginError(fatal) from err
+        if self.report is not None:
+            self.report(message)
+        else:
+            warnings.warn(message, PluginLoadWarning, stacklevel=4)
+
+    def _fail(self, info: PluginInfo, err: BaseException, what: str) -> None:
+        info.error = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        where = _raised_at(err)
+        at = f" (raised at {where})" if where else ""
+        fix = ("fix or uninstall it" if info.origin.startswith("entry point") else "fix or remove the file")
+        self._problem(f"plugin {info.describe()} {what} and was skipped: {info.error}{at}",
+                      f"plugin {info.describe()} {what}: {info.error}{at}. This is fatal under --strict "
+                      f"(WSSS_BENCH_STRICT_PLUGINS); {fix}, or run without --strict to skip it", err)
 
     def add_plugin(self, obj: Any, info: PluginInfo) -> None:
         if info.name in self.infos and self.infos[info.name].error is None:
-            self._fail(info, PluginError("a plugin of that name is already loaded"), "clashed")
+            first = self.infos[info.name]
+            self._problem(
+                f"plugin {info.describe()} has the same name as the loaded plugin {first.describe()} "
+                f"and was skipped; rename one of the two entry points",
+                f"plugin {info.describe()} has the same name as the loaded plugin {first.describe()}. "
+                f"This is fatal under --strict; rename one of the two entry points")
             return
         self.infos[info.name] = info
         try:
@@ -104,7 +171,8 @@ class Host:
             builtin = dist == BUILTIN_DIST
             if not builtin and only is not None and ep.name not in only:
                 continue
-            info = PluginInfo(ep.name, dist, version, f"entry point {ep.value}")
+            info = PluginInfo(ep.name, dist, version, f"entry point {ep.name} = {ep.value}",
+                              module=ep.value.split(":")[0].strip())
             try:
                 obj = ep.load()
             except Exception as err:
@@ -119,7 +187,7 @@ class Host:
             raise UserError(f"--plugins-dir {directory}: not a directory; point it at a folder of *.py plugin files")
         for path in sorted(directory.glob("*.py")):
             name = path.stem
-            info = PluginInfo(name, f"file:{path.parent}", "-", str(path))
+            info = PluginInfo(name, f"file:{path.parent}", "-", str(path), module=path.stem)
             mod_name = f"wsss_bench_local_plugins.{name}"
             try:
                 spec = importlib.util.spec_from_file_location(mod_name, path)
@@ -146,6 +214,8 @@ class Host:
                 caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
                 try:
                     caller(register=self._register_cb(kind, registry, info))
+                except StrictPluginError:
+                    raise
                 except Exception as err:
                     self._fail(info, err, f"raised in {hook_name}")
 
@@ -154,10 +224,19 @@ class Host:
             item_name = name or getattr(obj, "name", None) or getattr(obj, "__name__", "")
             if kind == "commands":
                 item_name = (name or getattr(obj, "__name__", "")).replace("_", "-")
+            if item_name and isinstance(item_name, str) and item_name in registry:
+                holder = registry.entry(item_name).plugin
+                first = self.infos.get(holder)
+                who = first.describe() if first is not None else f"'{holder}'"
+                kept = "the built-in" if first is not None and first.builtin else "the first"
+                clash = (f"plugin {info.describe()} tried to register {registry.noun} '{item_name}', already "
+                         f"registered by {who}")
+                self._problem(f"{clash}; kept {kept}; rename the {registry.noun} of one of them",
+                              f"{clash}. This is fatal under --strict; rename the {registry.noun} of one of them")
+                return
             problem = registry.add(item_name, obj, info.name)
             if problem:
-                self.problems.append(problem)
-                warnings.warn(problem, PluginLoadWarning, stacklevel=2)
+                self._problem(problem, f"{problem}. This is fatal under --strict")
                 return
             info.provides.append(f"{kind}:{item_name}")
 
@@ -197,8 +276,12 @@ def load_plugins(
     plugins_dirs: Iterable[Path | str] = (),
     only: Iterable[str] | None = None,
     trace: bool | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> Host:
-    """Build a Host: entry points, then plugin directories, then every register hook."""
+    """Build a Host: entry points, then plugin directories, then every register hook.
+
+    ``report(message)`` receives each plugin problem (default: a :class:`PluginLoadWarning`);
+    the CLI passes :func:`show_problem`."""
     strict = _env_flag("WSSS_BENCH_STRICT_PLUGINS") if strict is None else strict
     trace = _env_flag("WSSS_BENCH_TRACE_PLUGINS") if trace is None else trace
     if only is None and "WSSS_BENCH_LOAD_PLUGINS" in os.environ:
@@ -206,7 +289,7 @@ def load_plugins(
     dirs = [Path(d) for d in plugins_dirs]
     env_dirs = os.environ.get("WSSS_BENCH_PLUGINS_DIR", "")
     dirs += [Path(d) for d in env_dirs.split(os.pathsep) if d]
-    host = Host(strict=strict, trace=trace)
+    host = Host(strict=strict, trace=trace, report=report)
     host.load_entry_points(set(only) if only is not None else None)
     for d in dirs:
         host.load_directory(d)
