@@ -127,6 +127,9 @@ def run(
                         f"BraTS2021_* case folders or the FLARE21 TrainingImg/TrainingMask (or imagesTr/labelsTr) folders")
     tasks, seeds = _split_csv(task), _seeds(seed)
     cells = plan_cells(host, tasks, cam, method, seeds, backbones=backbone)
+    from wsss_bench.context import resolve_device
+
+    resolve_device(device)  # before any compute, and one message (not one per cell)
     if out is None:
         out = Path("runs") / _slug(f"{'+'.join(tasks)}_{cam or 'nocam'}_{method}_{profile}_s{'-'.join(map(str, seeds))}")
     ex_spec = parse_specs(executor)[0]

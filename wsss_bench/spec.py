@@ -146,6 +146,11 @@ class _Parser:
         raw = self.text[start : self.pos].strip()
         if not raw:
             raise self.error("expected a value")
+        quote = next((c for c in raw if c in "'\""), None)
+        if quote:  # else a value could hold both quote kinds, which no spec can write back
+            self.pos = start + self.text[start:].index(quote)
+            raise self.error(f"a {quote} inside an unquoted value; quote the whole value instead, "
+                             f"e.g. key='text' or key=\"it's\"")
         return parse_scalar(raw)
 
 
