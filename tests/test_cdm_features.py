@@ -178,7 +178,7 @@ def test_forward_stops_after_the_deepest_needed_block_and_leaves_no_hooks():
 
 
 # ---------------------------------------------------------------- blocks and D
-def test_blocks_and_feature_dim_follow_the_profiles():
+def test_blocks_and_feature_dim_follow_the_profiles(monkeypatch):
     for name, want in (("paper", [1, 2, 3]), ("cpu", [0, 1, 2]), ("smoke", [0, 1, 2])):
         prof = load_profile(name)
         blocks = dfeat.select_blocks(prof.cldf.feature_blocks, prof.cdm_unet, prof.image_size)
@@ -191,6 +191,6 @@ def test_blocks_and_feature_dim_follow_the_profiles():
     with pytest.raises(ValueError):
         dfeat.select_blocks("up 1-7", SMOKE.cdm_unet, 32)
     with pytest.raises(PluginError, match="blocks"):
-        backbone(tiny_unet(), pytest.MonkeyPatch(), blocks="everything")
+        backbone(tiny_unet(), monkeypatch, blocks="everything")
     with pytest.raises(PluginError, match="t_scale"):
         CDMFeatures(t_scale="log")
