@@ -172,17 +172,25 @@ def _group_stats(g: "pd.DataFrame") -> dict[str, Any]:
     return rec
 
 
-def aggregate(df: "pd.DataFrame", ci_resamples: int = 0) -> "pd.DataFrame":
+def bootstrap_seed(g: "pd.DataFrame", task: str) -> int:
+    """seed(base, task, "bootstrap") (PROTOCOL section 12), base = the smallest seed in ``g``."""
+    from wsss_bench.seeding import derive_seed
+
+    base = int(g["seed"].min()) if "seed" in g and len(g) else 0
+    return derive_seed(base, str(task), "bootstrap")
+
+
+def aggregate(df: "pd.DataFrame", ci_resamples: int = 0,
+              ci_columns: Sequence[str] = ("dice",)) -> "pd.DataFrame":
     """One row per (task, method, gate): all-slice, positive-only and case-level summaries.
 
     Columns: n_slices, n_pos, n_neg, n_cases, n_seeds and, for dice and iou, ``_mean``/``_std``
     (all slices, population std), ``_pos_mean``/``_pos_std`` (label == 1), ``_case_mean`` (mean
-    of per-case means) and ``_seed_std``.  With ``ci_resamples`` > 0, also ``dice_ci_lo`` /
-    ``dice_ci_hi`` from :func:`bootstrap_ci`, seeded with seed(base, task, "bootstrap").
+    of per-case means) and ``_seed_std``.  With ``ci_resamples`` > 0, also ``<col>_ci_lo`` /
+    ``<col>_ci_hi`` for each of ``ci_columns`` (default dice) from :func:`bootstrap_ci`, seeded
+    with seed(base, task, "bootstrap"); every column of a group uses the same case draws.
     """
     import pandas as pd
-
-    from wsss_bench.seeding import derive_seed
 
     require_columns(df, GROUP_KEYS + ["case_id", "label", "dice", "iou"])
     check_unique_slices(df)
@@ -191,9 +199,9 @@ def aggregate(df: "pd.DataFrame", ci_resamples: int = 0) -> "pd.DataFrame":
         rec = dict(zip(GROUP_KEYS, key))
         rec.update(_group_stats(g))
         if ci_resamples > 0:
-            base = int(g["seed"].min()) if "seed" in g else 0
-            seed = derive_seed(base, str(rec["task"]), "bootstrap")
-            rec["dice_ci_lo"], rec["dice_ci_hi"] = bootstrap_ci(g, ci_resamples, seed)
+            seed = bootstrap_seed(g, rec["task"])
+            for col in ci_columns:
+                rec[f"{col}_ci_lo"], rec[f"{col}_ci_hi"] = bootstrap_ci(g, ci_resamples, seed, column=col)
         records.append(rec)
     return pd.DataFrame.from_records(records, columns=None if records else GROUP_KEYS)
 
@@ -218,6 +226,73 @@ def bootstrap_ci(df_group: "pd.DataFrame", resamples: int, seed: int, column: st
     tail = 100.0 * (1.0 - level) / 2.0
     lo, hi = np.percentile(means, [tail, 100.0 - tail])
     return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- per volume
+VOLUME_KEYS = ["task", "method", "gate", "seed", "case_id"]
+
+
+def slice_intersections(df: "pd.DataFrame") -> np.ndarray:
+    """|P∩G| per row (int64), recovered from ``dice``, ``pred_area`` and ``gt_area``.
+
+    Dice = 2|P∩G| / (|P| + |G|) is exact in float64 for any slice size, so |P∩G| =
+    round(Dice (|P| + |G|) / 2); where |G| = 0 the intersection is 0 whatever the empty rule
+    scored.  A row whose recovered count is not within 1e-6 of an integer, or exceeds an area,
+    means the columns disagree and raises UserError.
+    """
+    require_columns(df, ["dice", "pred_area", "gt_area"], what="results (per-volume Dice)")
+    p = df["pred_area"].to_numpy(np.float64)
+    g = df["gt_area"].to_numpy(np.float64)
+    raw = np.where(g > 0, df["dice"].to_numpy(np.float64) * (p + g) / 2.0, 0.0)
+    inter = np.rint(raw)
+    if np.any(np.abs(raw - inter) > 1e-6 * np.maximum(1.0, p + g)) or np.any(inter > np.minimum(p, g)):
+        raise UserError("results rows disagree: dice, pred_area and gt_area do not give an integer "
+                        "intersection; the per-slice table is corrupt or was edited")
+    return inter.astype(np.int64)
+
+
+def volume_scores(df: "pd.DataFrame") -> "pd.DataFrame":
+    """Per-volume (3D) Dice and IoU per (task, method, gate, seed, case): the case's test slices
+    restacked, i.e. sums of |P∩G|, |P| and |G| over its slices, then the per-slice formulas with
+    the same empty rule (an empty volume G scores 1 iff the volume P is empty too).
+
+    Columns: the keys, ``n_slices``, ``inter``, ``pred_area``, ``gt_area``, ``dice3d``, ``iou3d``.
+    """
+    import pandas as pd
+
+    keys = [k for k in VOLUME_KEYS if k in df.columns]
+    require_columns(df, ["task", "method", "gate", "case_id"], what="results (per-volume Dice)")
+    check_unique_slices(df)
+    work = df[keys].copy()
+    work["inter"] = slice_intersections(df)
+    work["pred_area"] = df["pred_area"].to_numpy(np.int64)
+    work["gt_area"] = df["gt_area"].to_numpy(np.int64)
+    work["n_slices"] = 1
+    vol = work.groupby(keys, sort=False, as_index=False)[["n_slices", "inter", "pred_area", "gt_area"]].sum()
+    d, i = dice_iou_from_counts(vol["inter"], vol["pred_area"], vol["gt_area"])
+    vol["dice3d"], vol["iou3d"] = d, i
+    return pd.DataFrame(vol)
+
+
+def aggregate_volumes(df: "pd.DataFrame", ci_resamples: int = 0) -> "pd.DataFrame":
+    """One row per (task, method, gate): mean and population std of the per-volume Dice/IoU over
+    test cases (x seeds), ``n_volumes``; with ``ci_resamples`` > 0 the case-level bootstrap CI of
+    the mean per-volume Dice (``dice3d_ci_lo``/``_hi``, same seed component as :func:`aggregate`).
+    """
+    import pandas as pd
+
+    vol = volume_scores(df)
+    records = []
+    for key, g in vol.groupby(GROUP_KEYS, sort=False):
+        rec = dict(zip(GROUP_KEYS, key))
+        rec["n_volumes"] = len(g)
+        for col in ("dice3d", "iou3d"):
+            rec[f"{col}_mean"], rec[f"{col}_std"] = _mean_std(g[col].to_numpy(np.float64))
+        if ci_resamples > 0:
+            rec["dice3d_ci_lo"], rec["dice3d_ci_hi"] = bootstrap_ci(
+                g, ci_resamples, bootstrap_seed(g, rec["task"]), column="dice3d")
+        records.append(rec)
+    return pd.DataFrame.from_records(records, columns=None if records else GROUP_KEYS)
 
 
 # --------------------------------------------------------------------------- tests
