@@ -494,7 +494,7 @@ class Session:
         ctx.stages.append({"stage": "data", "seconds": getattr(ctx, "data_seconds", 0.0),
                            "peak_rss_mb": round(peak_rss_mb(), 1)})
         set_determinism(ctx.seed(f"cell/{cell.method}"), self.device)
-        frame, info = compute_cell(ctx, cell, self.profile)
+        frame, info = compute_cell(ctx, cell, self.profile, out=out)
         frame["profile"] = self.profile.name
         frame["data"] = "phantom" if ctx.task_data.is_phantom else "real"
         with atomic_path(done) as tmp:
