@@ -430,8 +430,16 @@ def events(ctx):
 def test_plugin_caches_each_stage_and_a_stage2_change_keeps_stage1(tmp_path):
     data = FakeTaskData()
     ctx = make_ctx(tmp_path, data)
+    upstream, real = {}, ctx.shared_model
+
+    def spy(name, *args, **kwargs):
+        upstream[name] = list(kwargs.get("upstream", ()))
+        return real(name, *args, **kwargs)
+
+    ctx.shared_model = spy
     cam = ctx.plugin("cams", "amecam")
     assert events(ctx) == {"amecam-stage1": False, "amecam-stage2": False, "amecam-polarity": False}
+    assert upstream == {"amecam-stage1": [], "amecam-stage2": [ctx.shared_model_key("amecam-stage1")]}
     pol = ctx.records["amecam/polarity"]
     assert pol["s"] in (1, -1) and {"drop_plus", "drop_minus", "tied", "n_slices"} <= set(pol)
     assert pol["n_slices"] == int((data.labels[data.split("train")] == 1).sum())

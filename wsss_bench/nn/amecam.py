@@ -316,8 +316,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = SIMCLR_TEMP
 def random_resized_crop(x: torch.Tensor, g: torch.Generator, flips: bool) -> torch.Tensor:
     """RandomResizedCrop(S) (scale 0.08-1, ratio 3/4-4/3), optional left-right flip; (B, C, S, S).
 
-    The crop box is drawn as torchvision does (10 tries, then the central crop within the
-    ratio range) and resampled bilinearly at S x S through ``grid_sample``.
+    The crop box is drawn as torchvision does (10 tries; then torchvision's fallback, which
+    for a square image and a ratio range containing 1 is the whole image) and resampled
+    bilinearly at S x S through ``grid_sample`` (border padding, no antialiasing).
     """
     b, _, s, _ = x.shape
     theta = torch.zeros(b, 2, 3)
