@@ -273,7 +273,8 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for m, caught, n, secs in rows:
         caught_txt = "<br>".join(f"`{c}`" for c in caught) if caught else "**none: NOT CAUGHT**"
-        lines.append(f"| `{m.name}` | {'yes' if m.issue else ''} | `{m.path}` | {m.what} | "
+        what = m.what.replace("|", "\\|")  # a pipe would end the table cell
+        lines.append(f"| `{m.name}` | {'yes' if m.issue else ''} | `{m.path}` | {what} | "
                      f"{n} in {', '.join(t.replace('tests/', '') for t in m.tests)} | {caught_txt} |")
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
