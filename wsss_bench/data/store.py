@@ -483,6 +483,8 @@ def _run_jobs(jobs: list[dict], workers: int, advance: Callable[[int], None]) ->
     from concurrent.futures.process import BrokenProcessPool
 
     method = "fork" if sys.platform.startswith("linux") else "spawn"
+    if method == "fork":
+        import torch  # noqa: F401  imported once here, inherited by every forked worker
     errors: dict[int, BaseException] = {}
     with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
                              initargs=(os.getpid(),)) as pool:
