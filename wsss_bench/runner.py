@@ -332,8 +332,10 @@ def check_scorable(ctx: RunContext) -> None:
                         f"test cases contain the target, more cases, or another --seed (another case split)")
 
 
-def compute_cell(ctx: RunContext, cell: Cell, profile: Any):
-    """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest)."""
+def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = None):
+    """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest).
+
+    ``out``: the run folder (Session.run_cell passes it; 15f4db0 changed only that call)."""
     check_scorable(ctx)
     st = CellState(ctx, cell, profile)
     for _, stage in CELL_STAGES:
