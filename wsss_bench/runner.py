@@ -335,11 +335,19 @@ def check_scorable(ctx: RunContext) -> None:
 def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = None):
     """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest).
 
-    ``out``: the run folder (Session.run_cell passes it; 15f4db0 changed only that call)."""
+    With ``out``, the predicted masks (before gating) are stored as
+    ``<out>/predictions/<key>.npz`` for figures and NIfTI export.
+    """
     check_scorable(ctx)
     st = CellState(ctx, cell, profile)
     for _, stage in CELL_STAGES:
         stage(st)
+    if out is not None:
+        from wsss_bench.export_masks import save_predictions
+
+        data = ctx.task_data
+        save_predictions(out, cell.key, data.case_ids[st.test], data.z[st.test], st.pred,
+                         task=cell.task, method=cell.method, seed=cell.seed)
     log = ctx.log
     info = {"artifacts": list(dict.fromkeys(log.used)), "records": dict(log.records),
             "base_seed": ctx.base_seed, "derived_seeds": dict(log.seeds),
