@@ -210,6 +210,7 @@ def test_another_configuration_in_the_same_out_is_refused_or_replaced(run_cli, t
     first = run_cli(*base)
     assert first.exit_code == 0, first.output
     frame = _frame(out)
+    assert len(list((out / "predictions").glob("*.npz"))) == 1  # masks kept for figures / NIfTI export
     other_seed = run_cli(*base, "--phantom-seed", "1")
     assert other_seed.exit_code == 2 and "another configuration" in other_seed.output
     assert "phantom_seed 0 -> 1" in " ".join(other_seed.output.split())
