@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -416,3 +417,240 @@ def test_training_resumes_bit_identically(tmp_path):
     assert info["resumed_from"] == 50
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+# ============================================================================ the plugin
+S_SMOKE = 32
+
+
+class _FakeCtx:
+    """Only what source resolution needs: ctx.plugin for the MG the refiner adds."""
+
+    def __init__(self):
+        self.asked = []
+
+    def plugin(self, kind, spec):
+        from wsss_bench_plugins.mg import MeanGradient
+
+        self.asked.append((kind, spec))
+        return MeanGradient()
+
+
+def _sources(*names):
+    from wsss_bench_plugins.gradcam import GradCAM
+    from wsss_bench_plugins.layercam import LayerCAM
+    from wsss_bench_plugins.mg import MeanGradient
+
+    kinds = {"gradcam": GradCAM, "layercam": LayerCAM, "mg": MeanGradient}
+    return tuple(kinds[n]() for n in names)
+
+
+@pytest.mark.parametrize("names,params,variant,added", [
+    (("gradcam",), {}, "cam+mg", True),  # --cam amecam: the paper's CLDF, MG added by the refiner
+    (("gradcam", "mg"), {}, "cam+mg", False),  # --cam amecam+mg: the same
+    (("mg", "gradcam"), {}, "cam+mg", False),
+    (("mg",), {}, "mg", False),  # MG+CL
+    (("mg",), {"use_mg": False}, "mg", False),
+    (("gradcam",), {"use_mg": False}, "cam", False),  # CAM+CL
+])
+def test_sources_choose_the_table3_variant(names, params, variant, added):
+    from wsss_bench_plugins.cldf import CLDF
+
+    ref, ctx = CLDF(**params), _FakeCtx()
+    ref._resolve_sources(ctx, _sources(*names))
+    assert ref.variant == variant and ref.mg_added == added
+    assert ctx.asked == ([("cams", "mg")] if added else [])
+    if variant == "cam+mg":
+        assert ref.cam.name == "gradcam" and ref.mg.name == "mg" and ref.score_source is ref.cam
+    if variant == "mg":
+        assert ref.score_source is ref.mg
+
+
+@pytest.mark.parametrize("names,params,match", [
+    (("gradcam", "mg"), {"use_mg": False}, "use_mg"),
+    (("gradcam", "layercam"), {}, "one CAM source"),
+    ((), {}, "needs a map source"),
+])
+def test_contradictory_sources_are_refused(names, params, match):
+    from wsss_bench.errors import PluginError
+    from wsss_bench_plugins.cldf import CLDF
+
+    with pytest.raises(PluginError, match=match):
+        CLDF(**params)._resolve_sources(_FakeCtx(), _sources(*names))
+
+
+@pytest.mark.parametrize("params,key", [({"kmeans_region": "air"}, "kmeans_region"), ({"tau": 0.0}, "tau"),
+                                        ({"out_dim": 0}, "out_dim"), ({"decoder_depth": 0}, "decoder_depth"),
+                                        ({"backbone": " "}, "backbone")])
+def test_bad_parameters_name_themselves(params, key):
+    from wsss_bench.errors import PluginError
+    from wsss_bench_plugins.cldf import CLDF
+
+    with pytest.raises(PluginError, match=f"'cldf': parameter {key}="):
+        CLDF(**params)
+
+
+@pytest.fixture(scope="module")
+def session(cache_root):
+    from wsss_bench.plugins import load_plugins
+    from wsss_bench.runner import RunConfig, Session
+
+    return Session(RunConfig(profile="smoke", device="cpu", cache_dir=Path(cache_root)), host=load_plugins())
+
+
+def run_cell(session, cams, method="cldf"):
+    """Plan and run one cell's stages in-process; returns the cell state (st.pred: test masks)."""
+    from wsss_bench.runner import CellState, plan_cells, stage_maps, stage_prepare_refiner, \
+        stage_prepare_sources, stage_refine
+
+    ctx = session.context("brats", 0)
+    cell = plan_cells(session.host, ["brats"], cams, method, [0])[0]
+    st = CellState(ctx, cell, session.profile)
+    for stage in (stage_prepare_sources, stage_maps, stage_prepare_refiner, stage_refine):
+        stage(st)
+    return st
+
+
+def test_cam_alone_and_cam_plus_mg_are_the_same_cldf(session):
+    a = run_cell(session, "gradcam")
+    b = run_cell(session, "gradcam+mg")
+    assert a.refiner.mg_added and not b.refiner.mg_added
+    assert a.refiner.decoder is b.refiner.decoder  # one shared model: the same key
+    assert np.array_equal(a.pred, b.pred) and a.pred.any()
+    rec = a.ctx.records
+    assert rec["cldf/variant"]["name"] == "CAM+MG+CL"
+    train = rec["cldf/seeds/train"]
+    assert train["fg"] > 0 and train["bg"] > 0 and 0 < train["bg_tissue_share"] < 1
+    assert train["slices"] == int((a.ctx.data.labels[a.ctx.data.split("train")] == 1).sum())
+
+
+def test_training_seeds_are_the_cached_intersection_of_the_two_masks(session):
+    from wsss_bench.maps import binarize_cam, otsu_masks
+
+    st = run_cell(session, "gradcam")
+    ctx, ref = st.ctx, st.refiner
+    seeds = ref._train_seeds(ctx)  # cached: a hit now
+    train = ctx.data.split("train")
+    pos = np.nonzero(ctx.data.labels[train] == 1)[0]
+    assert np.array_equal(seeds["rows"], train[pos])
+    cam = binarize_cam(torch.from_numpy(np.array(ctx.maps("gradcam", "train")[pos])))
+    mg = otsu_masks(torch.from_numpy(np.array(ctx.maps("mg", "train")[pos])))
+    fg = cldf.unpack_masks(seeds["fg"], S_SMOKE)
+    bg = cldf.unpack_masks(seeds["bg"], S_SMOKE)
+    assert torch.equal(fg, cam & mg) and torch.equal(bg, ~cam & ~mg)
+
+
+def test_mg_alone_is_mg_plus_cl_and_tissue_region_stays_in_tissue(session):
+    st = run_cell(session, "mg")
+    assert st.refiner.variant == "mg" and st.ctx.records["cldf/variant"]["name"] == "MG+CL"
+    st_t = run_cell(session, "gradcam", "cldf[kmeans_region=tissue]")
+    images = st_t.ctx.data.images(st_t.test)
+    tissue = (np.asarray(images) != 0).any(axis=1)
+    assert st_t.pred.any() and not (st_t.pred & ~tissue).any()
+
+
+def test_no_dense_feature_tensor_in_training_or_inference(session):
+    """A dispatch spy sees every op output while the decoder trains and a batch is refined."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wsss_bench_plugins.cldf import CLDF
+
+    ctx = session.context("brats", 0)
+    chunk = 128
+    sources = (ctx.plugin("cams", "gradcam"), ctx.plugin("cams", "mg"))
+    backbone = ctx.plugin("backbones", "cdm")
+    dim, cap = backbone.dim, int(ctx.profile.cldf.fg_cap) + int(ctx.profile.cldf.bg_per_batch)
+    calls = {"gather": [], "stream": []}
+    real_gather, real_stream = backbone.gather, backbone.stream
+
+    def gather(images, coords):
+        calls["gather"].append(coords.shape[0])
+        return real_gather(images, coords)
+
+    def stream(image, chunk_):
+        for sl, part in real_stream(image, chunk_):
+            calls["stream"].append(part.shape[0])
+            yield sl, part
+
+    class Spy(TorchDispatchMode):
+        bad: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    shape = tuple(t.shape)
+                    if (len(shape) == 4 and shape[-2:] == (S_SMOKE, S_SMOKE) and shape[1] >= dim) or \
+                            (len(shape) == 2 and shape[1] == dim and shape[0] > max(chunk, cap)):
+                        self.bad.append((str(func), shape))
+            return out
+
+    backbone.gather, backbone.stream = gather, stream
+    try:
+        for s in sources:
+            ctx.maps(s, "train")
+        ref = CLDF(out_dim=12, chunk=chunk)  # a decoder no other test trained: training runs here
+        with Spy() as spy:
+            ref = ctx.plugin("refiners", ref, sources=sources)
+            idx = ctx.data.split("test")[:4]
+            batch = next(iter(ctx.data.batches(idx, 4)))
+            maps = tuple(torch.from_numpy(np.array(ctx.maps(s, "test")[:4])) for s in sources)
+            masks = ref.refine(batch, maps, sources)
+    finally:
+        backbone.gather, backbone.stream = real_gather, real_stream
+    assert masks.shape == (4, S_SMOKE, S_SMOKE) and masks.dtype == torch.bool
+    assert spy.bad == [], spy.bad[:3]
+    assert calls["gather"] and max(calls["gather"]) <= cap  # training: selected pixels only
+    assert calls["stream"] and max(calls["stream"]) <= chunk  # inference: chunks
+    assert sum(calls["stream"]) == 4 * S_SMOKE ** 2
+    # the streamed embeddings are the eval-mode decoder on the features of every pixel
+    import copy
+
+    flat = torch.arange(S_SMOKE ** 2)
+    every = torch.stack([torch.zeros_like(flat), flat // S_SMOKE, flat % S_SMOKE], 1)
+    with torch.no_grad():
+        want = copy.deepcopy(ref.decoder).eval()(backbone.gather(batch.images[:1], every))
+    torch.testing.assert_close(ref.embed(batch.images[0]), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- end to end (CLI)
+@pytest.fixture
+def run_cli(monkeypatch):
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+
+    monkeypatch.setitem(cli._STATE, "host", None)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(cli.app, [str(a) for a in args])
+
+
+def _cam_for_e2e():
+    from wsss_bench.plugins import load_plugins
+
+    return "amecam" if "amecam" in load_plugins().registries["cams"].names() else "gradcam"
+
+
+def test_cli_cldf_runs_end_to_end_and_backbones_form_a_grid(run_cli, tmp_path):
+    import json
+
+    import pandas as pd
+
+    cam = _cam_for_e2e()
+    base = ["run", "--profile", "smoke", "--device", "cpu", "--task", "brats", "--method", "cldf"]
+    res = run_cli(*base, "--cam", cam, "--backbone", "[cdm,resnet18]", "--out", tmp_path / "a")
+    assert res.exit_code == 0, res.output
+    frame = pd.read_parquet(tmp_path / "a" / "results.parquet")
+    assert set(frame.method) == {f"{cam}+cldf", f"{cam}+cldf[backbone=resnet18]"}  # a two-cell grid
+    test_n = frame[(frame.gate == "none")].groupby("method").size()
+    assert (test_n == test_n.iloc[0]).all() and test_n.iloc[0] > 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert len(manifest["cells"]) == 2
+    for c in manifest["cells"]:
+        assert c["records"]["cldf/variant"]["name"] == "CAM+MG+CL"
+        assert c["records"]["cldf/seeds/train"]["fg"] > 0
+    res = run_cli(*base, "--cam", "gradcam", "--backbone", "[resnet50,unet-encoder]", "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    frame = pd.read_parquet(tmp_path / "b" / "results.parquet")
+    assert set(frame.method) == {"gradcam+cldf[backbone=resnet50]", "gradcam+cldf[backbone=unet-encoder]"}
+    assert frame.dice.between(0, 1).all()
