@@ -81,6 +81,39 @@ def test_architecture_and_recipe_follow_the_profile():
     assert fsl.LR == 1e-3 and fsl.WEIGHT_DECAY == 1e-5
 
 
+def test_flips_move_image_and_mask_together(liver, tmp_path, monkeypatch):
+    import monai.losses
+
+    rows = liver.split("train")[:8]
+    sq = square(liver.image_size)
+
+    class ImageMasks(SquareMasks):  # the "mask" is the off-centre square drawn into the image
+        def batches(self, idx, batch_size, **kw):
+            for b in super().batches(idx, batch_size, **kw):
+                b.images[:, 0][torch.from_numpy(np.repeat(sq[None], len(b), 0))] = 1.0
+                yield b
+
+    seen = []
+    real = monai.losses.DiceCELoss
+
+    class Spy(real):
+        def forward(self, logits, target):
+            seen.append(target[:, 0].bool().clone())
+            return super().forward(logits, target)
+
+    monkeypatch.setattr(monai.losses, "DiceCELoss", Spy)
+    model = fsl.build_fsl(PROFILE.fsl, 1, seed=0)
+    inputs = []
+    model.register_forward_pre_hook(lambda m, a: inputs.append(a[0][:, 0].clone()))
+    fsl.train_fsl(model, ImageMasks(liver, rows), rows, {**dict(PROFILE.fsl), "batch": 8}, "cpu", 0, tmp_path,
+                  flips=True, iterations=6)
+    flipped = 0
+    for x, y in zip(inputs, seen):
+        assert torch.equal(x[y], torch.ones_like(x[y]))  # the mask still covers the square in the image
+        flipped += int((y != torch.from_numpy(sq)).any(dim=(1, 2)).sum())
+    assert flipped > 0  # some slices were flipped
+
+
 class Killed(Exception):
     pass
 
