@@ -187,8 +187,10 @@ def test_random_bytes_in_place_of_a_volume(fuzz_root, which, blob, gz):
 
 
 @st.composite
-def nifti_images(draw):
-    if draw(st.booleans()):
+def nifti_images(draw, wild: bool = True):
+    """(data, affine, scl_slope, damage); ``wild=False``: the case's shape, an identity affine
+    and no damage, so every example reaches the voxel checks (dtype, values, labels)."""
+    if not wild or draw(st.booleans()):
         shape = CASE_SHAPE  # the other files' shape: loading gets as far as the voxels
     else:
         ndim = draw(st.integers(0, 5))
@@ -212,6 +214,8 @@ def nifti_images(draw):
         else:
             data = flat.astype(dtype).reshape(shape)
     affine = np.eye(4)
+    if not wild:
+        return data, affine, draw(st.sampled_from([None, 1.0, 2.5, np.nan])), 0
     kind = draw(st.sampled_from(["eye", "eye", "eye", "flip", "singular", "nan", "random"]))
     if kind == "flip":
         affine = np.diag([-1.0, 1.0, -2.0, 1.0])
@@ -264,3 +268,12 @@ def test_random_headers_shapes_and_dtypes_flare(fuzz_root, which, img_spec):
     paths = _flare_case(root)
     assume(_save(img_spec, paths[which]))
     _load_everything(Flare21Dataset(), root, "train_000")
+
+
+@FUZZ
+@given(st.sampled_from(["flair", "t1", "seg"]), nifti_images(wild=False))
+def test_random_dtypes_and_values_reach_the_voxel_checks(fuzz_root, which, img_spec):
+    root = _fresh(fuzz_root, "values")
+    paths = _brats_case(root)
+    assume(_save(img_spec, paths[which]))
+    _load_everything(BratsDataset(), root, "BraTS2021_00000")

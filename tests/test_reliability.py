@@ -342,7 +342,7 @@ def _warnings(output: str) -> list[str]:
 
 def test_plugin_that_raises_on_import(run_cli, site, tmp_path):
     # an entry point whose name differs from its module: the message names both, and the distribution
-    make_dist(site, "tp-broken", "tp_broken", "import json\nraise RuntimeError('boom at import')\n",
+    make_dist(site, "tp-broken", "tp_broken", "import json\nraise RuntimeError('boom at import [/x] [bold]')\n",
               ep_name="mybroken")
     result = run_cli("list", "cams", "grad*")
     TABLE.append(("plugin that raises on import (entry point)", result.exit_code, first_message(result.output)))
@@ -353,6 +353,9 @@ def test_plugin_that_raises_on_import(run_cli, site, tmp_path):
                    f"raised at {site / 'tp_broken.py'}:2"):
         assert needle in line, line
     assert "plugins.py" not in result.output and "warnings.warn" not in result.output  # no internal source line
+    assert "boom at import [/x] [bold]" in line  # user text is printed as it is
+    listing = run_cli("plugins")
+    assert listing.exit_code == 0 and "boom at import [/x] [bold]" in " ".join(listing.output.split()), listing.output
 
     strict = run_cli("--strict", *_run_args(tmp_path, "--cam", "gradcam"))
     check_bad(strict, "plugin that raises on import, --strict", tmp_path / "cache", "entry point 'mybroken'",
@@ -414,7 +417,8 @@ BOOM = textwrap.dedent('''
 
     class BoomCam(CamSource):
         name = "boomcam"
-        description = "raises inside its cell"
+        description = "raises inside its cell [experimental]"
+        params = {"k": 1}
         def prepare(self, ctx):
             pass
         def maps(self, batch):
@@ -430,15 +434,18 @@ def test_plugin_that_raises_inside_a_cell_breaks_only_itself(run_cli, tmp_path):
     plugdir = tmp_path / "plugs"
     plugdir.mkdir()
     (plugdir / "boomcam.py").write_text(BOOM)
-    result = run_cli(*_run_args(tmp_path, "--plugins-dir", plugdir, "--cam", "boomcam,gradcam"))
-    out = check_bad(result, "plugin that raises inside a cell", None, "cell failed brats boomcam+threshold seed 0",
-                    "RuntimeError: kaboom in boomcam.maps", "traceback in", code=1)
+    listing = run_cli("--plugins-dir", plugdir, "list", "cams", "boom*")
+    assert "raises inside its cell [experimental]" in listing.output, listing.output
+    result = run_cli(*_run_args(tmp_path, "--plugins-dir", plugdir, "--cam", "boomcam[k=2],gradcam"))
+    out = check_bad(result, "plugin that raises inside a cell", None,
+                    "cell failed brats boomcam[k=2]+threshold seed 0", "RuntimeError: kaboom in boomcam.maps",
+                    "traceback in", code=1)
     assert "gradcam+threshold seed 0: done" in " ".join(out.split())
     frame = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert set(frame["method"]) == {"gradcam+threshold"}  # the other cell finished
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     status = {c["method"]: c["status"] for c in manifest["cells"]}
-    assert status == {"boomcam+threshold": "failed", "gradcam+threshold": "done"}
+    assert status == {"boomcam[k=2]+threshold": "failed", "gradcam+threshold": "done"}
     failed = next(c for c in manifest["cells"] if c["status"] == "failed")
     assert "kaboom" in failed["error"] and failed["user_error"] is False
     assert list((tmp_path / "out" / "cells").glob("*.error.txt"))
@@ -450,3 +457,20 @@ def test_plugin_that_raises_inside_a_cell_breaks_only_itself(run_cli, tmp_path):
     for d in maps.iterdir():
         if d.is_dir() and not d.name.startswith("."):
             assert json.loads((d / cache_mod.META).read_text())["describe"]["plugin"] == "gradcam"
+
+
+# ============================================================================ user text stays as it is
+def test_grid_rows_and_paths_keep_their_brackets(run_cli, tmp_path):
+    """Rich markup must not eat bracketed specs or paths: a grid prints one row per value."""
+    result = run_cli(*_run_args(tmp_path, "--cam", "gradcam[layer=[layer3,layer2]]"))
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for label in ("gradcam[layer=layer3]+threshold", "gradcam[layer=layer2]+threshold"):
+        assert f"{label} seed 0: done" in text
+        rows = [ln for ln in text.splitlines() if label in ln and ("label" in ln or "none" in ln)]
+        assert len(rows) == 2, text  # the table: gate label and gate none rows of this cell
+    assert "gradcam+threshold" not in text
+    target = tmp_path / "reports [b]" / "r[bold].md"
+    report = run_cli("report", tmp_path / "out", "--format", "markdown", "--output", target)
+    assert report.exit_code == 0, report.output
+    assert f"wrote {target}" in " ".join(report.output.split()) and target.is_file()
