@@ -96,7 +96,7 @@ def ours(model, layer, chunk):
         return run
 
     return {"GradCAM": gradcam, "GradCAM++": gradcampp, "LayerCAM": layercam,
-            "ScoreCAM": scorecam("paper"), "ScoreCAM (library)": scorecam("library"),
+            "ScoreCAM": scorecam("official"), "ScoreCAM (library)": scorecam("library"),
             "ScoreCAM (library, no skip)": scorecam("library", skip=False)}
 
 
@@ -274,7 +274,7 @@ def fmt_ms(seconds: float | None) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}"
 
 
-SCORE_LABELS = {"ours ScoreCAM": "ours scorecam[variant=paper]",
+SCORE_LABELS = {"ours ScoreCAM": "ours scorecam[variant=official]",
                 "ours ScoreCAM (library)": "ours scorecam[variant=library]",
                 "ours ScoreCAM (library, no skip)": "ours scorecam[variant=library], shortcut off"}
 
