@@ -145,6 +145,9 @@ def test_kill_during_training_and_map_writing_loses_nothing(tmp_path):
     assert "gradcam+threshold seed 0: already done" in " ".join(text.split())
     assert "stage train/" not in text  # no model is trained again
     assert "maps cdm (test): started" in text and "maps gradcam (test)" not in text
+    # the plain log lines name the stage and the cell, and give the elapsed time
+    assert re.search(r"^\d\d:\d\d:\d\d stage maps/cdm/test \[brats cdm\+threshold seed 0\]: done in \d+\.\ds$",
+                     text, re.M), text
     assert (gradcam_cell.stat().st_mtime_ns, gradcam_cell.read_bytes()) == stamp
     assert_nothing_half_written(cache, out)
     assert len(published(cache, "cdm")) == 1 and len(maps_of(cache, "cdm")) == 1

@@ -224,6 +224,9 @@ def test_test_split_without_a_positive_slice(run_cli, brats_root, tmp_path):
     assert not (tmp_path / "cache" / "artifacts").exists() or not any((tmp_path / "cache" / "artifacts").rglob("*.safetensors"))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [c["status"] for c in manifest["cells"]] == ["failed"]
+    # no results file, and no line pointing at one
+    assert not (tmp_path / "out" / "results.parquet").exists()
+    assert "results:" not in result.output and "no results were written (1 of 1 cell(s) failed)" in result.output
 
 
 # ============================================================================ the output folder and the disk
@@ -234,6 +237,23 @@ def test_out_under_a_regular_file_fails_before_compute(run_cli, tmp_path):
                      "--out", blocker / "run", "--cache-dir", tmp_path / "cache")
     check_bad(result, "--out under a regular file", tmp_path / "cache", str(blocker), "is a file")
     assert not (tmp_path / "cache").exists()  # checked before the phantom, the store or a model
+
+
+def test_unwritable_out_fails_before_compute(run_cli, tmp_path, monkeypatch):
+    """(The tests run as root, where chmod cannot take write permission away: the probe write
+    that check_out_dir makes is refused as the OS would refuse it.)"""
+    real = Path.write_text
+
+    def refuse(self, *args, **kwargs):
+        if self.name.startswith(".write-test"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    result = run_cli(*_run_args(tmp_path, "--cam", "gradcam"))
+    check_bad(result, "--out not writable", tmp_path / "cache", f"--out {tmp_path / 'out'}", "cannot write there",
+              "Permission denied", "choose a writable folder")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_out_holding_another_configuration_fails_before_compute(run_cli, tmp_path):
@@ -276,6 +296,17 @@ def test_full_disk_is_one_line_and_resumes(run_cli, tmp_path, monkeypatch):
     assert again.exit_code == 0, again.output
     assert leftovers(tmp_path / "cache") == []
     assert set(pd.read_parquet(tmp_path / "out" / "results.parquet")["method"]) == {"gradcam+threshold"}
+
+    # the disk fills up while the run folder's manifest is written (outside any cell)
+    def full_at_manifest(path, data):
+        if Path(path).name == "manifest.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data)
+
+    monkeypatch.setattr(cache_mod, "atomic_write_bytes", full_at_manifest)
+    last = check_bad(run_cli(*args), "full disk while writing manifest.json", tmp_path / "cache",
+                     f"cannot write {tmp_path / 'out' / 'manifest.json'}", "No space left on device")
+    assert "already done" in last
 
 
 # ============================================================================ specs and plugin names
@@ -362,6 +393,18 @@ def test_plugin_that_raises_on_import(run_cli, site, tmp_path):
               "boom at import", "fatal under --strict")
     assert "skipped" not in strict.output
     assert not (tmp_path / "cache").exists()
+
+    # the same through the console entry point (main() loads the plugins before Typer runs)
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", "import sys; from wsss_bench.cli import main; main(sys.argv[1:])",
+                           "--strict", "list", "refiners"], env=env, capture_output=True, text=True, timeout=120)
+    TABLE.append(("plugin that raises on import, --strict (console entry point)", done.returncode,
+                  first_message(done.stderr)[:160]))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "boom at import [/x] [bold]" in done.stderr and "fatal under --strict" in done.stderr
 
 
 def test_plugin_file_that_raises_on_import(run_cli, tmp_path):
