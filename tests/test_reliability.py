@@ -517,3 +517,15 @@ def test_grid_rows_and_paths_keep_their_brackets(run_cli, tmp_path):
     report = run_cli("report", tmp_path / "out", "--format", "markdown", "--output", target)
     assert report.exit_code == 0, report.output
     assert f"wrote {target}" in " ".join(report.output.split()) and target.is_file()
+
+
+def test_nonfinite_zero_reads_nan_voxels_as_background(run_cli, brats_root, tmp_path):
+    """The NaN message's remedy works from the command line: --nonfinite zero."""
+    root = _copy(brats_root, tmp_path / "root")
+    victim = _cases(root)[1]
+    _resave(victim / f"{victim.name}_flair.nii.gz", _with_nan)
+    result = run_cli(*_run_args(tmp_path, "--cam", "gradcam", "--data-root", root, "--nonfinite", "zero"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "results.parquet").is_file()
+    bad = run_cli(*_run_args(tmp_path, "--cam", "gradcam", "--data-root", root, "--nonfinite", "maybe"))
+    assert bad.exit_code == 2 and "--nonfinite maybe" in bad.output

@@ -114,6 +114,7 @@ def run(
     executor: str = typer.Option("local", "--executor", help="Executor spec: local or slurm[partition=gpu,gpus=1]."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero (read as background, counted in the manifest)."),
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
     from wsss_bench.profiles import apply_overrides, load_profile
@@ -137,7 +138,8 @@ def run(
     cfg = RunConfig(profile=profile, out=Path(out), data_root=data_root, device=device,
                     cache_dir=Path(cache_dir), bf16=bf16, use_cache=not no_cache, force=force,
                     phantom_seed=phantom_seed, plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_))
+                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_),
+                    nonfinite=_nonfinite(nonfinite))
     check_out_dir(cfg)  # before any compute: writable, and not another configuration's results
     say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {escape(profile)}, "
         f"data {'phantom' if data_root is None else escape(str(data_root))}, out {escape(str(out))}")
@@ -223,6 +225,12 @@ def summary_rows(frame) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _nonfinite(value: str) -> str:
+    if value not in ("error", "zero"):
+        raise UserError(f"--nonfinite {value}: choose error (stop at NaN/inf voxels) or zero (read them as background)")
+    return value
+
+
 # ---------------------------------------------------------------------------- bench
 def _data_roots(values: list[str]) -> tuple[tuple[str, str], ...]:
     roots = []
@@ -255,6 +263,7 @@ def bench(
     phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantoms."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero."),
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
     from wsss_bench import bench as bn
@@ -280,7 +289,8 @@ def bench(
     cfg = RunConfig(profile=profile, out=out, data_root=None, device=device, cache_dir=Path(cache_dir), bf16=bf16,
                     force=force, phantom_seed=phantom_seed, data_roots=_data_roots(data_root),
                     plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_))
+                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_),
+                    nonfinite=_nonfinite(nonfinite))
     check_out_dir(cfg)
     unavailable = [p for p in planned if p.error]
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "

@@ -106,6 +106,8 @@ class RunConfig:
     data_roots: tuple[tuple[str, str], ...] = ()
     #: profile overrides KEY=VALUE (``--set cdm.iterations=200``): a short device check
     overrides: tuple[str, ...] = ()
+    #: NaN/inf voxels in real data: "error" (default) or "zero" (read as background, counted)
+    nonfinite: str = "error"
 
     def load_profile(self):
         from wsss_bench.profiles import apply_overrides
@@ -131,7 +133,7 @@ class RunConfig:
                 "data_root": str(Path(self.data_root).resolve()) if self.data_root else None,
                 **({"data_roots": roots} if roots else {}),
                 "phantom_seed": int(self.phantom_seed),
-                "bf16": bool(self.bf16), "ambiguous": self.ambiguous,
+                "bf16": bool(self.bf16), "ambiguous": self.ambiguous, "nonfinite": self.nonfinite,
                 "device_type": "cuda" if dev.startswith("cuda") or (dev == "auto" and _cuda()) else "cpu"}
 
 
@@ -473,7 +475,8 @@ class Session:
 
             dataset_cls, task = self.host.task(task_id)
             t0 = time.perf_counter()
-            data = load_task_data(dataset_cls(), task_id, self.cfg.root_for(dataset_cls), self.profile, seed,
+            reader = dataset_cls(**({"nonfinite": self.cfg.nonfinite} if "nonfinite" in dataset_cls.params else {}))
+            data = load_task_data(reader, task_id, self.cfg.root_for(dataset_cls), self.profile, seed,
                                   Path(self.cfg.cache_dir), phantom_seed=self.cfg.phantom_seed,
                                   ambiguous=self.cfg.ambiguous)
             ctx = RunContext(task, data, self.profile, seed, self.device, self.cache, bf16=self.cfg.bf16,

@@ -94,7 +94,7 @@ def nonfinite_fix(data: np.ndarray, path: Path, policy: str, fill: float | None 
     if n == 0:
         return data, 0
     if policy != "zero" or n == data.size:
-        fix = "" if n == data.size else "; fix the file, or set the dataset parameter nonfinite=zero to read them as background"
+        fix = "" if n == data.size else "; fix the file, or pass --nonfinite zero (dataset parameter nonfinite=zero) to read them as background"
         raise UserError(f"{path} holds {n} non-finite voxel(s) (NaN or inf) of {data.size}{fix}")
     data = np.array(data, copy=True)
     data[bad] = data[~bad].min() if fill is None else fill
