@@ -129,7 +129,7 @@ class CLDF(Refiner):
         backbone_keys = list(dict.fromkeys(getattr(self.backbone, "_wsss_upstream", []) or ctx.used[used0:]))
         seeds = self._train_seeds(ctx)
         self.kmeans_seed = ctx.seed("cldf/kmeans")
-        self.test_composition: dict[str, Any] | None = None
+        self._test_seeds: dict[int, dict[str, Any]] = {}
         self._test_pos: dict[int, int] | None = None
 
         dim = int(self.backbone.dim)
@@ -268,9 +268,13 @@ class CLDF(Refiner):
         images = batch.images.to(self.ctx.device).float()
         fg, bg, score = self.seeds(batch, maps)
         tissue = core.tissue_mask(images)
-        self.test_composition = core.merge_composition(self.test_composition, core.seed_composition(
-            fg.cpu(), bg.cpu(), tissue.cpu()))
-        self.ctx.record("cldf/seeds/test", self.test_composition)
+        for i, row in enumerate(np.asarray(batch.index)):  # per slice: refining a slice twice counts it once
+            self._test_seeds[int(row)] = core.seed_composition(fg[i:i + 1].cpu(), bg[i:i + 1].cpu(),
+                                                               tissue[i:i + 1].cpu())
+        total = None
+        for comp in self._test_seeds.values():
+            total = core.merge_composition(total, comp)
+        self.ctx.record("cldf/seeds/test", total)
         b, s = images.shape[0], self.size
         per = max(1, KMEANS_PIXELS // (s * s))
         out = []

@@ -522,6 +522,7 @@ def test_cam_alone_and_cam_plus_mg_are_the_same_cldf(session):
     train = rec["cldf/seeds/train"]
     assert train["fg"] > 0 and train["bg"] > 0 and 0 < train["bg_tissue_share"] < 1
     assert train["slices"] == int((a.ctx.data.labels[a.ctx.data.split("train")] == 1).sum())
+    assert rec["cldf/seeds/test"]["slices"] == len(a.test)  # every test slice once
 
 
 def test_training_seeds_are_the_cached_intersection_of_the_two_masks(session):
