@@ -529,3 +529,13 @@ def test_nonfinite_zero_reads_nan_voxels_as_background(run_cli, brats_root, tmp_
     assert (tmp_path / "out" / "results.parquet").is_file()
     bad = run_cli(*_run_args(tmp_path, "--cam", "gradcam", "--data-root", root, "--nonfinite", "maybe"))
     assert bad.exit_code == 2 and "--nonfinite maybe" in bad.output
+
+
+def test_a_data_error_is_read_once_and_printed_once(run_cli, brats_root, tmp_path):
+    root = _copy(brats_root, tmp_path / "root")
+    victim = _cases(root)[1]
+    _truncate(victim / f"{victim.name}_t2.nii.gz")
+    result = run_cli(*_run_args(tmp_path, "--cam", "gradcam,layercam", "--data-root", root))
+    assert result.exit_code == 2
+    flat = " ".join(result.output.split())
+    assert flat.count("cannot read NIfTI file") == 1 and "the same error as above" in flat

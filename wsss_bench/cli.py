@@ -149,6 +149,18 @@ def run(
     _finish_run(cfg, host, cells, outcomes, time.perf_counter() - t0, job)
 
 
+def _print_failure(cell, error: Any, seen: set[str]) -> None:
+    """One line per failed cell; an error already printed (the same bad data file under every
+    cell of a task) is referred to instead of repeated."""
+    text = str(error)
+    head = f"[bold red]cell failed[/bold red] {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: "
+    if text in seen:
+        err_console.print(head + "the same error as above", soft_wrap=True, highlight=False)
+        return
+    seen.add(text)
+    err_console.print(head + escape(text), soft_wrap=True, highlight=False)
+
+
 def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
     from wsss_bench import results
     from wsss_bench.manifest import environment, plugin_distributions
@@ -156,14 +168,14 @@ def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
 
     failed = 0
     user_fail = True
+    seen: set[str] = set()
     for cell, oc in zip(cells, outcomes):
         if isinstance(oc, BaseException):
             oc = CellOutcome(cell, "failed", error=f"{type(oc).__name__}: {oc}")
         if oc.status == "failed":
             failed += 1
             user_fail = user_fail and oc.user_error
-            err_console.print(f"[bold red]cell failed[/bold red] {escape(cell.task)} {escape(cell.method)} seed "
-                              f"{cell.seed}: {escape(str(oc.error))}", soft_wrap=True, highlight=False)
+            _print_failure(cell, oc.error, seen)
         elif oc.status == "resumed":
             say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: already done, reused (use --force to redo)")
         else:
@@ -299,9 +311,9 @@ def bench(
     rep = bn.run_bench(cfg, host, ex, cells, failed_only=failed, collect_only=collect)
     seconds = time.perf_counter() - t0
     failures = [oc for oc in rep["cells"] if oc.status == "failed"]
+    seen: set[str] = set()
     for oc in failures:
-        err_console.print(f"[bold red]cell failed[/bold red] {escape(oc.cell.task)} {escape(oc.cell.method)} "
-                          f"seed {oc.cell.seed}: {escape(str(oc.error))}", soft_wrap=True, highlight=False)
+        _print_failure(oc.cell, oc.error, seen)
     frame = results.collect(out)
     old = {}
     if (out / "manifest.json").is_file():

@@ -468,8 +468,18 @@ class Session:
         self.device = resolve_device(cfg.device)
         self.cache = ArtifactCache(Path(cfg.cache_dir) / "artifacts", enabled=cfg.use_cache, force=cfg.force)
         self._contexts: dict[tuple[str, int], RunContext] = {}
+        self._data_errors: dict[tuple[str, int], UserError] = {}
 
     def context(self, task_id: str, seed: int) -> RunContext:
+        if (task_id, seed) in self._data_errors:  # bad data: the same error for every cell, read once
+            raise self._data_errors[(task_id, seed)]
+        try:
+            return self._context(task_id, seed)
+        except UserError as err:
+            self._data_errors[(task_id, seed)] = err
+            raise
+
+    def _context(self, task_id: str, seed: int) -> RunContext:
         if (task_id, seed) not in self._contexts:
             from wsss_bench.data.taskdata import load_task_data
 
