@@ -218,8 +218,14 @@ def print_summary(frame, out: Path) -> None:
     for row in rows:
         table.add_row(*[escape(c) for c in row])  # method labels hold brackets: gradcam[layer=layer3]
     console.print(table)
+    atomic_write_text(Path(out) / "summary.md", summary_markdown(frame))
+
+
+def summary_markdown(frame) -> str:
+    """The end-of-run table as Markdown (``summary.md``; results/check.py recomputes it)."""
+    header, rows = summary_rows(frame)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    atomic_write_text(Path(out) / "summary.md", "\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
 
 
 def summary_rows(frame) -> tuple[list[str], list[list[str]]]:

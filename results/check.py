@@ -1,0 +1,83 @@
+"""Recompute every committed table under results/ from its per-slice results; fail on any difference.
+
+    python results/check.py            # exit 0: every table matches; 1: a difference (printed)
+
+- a run folder (``results.parquet`` + ``summary.md``): the summary table is recomputed from the
+  per-slice rows with the same function that wrote it;
+- a bench folder (``results.parquet`` + ``tables.md`` + ``manifest.json``): the tables are
+  recomputed from the per-slice rows and the table files named in the manifest.
+
+Nothing is re-trained: this checks that the committed numbers are what their per-slice data
+says, not that a new run reproduces them (for that, rerun the command in results/README.md).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def check_run(folder: Path) -> list[str]:
+    import pandas as pd
+
+    from wsss_bench.cli import summary_markdown
+
+    frame = pd.read_parquet(folder / "results.parquet")
+    want = (folder / "summary.md").read_text()
+    got = summary_markdown(frame)
+    return [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
+                                                              "committed summary.md", "recomputed", lineterm=""))
+
+
+def check_bench(folder: Path) -> list[str]:
+    import pandas as pd
+
+    from wsss_bench import bench as bn
+    from wsss_bench.plugins import load_plugins
+    from wsss_bench.profiles import load_profile
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    host = load_plugins()
+    root = HERE.parent
+    tables = [bn.load_table(root / p if not Path(p).is_absolute() else Path(p), host) for p in manifest["tables"]]
+    _, planned = bn.plan(host, tables)
+    frame = pd.read_parquet(folder / "results.parquet")
+    resamples = int(load_profile(manifest["config"]["profile"]).bootstrap.resamples)
+    got = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=bn.failure_reasons(folder))
+                    for t in tables)
+    want = (folder / "tables.md").read_text()
+    return [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
+                                                              "committed tables.md", "recomputed", lineterm=""))
+
+
+def main() -> int:
+    bad = 0
+    checked = 0
+    for folder in sorted(p for p in HERE.rglob("results.parquet")):
+        folder = folder.parent
+        if (folder / "tables.md").is_file():
+            diff = check_bench(folder)
+        elif (folder / "summary.md").is_file():
+            diff = check_run(folder)
+        else:
+            continue
+        checked += 1
+        rel = folder.relative_to(HERE)
+        if diff:
+            bad += 1
+            print(f"DIFFERS: {rel}")
+            print("\n".join(diff))
+        else:
+            print(f"ok: {rel}")
+    if not checked:
+        print("no result folder found under results/")
+        return 1
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    raise SystemExit(main())
