@@ -89,6 +89,16 @@ def test_labels_are_stored_in_4_bits_only_when_the_reader_promises_it(tmp_path, 
     assert set(np.unique(packed.labels[:]).tolist()) == {0, 1, 2, 4}
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_label_values_agree_with_unique(dtype):
+    from wsss_bench.data.readers import label_values
+
+    rng = np.random.default_rng(3)
+    for values in ([0], [0, 4], [0, 1, 2, 4], [3, 7, 40], [0, 200]):
+        data = rng.choice(values, size=(20, 21, 22)).astype(dtype)
+        assert label_values(data).tolist() == np.unique(data).tolist()
+
+
 # --------------------------------------------------------------------------- reading
 def _reference_slices(source, root, case, size):
     """The float path before the compact store: reader -> preprocess, float32."""

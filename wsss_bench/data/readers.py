@@ -118,9 +118,19 @@ def minmax(volume: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def label_values(data: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a label volume (one comparison per value for small integer ranges,
+    several times faster than ``np.unique``'s sort on a 512 x 512 x 100 volume)."""
+    if np.issubdtype(data.dtype, np.integer) and data.size:
+        lo, hi = int(data.min()), int(data.max())
+        if hi - lo < 32:
+            return np.array([v for v in range(lo, hi + 1) if v in (lo, hi) or (data == v).any()], dtype=np.int64)
+    return np.unique(data)
+
+
 def _as_labels(data: np.ndarray, path: Path, allowed: set[int] | None, hint: str = "") -> np.ndarray:
     """Integer label volume as uint8; UserError naming the file for bad values."""
-    values = np.unique(data)
+    values = label_values(data)
     if not np.all(np.isfinite(values)):
         raise UserError(f"label file {path} holds non-finite values (NaN or inf); labels must be integers")
     if not np.all(np.equal(np.mod(values, 1), 0)) or values.min() < 0 or values.max() > 255:
@@ -128,7 +138,7 @@ def _as_labels(data: np.ndarray, path: Path, allowed: set[int] | None, hint: str
     if allowed is not None and not set(values.astype(int).tolist()) <= allowed:
         bad = sorted(set(values.astype(int).tolist()) - allowed)
         raise UserError(f"label file {path} holds values {bad}; allowed label values are {sorted(allowed)}{hint}")
-    return data.astype(np.uint8)
+    return data.astype(np.uint8, copy=False)
 
 
 def _validate_nonfinite(plugin: Any) -> None:
