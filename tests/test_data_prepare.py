@@ -135,6 +135,21 @@ def test_nonfinite_zero_reads_them_as_background_and_records_them(tmp_path, brat
     assert s.meta["case_notes"] == {case: {"nonfinite_t1": 8}} and s.meta["reader_params"] == {"nonfinite": "zero"}
 
 
+def test_prepare_with_nonfinite_zero_builds_the_store_run_would_use(run_cli, tmp_path, brats_root):
+    flair = brats_root / "BraTS2021_00002" / "BraTS2021_00002_flair.nii.gz"
+    _edit(flair, lambda d: d.reshape(-1).__setitem__(slice(0, 3), np.nan))
+    cache = tmp_path / "cache"
+    result = _prepare(run_cli, "brats", brats_root, cache, "--nonfinite", "zero")
+    assert result.exit_code == 0, result.output
+    (store,) = [p for p in (cache / "slices").iterdir() if not p.name.startswith(".")]
+    meta = json.loads((store / "meta.json").read_text())
+    assert meta["case_notes"] == {"BraTS2021_00002": {"nonfinite_flair": 3}}
+    again = st.prepare_slices(BratsDataset(nonfinite="zero"), brats_root, 32, cache, case_cap=5, jobs=1)  # smoke cap
+    assert again.path == store and not again.built
+    _fails_cleanly(_prepare(run_cli, "brats", brats_root, tmp_path / "c2", "--nonfinite", "nan"), tmp_path / "c2",
+                   "--nonfinite nan")
+
+
 def test_an_all_nan_volume_fails_even_under_zero(tmp_path, brats_root):
     t2 = brats_root / "BraTS2021_00000" / "BraTS2021_00000_t2.nii.gz"
     _edit(t2, lambda d: d.fill(np.nan))

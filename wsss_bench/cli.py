@@ -522,6 +522,8 @@ def data_prepare(
     cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir"),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Cases prepared in parallel (default: the usable "
                                        "cores); the store is the same for every value."),
+    nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or "
+                                  "zero (read as background, counted in the store's meta); as in run."),
 ) -> None:
     """Read, reorient, preprocess and store the slices of a task; print its split summary.
 
@@ -533,10 +535,12 @@ def data_prepare(
 
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs {jobs}: need at least 1 (default: the usable cores)")
+    nonfinite = _nonfinite(nonfinite)
     host = get_host()
     cls, _ = host.task(task)
+    reader = cls(**({"nonfinite": nonfinite} if "nonfinite" in cls.params else {}))
     t0 = time.perf_counter()
-    data = load_task_data(cls(), task, data_root, load_profile(profile), seed, Path(cache_dir), jobs=jobs)
+    data = load_task_data(reader, task, data_root, load_profile(profile), seed, Path(cache_dir), jobs=jobs)
     say(escape(json.dumps(data.summary(), indent=1, default=str)[:4000]))
     say(f"prepared {escape(task)} in {time.perf_counter() - t0:.1f}s")
 
