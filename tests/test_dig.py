@@ -408,8 +408,9 @@ def test_end_to_end_smoke_both_diffusion_sources_and_a_rerun_reuses_every_model(
     from wsss_bench import cli
 
     monkeypatch.setitem(cli._STATE, "host", None)
+    # a private cache: other tests may already have trained these smoke models in the shared one
     args = ["run", "--profile", "smoke", "--method", "threshold", "--cam", "dig,dig[ddpm=separate]",
-            "--task", "brats", "--device", "cpu", "--out"]
+            "--task", "brats", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out"]
     first = CliRunner().invoke(cli.app, args + [str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     cells = json.loads((tmp_path / "a" / "manifest.json").read_text())["cells"]

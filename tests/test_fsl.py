@@ -168,7 +168,9 @@ def test_end_to_end_smoke_and_a_rerun_reuses_the_model(tmp_path, monkeypatch):
     from wsss_bench import cli
 
     monkeypatch.setitem(cli._STATE, "host", None)
-    args = ["run", "--profile", "smoke", "--method", "fsl", "--task", "flare21-liver", "--device", "cpu", "--out"]
+    # a private cache: other tests may already have trained this smoke model in the shared one
+    args = ["run", "--profile", "smoke", "--method", "fsl", "--task", "flare21-liver", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"), "--out"]
     first = CliRunner().invoke(cli.app, args + [str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     assert "stage train/fsl" in first.output

@@ -242,6 +242,15 @@ class RunContext:
     def acting_plugin(self) -> Any:
         return self._acting[-1] if self._acting else None
 
+    @property
+    def data_key(self) -> str:
+        """What the data is, for cache keys: the slice store's key (data content fingerprint,
+        store and preprocessing versions, image encoding, reader parameters), or the bare
+        fingerprint for data objects without a store (tests)."""
+        store = getattr(self.task_data, "store", None)
+        key = getattr(store, "key", None)
+        return str(key) if key else str(self.task_data.fingerprint)
+
     # ------------------------------------------------------------------ seeds
     def seed(self, component: str) -> int:
         value = derive_seed(self.base_seed, self.task.task_id, component)
@@ -296,7 +305,7 @@ class RunContext:
         key = self.cache.key(stage, name, ver, src, {"params": params, "profile": self.profile_hash,
                                                       "task": self.task.task_id, "bf16": bool(self.bf16),
                                                       "device": device_type}, list(upstream),
-                             self.base_seed, self.task_data.fingerprint)
+                             self.base_seed, self.data_key)
         describe = {"plugin": name, "version": ver, "params": params, "task": self.task.task_id,
                     "profile": self.profile.name, "seed": self.base_seed, "bf16": bool(self.bf16),
                     "device": device_type}

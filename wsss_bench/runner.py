@@ -413,7 +413,7 @@ def cell_identity(cfg: RunConfig, ctx: RunContext, host, cell: Cell) -> str:
             pass
     from wsss_bench import runner as _self
 
-    return stable_hash({"config": cfg.identity(), "data": ctx.task_data.fingerprint, "plugins": plugins,
+    return stable_hash({"config": cfg.identity(), "data": ctx.data_key, "plugins": plugins,
                         "runner": closure_hash(_self)}, 16)
 
 
