@@ -25,3 +25,23 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "wsss-cache"
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """``run_cli(*args)``: the command line in this process (typer's CliRunner), with a fresh
+    plugin host and fresh plugin warnings for each test."""
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+    from wsss_bench import plugins as plugins_mod
+
+    monkeypatch.setitem(cli._STATE, "host", None)
+    if hasattr(plugins_mod, "_SHOWN"):
+        monkeypatch.setattr(plugins_mod, "_SHOWN", set())  # each test sees its own plugin warnings
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli.app, [str(a) for a in args])
+
+    return invoke

@@ -18,17 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TABLES = sorted((ROOT / "benchmarks").glob("*.toml"))
 
 
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setitem(cli._STATE, "host", None)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.app, [str(a) for a in args])
-
-    return invoke
-
-
 def _toml(tmp_path: Path, name: str, rows: str, tasks='["brats"]', head_extra="") -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(textwrap.dedent(f"""
@@ -140,7 +129,6 @@ def _bench(run_cli, tmp_path, *tables, out=None, extra=()):
 
 def test_two_tables_train_nothing_twice_and_rerun_is_a_noop(run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("WSSS_BENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(cli, "DEFAULT_CACHE", tmp_path / "cache")
     a, b = _toml(tmp_path, "a", ROWS_A), _toml(tmp_path, "b", ROWS_B)
     result, out = _bench(run_cli, tmp_path, a, b, extra=("--cache-dir", tmp_path / "cache"))
     assert result.exit_code == 0, result.output

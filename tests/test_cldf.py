@@ -615,17 +615,6 @@ def test_no_dense_feature_tensor_in_training_or_inference(session):
 
 
 # ---------------------------------------------------------------------------- end to end (CLI)
-@pytest.fixture
-def run_cli(monkeypatch):
-    from typer.testing import CliRunner
-
-    from wsss_bench import cli
-
-    monkeypatch.setitem(cli._STATE, "host", None)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(cli.app, [str(a) for a in args])
-
-
 def _cam_for_e2e():
     from wsss_bench.plugins import load_plugins
 

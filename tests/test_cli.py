@@ -12,17 +12,6 @@ from typer.testing import CliRunner
 from wsss_bench import cli
 
 
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setitem(cli._STATE, "host", None)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.app, [str(a) for a in args])
-
-    return invoke
-
-
 @pytest.fixture(scope="module")
 def brats_root(tmp_path_factory):
     """A small phantom in the real BraTS21 layout, written by the CLI itself."""

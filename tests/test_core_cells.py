@@ -25,17 +25,6 @@ from wsss_bench.runner import Cell, RunConfig, Session, parse_method, plan_cells
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setitem(cli._STATE, "host", None)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.app, [str(a) for a in args])
-
-    return invoke
-
-
 def _frame(out: Path) -> pd.DataFrame:
     return pd.read_parquet(out / "results.parquet")
 

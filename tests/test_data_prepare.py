@@ -20,17 +20,6 @@ from wsss_bench.errors import PluginError, UserError
 
 
 @pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setitem(cli._STATE, "host", None)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.app, [str(a) for a in args])
-
-    return invoke
-
-
-@pytest.fixture
 def brats_root(tmp_path, brats_phantom) -> Path:
     root = tmp_path / "brats"
     shutil.copytree(brats_phantom, root)

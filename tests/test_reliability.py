@@ -44,18 +44,6 @@ MESSAGE_PREFIXES = ("error:", "cell failed")
 
 
 # ============================================================================ helpers
-@pytest.fixture
-def run_cli(monkeypatch):
-    monkeypatch.setitem(cli._STATE, "host", None)
-    monkeypatch.setattr(plugins_mod, "_SHOWN", set())  # each test sees its own plugin warnings
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.app, [str(a) for a in args])
-
-    return invoke
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _write_table():
     yield

@@ -449,21 +449,6 @@ def test_background_remap_moves_the_protocol_threshold_to_bg():
 
 
 # ---------------------------------------------------------------- the CAM source, end to end
-@pytest.fixture
-def run_cli(monkeypatch):
-    from typer.testing import CliRunner
-
-    from wsss_bench import cli
-
-    monkeypatch.setitem(cli._STATE, "host", None)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(cli.app, [str(a) for a in args])
-
-    return invoke
-
-
 def test_seam_parameters_are_checked():
     from wsss_bench_plugins.seam import Seam
 
@@ -479,7 +464,9 @@ def test_e2e_cli_trains_seam_once_and_reuses_it(run_cli, tmp_path, task):
 
     import pandas as pd
 
-    args = ["run", "--method", "threshold", "--cam", "seam", "--task", task, "--profile", "smoke", "--out"]
+    # a private cache: other tests may already have trained this smoke model in the shared one
+    args = ["run", "--method", "threshold", "--cam", "seam", "--task", task, "--profile", "smoke",
+            "--cache-dir", tmp_path / "cache", "--out"]
     first = run_cli(*args, tmp_path / "run1")
     assert first.exit_code == 0, first.output
     assert "train seam" in first.output

@@ -21,7 +21,12 @@ app.add_typer(data_app, name="data")
 
 _STATE: dict[str, Any] = {"strict": None, "plugins_dirs": [], "trace": None, "host": None}
 
-DEFAULT_CACHE = Path(os.environ.get("WSSS_BENCH_CACHE", Path.home() / ".cache" / "wsss-bench"))
+def default_cache() -> Path:
+    """$WSSS_BENCH_CACHE, else ~/.cache/wsss-bench (read when a command runs, not at import)."""
+    return Path(os.environ.get("WSSS_BENCH_CACHE") or Path.home() / ".cache" / "wsss-bench")
+
+
+CACHE_HELP = "Artifact, phantom and slice cache (default: $WSSS_BENCH_CACHE or ~/.cache/wsss-bench)."
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -109,7 +114,7 @@ def run(
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write cached artifacts."),
     force: bool = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells."),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Artifact, phantom and slice cache (env WSSS_BENCH_CACHE)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantom (the data, not the training)."),
     executor: str = typer.Option("local", "--executor", help="Executor spec: local or slurm[partition=gpu,gpus=1]."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
@@ -136,7 +141,7 @@ def run(
     ex_spec = parse_specs(executor)[0]
     ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
     cfg = RunConfig(profile=profile, out=Path(out), data_root=data_root, device=device,
-                    cache_dir=Path(cache_dir), bf16=bf16, use_cache=not no_cache, force=force,
+                    cache_dir=Path(cache_dir or default_cache()), bf16=bf16, use_cache=not no_cache, force=force,
                     phantom_seed=phantom_seed, plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
                     strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_),
                     nonfinite=_nonfinite(nonfinite))
@@ -277,7 +282,7 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction."),
     force: bool = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells."),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir", help="Artifact, phantom and slice cache (env WSSS_BENCH_CACHE)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantoms."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
     set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
@@ -304,7 +309,7 @@ def bench(
     out = Path(out or Path("runs") / f"bench_{profile}")
     ex_spec = parse_specs(executor)[0]
     ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
-    cfg = RunConfig(profile=profile, out=out, data_root=None, device=device, cache_dir=Path(cache_dir), bf16=bf16,
+    cfg = RunConfig(profile=profile, out=out, data_root=None, device=device, cache_dir=Path(cache_dir or default_cache()), bf16=bf16,
                     force=force, phantom_seed=phantom_seed, data_roots=_data_roots(data_root),
                     plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
                     strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_),
@@ -519,7 +524,7 @@ def data_prepare(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Dataset folder (default: the phantom)."),
     profile: str = typer.Option("cpu", "--profile"),
     seed: int = typer.Option(0, "--seed", help="Base seed (splits)."),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, "--cache-dir"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="Cases prepared in parallel (default: the usable "
                                        "cores); the store is the same for every value."),
     nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or "
@@ -540,7 +545,7 @@ def data_prepare(
     cls, _ = host.task(task)
     reader = cls(**({"nonfinite": nonfinite} if "nonfinite" in cls.params else {}))
     t0 = time.perf_counter()
-    data = load_task_data(reader, task, data_root, load_profile(profile), seed, Path(cache_dir), jobs=jobs)
+    data = load_task_data(reader, task, data_root, load_profile(profile), seed, Path(cache_dir or default_cache()), jobs=jobs)
     say(escape(json.dumps(data.summary(), indent=1, default=str)[:4000]))
     say(f"prepared {escape(task)} in {time.perf_counter() - t0:.1f}s")
 
