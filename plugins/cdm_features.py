@@ -66,16 +66,10 @@ class CDMFeatures(FeatureBackbone):
             raise self.bad_param("blocks", str(err)) from None
         self._dim = dfeat.feature_dim(spec, self.blocks)
         self.ts = harness_timesteps(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"], ctx.profile)
-        self.noises = [self._noise(ctx, t) for t in self.ts]
+        self.noises = [dfeat.feature_noise(ctx, t, self.size) for t in self.ts]
         ctx.record("match/features", match_table(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"],
                                                  ctx.profile))
         ctx.record("features/cdm", {"blocks": self.blocks, "dim": self._dim, "label": int(self.p["label"])})
-
-    def _noise(self, ctx: "RunContext", t: int) -> "torch.Tensor":
-        import torch
-
-        g = ctx.generator(f"noise/features/t={t}")  # CPU: identical on every device
-        return torch.randn((1, ctx.task.channels, self.size, self.size), generator=g).to(ctx.device)
 
     @property
     def dim(self) -> int:

@@ -81,16 +81,12 @@ class UNetEncoderFeatures(FeatureBackbone):
             self.ts = harness_timesteps(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"], ctx.profile)
         except ValueError as err:
             raise self.bad_param("t_ref", str(err)) from None
-        self.noises = [self._noise(ctx, t) for t in self.ts]
+        self.noises = [dfeat.feature_noise(ctx, t, self.size) for t in self.ts]  # the cdm backbone's noise
         self._dim = feature_dim(ctx.profile.cdm_unet)
         ctx.record("match/features", match_table(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"],
                                                  ctx.profile))
         ctx.record("features/unet-encoder", {"blocks": "all down blocks", "dim": self._dim,
                                              "widths": [int(c) for c in ctx.profile.cdm_unet.channels]})
-
-    def _noise(self, ctx: "RunContext", t: int) -> "Tensor":
-        g = ctx.generator(f"noise/features/t={t}")  # the cdm backbone's component: shared noise
-        return torch.randn((1, ctx.task.channels, self.size, self.size), generator=g).to(ctx.device)
 
     @property
     def dim(self) -> int:

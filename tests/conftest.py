@@ -45,3 +45,14 @@ def run_cli(monkeypatch):
         return runner.invoke(cli.app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks: one intra-op thread is faster and immune to a busy second core."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

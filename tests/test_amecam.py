@@ -15,12 +15,7 @@ from wsss_bench.profiles import load_profile
 S = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 def smoke_cfg(**over):

@@ -16,12 +16,7 @@ S = 32
 ROWS = ["resnet18", "resnet50", "unet-encoder", "cdm"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from wsss_bench_plugins.cdm import CDMSaliency, cdm_difference, class_embedding_
 S = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

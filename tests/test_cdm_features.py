@@ -21,12 +21,7 @@ SMOKE = load_profile("smoke")
 S = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 def up(a, size):

@@ -25,12 +25,7 @@ S, C = 32, 4
 FEAT_IN = len(D.FEATURE_T) * D.feature_dim(PROFILE.cdm_unet)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 def model(seed=0, head_bias=None):

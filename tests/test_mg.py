@@ -25,12 +25,7 @@ from wsss_bench_plugins.mg import MeanGradient, input_gradients, mean_gradient, 
 SMOKE = load_profile("smoke")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 class LeftHalf(torch.nn.Module):

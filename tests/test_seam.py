@@ -20,13 +20,7 @@ SMOKE_SPEC = {"arch": "resnet18", "channels": [8, 16, 32, 64]}
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")
