@@ -92,6 +92,7 @@ def test_plan_is_stable_under_reordering_rows_and_parameters(tmp_path):
     ('[[rows]]\nname = "x"\nmethod = "threshold"\nbogus = 1\n', "unknown field(s) bogus"),
     ('[[rows]]\nname = "x"\ncam = "gradcam[layer="\nmethod = "threshold"\n', "row 1 ('x'): malformed spec"),
     ('[[rows]]\nname = "x"\ncam = { liver = "gradcam" }\nmethod = "threshold"\n', "names task(s) liver"),
+    ('[[rows]]\nname = "x"\ncam = "gradcam"\nmethod = "threshold"\nnote = 3\n', "note must be a string"),
 ])
 def test_a_bad_table_file_gets_a_clear_error_naming_file_and_row(tmp_path, run_cli, text, needle):
     path = _toml(tmp_path, "bad", text)
@@ -109,6 +110,17 @@ def test_missing_table_section_and_file(tmp_path):
         bn.load_table(tmp_path / "x.toml", host)
     with pytest.raises(UserError, match="does not exist"):
         bn.load_table(tmp_path / "nope.toml", host)
+
+
+def test_a_row_note_for_the_profile_is_a_numbered_caveat_under_the_table(tmp_path):
+    host = load_plugins()
+    rows = ROWS_A.replace('name = "MG"\n', 'name = "MG"\nnote = { cpu = "MG caveat [cpu]" }\n')
+    table = bn.load_table(_toml(tmp_path, "t", rows), host)
+    _, planned = bn.plan(host, [table])
+    cpu = bn.table_summary(None, planned, table, resamples=10, profile="cpu")
+    assert "| MG [1] |" in cpu and "\n[1] MG caveat [cpu]" in cpu and "GradCAM [" not in cpu
+    smoke = bn.table_summary(None, planned, table, resamples=10, profile="smoke")
+    assert "caveat" not in smoke and "| MG |" in smoke
 
 
 def test_unregistered_plugin_row_is_reported_not_available(tmp_path):

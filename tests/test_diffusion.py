@@ -217,6 +217,23 @@ def test_cdm_training_resumes_bit_identically(tmp_path):
     assert info2["loss_log"] == info["loss_log"]
 
 
+def test_cdm_training_uses_the_profiles_learning_rate(tmp_path):
+    """lr = 0 leaves every weight as initialised (AdamW's decay is lr-scaled); lr > 0 moves them
+    and the info records it.  A train_cdm that ignored ``cdm.lr`` fails one of the two."""
+    from wsss_bench.profiles import apply_overrides
+
+    data = FakeTaskData(n=16)
+    moved = {}
+    for lr in (0.0, 1e-3):
+        prof = apply_overrides(load_profile("smoke"), [f"cdm.lr={lr}"])
+        model = dif.build_cdm(prof.cdm_unet, 4, seed=1)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        weights, info = dif.train_cdm(model, data, prof, "cpu", 7, tmp_path / str(lr), flips=False, iterations=3)
+        assert info["lr"] == lr
+        moved[lr] = max(float((weights[k] - init[k]).abs().max()) for k in init)
+    assert moved[0.0] == 0.0 and moved[1e-3] > 1e-4
+
+
 def test_get_cdm_trains_once_caches_safetensors_and_records(tmp_path):
     ctx = make_ctx(tmp_path)
     unet = dif.get_cdm(ctx)

@@ -32,7 +32,7 @@ from wsss_bench.errors import UserError
 from wsss_bench.runner import Cell, CellJob, CellOutcome, RunConfig, Session, classifier_p1, plan_cells
 
 TABLE_KEYS = {"name", "caption", "label", "tasks", "seeds", "paper"}
-ROW_KEYS = {"name", "cam", "method", "backbone", "supplementary", "upper_bound"}
+ROW_KEYS = {"name", "cam", "method", "backbone", "supplementary", "upper_bound", "note"}
 
 
 @dataclass
@@ -43,9 +43,14 @@ class Row:
     backbone: str | None = None
     supplementary: bool = False
     upper_bound: bool = False
+    #: a caveat printed under the table: profile name (or "default") -> text
+    note: dict[str, str] = field(default_factory=dict)
 
     def cam_for(self, task: str) -> str | None:
         return self.cam.get(task, self.cam.get("default"))
+
+    def note_for(self, profile: str | None) -> str | None:
+        return self.note.get(str(profile), self.note.get("default")) if self.note else None
 
 
 @dataclass
@@ -120,8 +125,15 @@ def load_table(path: Path, host=None) -> Table:
             cams = dict(cam)
         else:
             raise UserError(f"{_where(path, i, name)}: cam must be a spec string or a table of task = spec")
+        note = raw.get("note", {})
+        if isinstance(note, str):
+            note = {"default": note}
+        if not (isinstance(note, dict) and all(isinstance(v, str) for v in note.values())):
+            raise UserError(f"{_where(path, i, name)}: note must be a string or a table of profile = text "
+                            f"(e.g. note = {{ cpu = \"...\" }})")
         table.rows.append(Row(str(raw["name"]), str(raw["method"]), cams, raw.get("backbone"),
-                              bool(raw.get("supplementary", False)), bool(raw.get("upper_bound", False))))
+                              bool(raw.get("supplementary", False)), bool(raw.get("upper_bound", False)),
+                              dict(note)))
     names = [r.name for r in table.rows]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -334,14 +346,16 @@ def failure_reasons(out: Path) -> dict[str, str]:
 
 
 def table_summary(frame, planned: list[PlannedRow], table: Table, gate: str = "label", resamples: int = 1000,
-                  failures: dict | None = None) -> str:
+                  failures: dict | None = None, profile: str | None = None) -> str:
     """A Markdown table: rows x tasks, Dice mean ± std with its case-level bootstrap 95% CI
-    (``resamples`` draws, seeded with seed(base, task, "bootstrap"))."""
+    (``resamples`` draws, seeded with seed(base, task, "bootstrap")); rows with a ``note`` for
+    ``profile`` get a numbered caveat under the table."""
     from wsss_bench.metrics import bootstrap_ci, bootstrap_seed
 
     lines = [f"### {table.name}: {table.caption}", "",
              "| method | " + " | ".join(f"{t} Dice" for t in table.tasks) + " |",
              "|---|" + "---|" * len(table.tasks)]
+    notes: list[str] = []
     for row in table.rows:
         cells = []
         for task in table.tasks:
@@ -367,10 +381,15 @@ def table_summary(frame, planned: list[PlannedRow], table: Table, gate: str = "l
                 parts.append(f"{m.dice.mean():.3f} ± {m.dice.std(ddof=0):.2f} [{lo:.3f}, {hi:.3f}]")
             cells.append("; ".join(parts))
         tag = " (upper bound)" if row.upper_bound else (" (suppl.)" if row.supplementary else "")
+        note = row.note_for(profile)
+        if note:
+            notes.append(note)
+            tag += f" [{len(notes)}]"
         if len(cells) and all(c.startswith("not available") for c in cells if c):
             cells = [c or "" for c in cells]
         lines.append(f"| {row.name}{tag} | " + " | ".join(cells) + " |")
     lines += ["", f"gate={gate}; Dice mean ± std over test slices [case-level bootstrap 95% CI]", ""]
+    lines += [f"[{i}] {text}" for i, text in enumerate(notes, 1)] + ([""] if notes else [])
     return "\n".join(lines)
 
 

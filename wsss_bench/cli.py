@@ -345,7 +345,8 @@ def bench(
     results.write_manifest(out, manifest)
     resamples = int(load_profile(profile).bootstrap.resamples)
     reasons = bn.failure_reasons(out)
-    text = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=reasons) for t in specs)
+    text = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=reasons, profile=profile)
+                     for t in specs)
     from wsss_bench.cache import atomic_write_text
 
     atomic_write_text(out / "tables.md", text)

@@ -222,7 +222,8 @@ def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path
     """Epsilon-prediction training of the CDM on the train split (METHODS 1.2).
 
     x_t = add_noise(2x - 1, eps, t), t ~ U{0..T-1}; loss = MSE(unet(x_t, t, y), eps);
-    AdamW lr 1e-4; batch, iterations and EMA decay from ``profile.cdm``; no label dropout.
+    AdamW; learning rate (paper 1e-4), batch, iterations and EMA decay from ``profile.cdm``;
+    no label dropout.
     Left-right flips where the task allows them (BraTS) [inferred].
     """
     cfg = profile.cdm
@@ -230,7 +231,8 @@ def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path
     t_max = _harness_spec(profile)[0]
     dev = torch.device(device)
     model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=CDM_LR)
+    lr = float(cfg.get("lr", CDM_LR))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = IterationBatches(data, data.split("train"), int(cfg.batch), seed, dev)
 
     def step(it: int) -> float:
@@ -253,7 +255,7 @@ def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path
 
     weights, info = run_resumable(work, model, opt, iterations, step, float(cfg.ema), progress,
                                   every=checkpoint_interval)
-    info.update(batch=int(cfg.batch), lr=CDM_LR, flips=bool(flips), bf16=bool(bf16),
+    info.update(batch=int(cfg.batch), lr=lr, flips=bool(flips), bf16=bool(bf16),
                 n_train=int(len(batches.idx)))
     return weights, info
 
