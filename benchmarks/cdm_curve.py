@@ -150,7 +150,6 @@ def run(args) -> None:
     from diffusion_check import brain_mask, inside_outside
     from wsss_bench.nn.diffusion import build_cdm, train_cdm
     from wsss_bench.nn.training import cpu_state
-    from wsss_bench.profiles import apply_overrides
     from wsss_bench.runner import RunConfig, Session
 
     torch.set_num_threads(args.threads)
@@ -171,8 +170,9 @@ def run(args) -> None:
     log = Path(args.log or ROOT / "benchmarks" / "results" / f"cdm_curve_{args.tag}.jsonl")
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line).get("iteration") for line in log.read_text().splitlines()} if log.exists() else set()
-    header = {"kind": "header", "tag": args.tag, "command": command_line(argv=sys.argv[1:]),
-              "provenance": provenance_lines(command_line(argv=sys.argv[1:]), profile=args.profile,
+    command = command_line(argv=sys.argv[1:])
+    header = {"kind": "header", "tag": args.tag, "command": command,
+              "provenance": provenance_lines(command, profile=args.profile,
                                              data=base.data, sources=SOURCES),
               "recipe": {**dict(prof.cdm), "unet": dict(prof.cdm_unet), "bf16": args.bf16, "threads": args.threads},
               "real_contrast": real_contrast, "val_positive": int((labels[np.asarray(data.split("val"))] == 1).sum())}

@@ -43,8 +43,6 @@ if TYPE_CHECKING:  # pragma: no cover
 T_REF = 4000
 REF_SCHEDULES = ("cosine", "linear")
 T_SCALES = ("ref4000", "native")
-#: CDM training recipe (METHODS 1.2) [paper]
-CDM_LR = 1e-4
 #: class-conditional UNet: two classes, label 1 = positive
 NUM_CLASSES = 2
 
@@ -231,7 +229,7 @@ def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path
     t_max = _harness_spec(profile)[0]
     dev = torch.device(device)
     model.to(dev)
-    lr = float(cfg.get("lr", CDM_LR))
+    lr = float(cfg.lr)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = IterationBatches(data, data.split("train"), int(cfg.batch), seed, dev)
 
