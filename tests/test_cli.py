@@ -109,3 +109,30 @@ def test_missing_modality_and_shape_mismatch_name_the_files(run_cli, brats_root,
     img = nib.load(str(seg))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine), str(seg))
     _assert_clear_error(run_cli(*base, "--data-root", root2), case.name, "seg")
+
+
+def test_help_shows_bracketed_examples_verbatim():
+    """rich reads `[jobs=2]` as a markup tag and drops it from --help unless it is escaped."""
+    import re
+
+    import typer
+
+    group = typer.main.get_command(cli.app)
+    runner = CliRunner()
+    checked = 0
+    commands = [(name, cmd) for name, cmd in group.commands.items()]
+    commands += [(f"data {n}", c) for n, c in getattr(group.commands.get("data"), "commands", {}).items()]
+    for name, cmd in commands:
+        if hasattr(cmd, "commands"):
+            continue
+        texts = [getattr(p, "help", None) or "" for p in cmd.params] + [cmd.help or ""]
+        wanted = {t.replace("\\[", "[") for text in texts for t in re.findall(r"\w+\\?\[[^\s]*\]", text)}
+        if not wanted:
+            continue
+        result = runner.invoke(cli.app, name.split() + ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        assert result.exit_code == 0, result.output
+        flat = " ".join(result.output.split())
+        for token in wanted:
+            checked += 1
+            assert token in flat, f"`{name} --help` drops {token!r}"
+    assert checked >= 4
