@@ -75,6 +75,24 @@ def test_tables_1_and_3_share_their_cells():
     assert len(both) == len(set(c1) | set(c3)) < len(c1) + len(c3)  # LayerCAM, AME-CAM, CLDF rows are shared
 
 
+def test_shared_units_alternate_tasks_so_two_workers_do_not_queue_on_one_model():
+    host = load_plugins()
+    cells, _ = bn.plan(host, [bn.load_table(ROOT / "benchmarks" / "table1.toml", host)])
+    sources, refiners = bn.shared_units(cells)
+    tasks = {c.task for c in cells}
+    assert len(tasks) == 4
+    for level in (sources, refiners):
+        k = min(sum(u.task == t for u in level) for t in tasks)  # rounds in which every task has a unit
+        head = level[: 4 * k]
+        assert k >= 1 and all(len({u.task for u in head[i:i + 4]}) == 4 for i in range(0, len(head), 4))
+    # nothing lost or repeated, and each task keeps its own order
+    plain = list(dict.fromkeys(bn.Unit("source", c.task, c.seed, s) for c in cells for s in c.source_specs))
+    got = [u for u in sources if u.kind == "source"]
+    assert sorted(map(str, got)) == sorted(map(str, plain))
+    for t in tasks:
+        assert [u for u in got if u.task == t] == [u for u in plain if u.task == t]
+
+
 def test_plan_is_stable_under_reordering_rows_and_parameters(tmp_path):
     host = load_plugins()
     a = _toml(tmp_path, "a", ROWS_A + '\n[[rows]]\nname = "S"\ncam = "scorecam[variant=library,chunk=64]"\nmethod = "threshold"\n')

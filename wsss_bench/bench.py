@@ -224,7 +224,24 @@ def shared_units(cells: list[Cell]) -> list[list[Unit]]:
         for spec in c.source_specs:
             first.setdefault(Unit("source", c.task, c.seed, spec))
         second.setdefault(Unit("refiner", c.task, c.seed, c.refiner_spec, tuple(c.source_specs)))
-    return [list(first), list(second)]
+    return [interleave_tasks(list(first)), interleave_tasks(list(second))]
+
+
+def interleave_tasks(units: list[Unit]) -> list[Unit]:
+    """Round-robin over (task, seed), keeping each task's own order.
+
+    A pool takes units in this order.  Units of one task often need the same expensive
+    model (the CDM behind ``cdm``, ``dig`` and the diffusion features): taken task by task,
+    the second worker waits at that model's lock while the first trains it.  Interleaved,
+    the workers train different tasks' models side by side."""
+    groups: dict[tuple[str, int], list[Unit]] = {}
+    for u in units:
+        groups.setdefault((u.task, u.seed), []).append(u)
+    queues = list(groups.values())
+    out: list[Unit] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
 
 
 @dataclass
