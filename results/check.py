@@ -45,8 +45,10 @@ def check_bench(folder: Path) -> list[str]:
     tables = [bn.load_table(root / p if not Path(p).is_absolute() else Path(p), host) for p in manifest["tables"]]
     _, planned = bn.plan(host, tables)
     frame = pd.read_parquet(folder / "results.parquet")
-    resamples = int(load_profile(manifest["config"]["profile"]).bootstrap.resamples)
-    got = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=bn.failure_reasons(folder))
+    profile = manifest["config"]["profile"]
+    resamples = int(load_profile(profile).bootstrap.resamples)
+    got = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=bn.failure_reasons(folder),
+                                     profile=profile)
                     for t in tables)
     want = (folder / "tables.md").read_text()
     return [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
