@@ -5,7 +5,9 @@
 - a run folder (``results.parquet`` + ``summary.md``): the summary table is recomputed from the
   per-slice rows with the same function that wrote it;
 - a bench folder (``results.parquet`` + ``tables.md`` + ``manifest.json``): the tables are
-  recomputed from the per-slice rows and the table files named in the manifest.
+  recomputed from the per-slice rows and the table files named in the manifest, and so are
+  the paper tables rendered beside them (``latex/tableN.tex``, ``tableN.md``: gate label,
+  with the paper's numbers, as results/cpu/collect.sh writes them).
 
 Nothing is re-trained: this checks that the committed numbers are what their per-slice data
 says, not that a new run reproduces them (for that, rerun the command in results/README.md).
@@ -43,7 +45,7 @@ def check_bench(folder: Path) -> list[str]:
     host = load_plugins()
     root = HERE.parent
     tables = [bn.load_table(root / p if not Path(p).is_absolute() else Path(p), host) for p in manifest["tables"]]
-    _, planned = bn.plan(host, tables)
+    _, planned = bn.plan(host, tables, manifest.get("seeds"), manifest.get("only_tasks"))  # the bench's --seeds/--task
     frame = pd.read_parquet(folder / "results.parquet")
     profile = manifest["config"]["profile"]
     resamples = int(load_profile(profile).bootstrap.resamples)
@@ -51,8 +53,40 @@ def check_bench(folder: Path) -> list[str]:
                                      profile=profile)
                     for t in tables)
     want = (folder / "tables.md").read_text()
-    return [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
+    diff = [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
                                                               "committed tables.md", "recomputed", lineterm=""))
+    return diff + check_paper_tables(folder)
+
+
+# the paper tables results/cpu/collect.sh renders: file -> (exporter, table); gate label, with paper
+PAPER_TABLES = {f"{kind}{name}": (fmt, name)
+                for name in ("table1", "table2", "table3")
+                for kind, fmt in (("latex/", "latex"), ("", "markdown"))}
+
+
+def check_paper_tables(folder: Path) -> list[str]:
+    """Re-render every committed ``latex/tableN.tex`` and ``tableN.md`` from the per-slice rows
+    (what ``wsss-bench report DIR --format F --table tableN --with-paper --gate label`` writes)."""
+    from wsss_bench.plugins import load_plugins
+    from wsss_bench.report import bootstrap_resamples, build_tables, failed_cells, load_manifests, load_results, render_many
+
+    out: list[str] = []
+    host = None
+    for stem, (fmt, table) in PAPER_TABLES.items():
+        path = folder / (stem + (".tex" if fmt == "latex" else ".md"))
+        if not path.is_file():
+            continue
+        host = host or load_plugins()
+        frame = load_results(folder)
+        manifests = load_manifests(folder)
+        tables = build_tables(frame, table, "label", with_paper=True, resamples=bootstrap_resamples(frame, manifests),
+                              failed=failed_cells(manifests))
+        got = render_many(tables, host.get("exporters", fmt)())
+        want = path.read_text()
+        if got != want:
+            out += list(difflib.unified_diff(want.splitlines(), got.splitlines(), f"committed {path.name}",
+                                             "recomputed", lineterm=""))
+    return out
 
 
 def main() -> int:

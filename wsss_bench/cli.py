@@ -336,6 +336,7 @@ def bench(
             old = {}
     manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
                 "config": cfg.to_json(), "wall_seconds": round(seconds, 2), "tables": [str(p) for p in tables],
+                "only_tasks": _split_csv(task) or None, "seeds": seed_list,
                 "environment": environment(resolve_device(device)),
                 "plugins": plugin_distributions(host), "profile": dict(cfg.load_profile()),
                 "data": {**old.get("data", {}), **rep["data"]}, "phases": rep["phases"], "units": rep["units"],
