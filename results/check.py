@@ -89,6 +89,73 @@ def check_paper_tables(folder: Path) -> list[str]:
     return out
 
 
+README_BEGIN, README_END = "<!-- results/cpu tables: begin -->", "<!-- results/cpu tables: end -->"
+
+
+def readme_tables(folder: Path) -> str:
+    """The README's compact tables: our Dice [case-level 95% CI] beside the paper's Dice, per
+    task, for every table of the bench in ``folder`` (gate label); recomputed from its rows."""
+    import pandas as pd
+
+    from wsss_bench import bench as bn
+    from wsss_bench import paper
+    from wsss_bench.metrics import bootstrap_ci, bootstrap_seed
+    from wsss_bench.plugins import load_plugins
+    from wsss_bench.profiles import load_profile
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    host = load_plugins()
+    root = HERE.parent
+    tables = [bn.load_table(root / p if not Path(p).is_absolute() else Path(p), host) for p in manifest["tables"]]
+    _, planned = bn.plan(host, tables, manifest.get("seeds"), manifest.get("only_tasks"))
+    frame = pd.read_parquet(folder / "results.parquet")
+    frame = frame[frame.gate == "label"]
+    resamples = int(load_profile(manifest["config"]["profile"]).bootstrap.resamples)
+    out = []
+    for table in tables:
+        if not table.paper:
+            continue
+        ref = paper.NUMBERS.get(table.paper, {})
+        notes: list[str] = []
+        out += [f"**{table.name}**: {table.caption}", "",
+                "| method | " + " | ".join(f"{t} | paper" for t in table.tasks) + " |",
+                "|---|" + "---|---|" * len(table.tasks)]
+        for row in table.rows:
+            cells = []
+            for task in table.tasks:
+                pr = next((p for p in planned if p.table == table.name and p.row == row.name and p.task == task), None)
+                m = frame[(frame.task == task) & frame.method.isin({c.method for c in pr.cells})] if pr else frame[:0]
+                if len(m):
+                    lo, hi = bootstrap_ci(m, resamples, bootstrap_seed(m, task), column="dice")
+                    cells.append(f"{m.dice.mean():.3f} [{lo:.2f}, {hi:.2f}]")
+                else:
+                    cells.append("not run")
+                p = (ref.get(row.name) or {}).get(f"{task}/dice")
+                cells.append(f"{p[0]:.3f}" if p else "")
+            tag = " (upper bound)" if row.upper_bound else (" (suppl.)" if row.supplementary else "")
+            note = row.note_for(manifest["config"]["profile"])
+            if note:
+                notes.append(note)
+                tag += f" [{len(notes)}]"
+            out.append(f"| {row.name}{tag} | " + " | ".join(cells) + " |")
+        out.append("")
+        out += [f"[{i}] {text}" for i, text in enumerate(notes, 1)] + ([""] if notes else [])
+    return "\n".join(out)
+
+
+def check_readme(readme: Path, folder: Path) -> list[str]:
+    """The README's block between the markers equals :func:`readme_tables` (when both exist)."""
+    if not readme.is_file() or not (folder / "manifest.json").is_file():
+        return []
+    text = readme.read_text()
+    if README_BEGIN not in text:
+        return []
+    want = text.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip("\n")
+    got = readme_tables(folder).strip("\n")
+    return [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
+                                                              "README.md tables", "recomputed", lineterm=""))
+
+
 def main() -> int:
     bad = 0
     checked = 0
@@ -108,6 +175,11 @@ def main() -> int:
             print("\n".join(diff))
         else:
             print(f"ok: {rel}")
+    diff = check_readme(HERE.parent / "README.md", HERE / "cpu")
+    if diff:
+        bad += 1
+        print("DIFFERS: README.md (the results/cpu tables)")
+        print("\n".join(diff))
     if not checked:
         print("no result folder found under results/")
         return 1
@@ -116,4 +188,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
+    if sys.argv[1:] == ["--readme-tables"]:  # print the README block (paste it between the markers)
+        print(readme_tables(HERE / "cpu"))
+        raise SystemExit(0)
     raise SystemExit(main())
