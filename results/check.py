@@ -34,7 +34,9 @@ def check_run(folder: Path) -> list[str]:
                                                               "committed summary.md", "recomputed", lineterm=""))
 
 
-def check_bench(folder: Path) -> list[str]:
+def bench_inputs(folder: Path) -> dict:
+    """What a bench folder's tables are computed from: its manifest, the table files it names
+    (planned with the bench's own --seeds/--task), its per-slice rows, profile and resamples."""
     import pandas as pd
 
     from wsss_bench import bench as bn
@@ -45,10 +47,18 @@ def check_bench(folder: Path) -> list[str]:
     host = load_plugins()
     root = HERE.parent
     tables = [bn.load_table(root / p if not Path(p).is_absolute() else Path(p), host) for p in manifest["tables"]]
-    _, planned = bn.plan(host, tables, manifest.get("seeds"), manifest.get("only_tasks"))  # the bench's --seeds/--task
-    frame = pd.read_parquet(folder / "results.parquet")
+    _, planned = bn.plan(host, tables, manifest.get("seeds"), manifest.get("only_tasks"))
     profile = manifest["config"]["profile"]
-    resamples = int(load_profile(profile).bootstrap.resamples)
+    return {"manifest": manifest, "host": host, "tables": tables, "planned": planned, "profile": profile,
+            "frame": pd.read_parquet(folder / "results.parquet"),
+            "resamples": int(load_profile(profile).bootstrap.resamples)}
+
+
+def check_bench(folder: Path) -> list[str]:
+    from wsss_bench import bench as bn
+
+    b = bench_inputs(folder)
+    frame, planned, tables, resamples, profile = b["frame"], b["planned"], b["tables"], b["resamples"], b["profile"]
     got = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=bn.failure_reasons(folder),
                                      profile=profile)
                     for t in tables)
@@ -71,17 +81,21 @@ def check_paper_tables(folder: Path) -> list[str]:
     from wsss_bench.report import bootstrap_resamples, build_tables, failed_cells, load_manifests, load_results, render_many
 
     out: list[str] = []
-    host = None
-    for stem, (fmt, table) in PAPER_TABLES.items():
-        path = folder / (stem + (".tex" if fmt == "latex" else ".md"))
-        if not path.is_file():
-            continue
-        host = host or load_plugins()
-        frame = load_results(folder)
-        manifests = load_manifests(folder)
-        tables = build_tables(frame, table, "label", with_paper=True, resamples=bootstrap_resamples(frame, manifests),
-                              failed=failed_cells(manifests))
-        got = render_many(tables, host.get("exporters", fmt)())
+    wanted = [(folder / (stem + (".tex" if fmt == "latex" else ".md")), fmt, table)
+              for stem, (fmt, table) in PAPER_TABLES.items()]
+    wanted = [w for w in wanted if w[0].is_file()]
+    if not wanted:
+        return out
+    host = load_plugins()
+    frame = load_results(folder)
+    manifests = load_manifests(folder)
+    resamples = bootstrap_resamples(frame, manifests)
+    built: dict[str, list] = {}  # one build (bootstrap) per table, rendered by each exporter
+    for path, fmt, table in wanted:
+        if table not in built:
+            built[table] = build_tables(frame, table, "label", with_paper=True, resamples=resamples,
+                                        failed=failed_cells(manifests))
+        got = render_many(built[table], host.get("exporters", fmt)())
         want = path.read_text()
         if got != want:
             out += list(difflib.unified_diff(want.splitlines(), got.splitlines(), f"committed {path.name}",
@@ -95,22 +109,12 @@ README_BEGIN, README_END = "<!-- results/cpu tables: begin -->", "<!-- results/c
 def readme_tables(folder: Path) -> str:
     """The README's compact tables: our Dice [case-level 95% CI] beside the paper's Dice, per
     task, for every table of the bench in ``folder`` (gate label); recomputed from its rows."""
-    import pandas as pd
-
-    from wsss_bench import bench as bn
     from wsss_bench import paper
     from wsss_bench.metrics import bootstrap_ci, bootstrap_seed
-    from wsss_bench.plugins import load_plugins
-    from wsss_bench.profiles import load_profile
 
-    manifest = json.loads((folder / "manifest.json").read_text())
-    host = load_plugins()
-    root = HERE.parent
-    tables = [bn.load_table(root / p if not Path(p).is_absolute() else Path(p), host) for p in manifest["tables"]]
-    _, planned = bn.plan(host, tables, manifest.get("seeds"), manifest.get("only_tasks"))
-    frame = pd.read_parquet(folder / "results.parquet")
-    frame = frame[frame.gate == "label"]
-    resamples = int(load_profile(manifest["config"]["profile"]).bootstrap.resamples)
+    b = bench_inputs(folder)
+    manifest, tables, planned, resamples = b["manifest"], b["tables"], b["planned"], b["resamples"]
+    frame = b["frame"][b["frame"].gate == "label"]
     out = []
     for table in tables:
         if not table.paper:
