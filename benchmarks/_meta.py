@@ -76,7 +76,7 @@ def provenance(command: str | None = None, profile: str | None = None, data: Any
     """The facts of :func:`provenance_lines` as a dict (for JSON results)."""
     import torch
 
-    from wsss_bench.manifest import cpu_model
+    from wsss_bench.running.manifest import cpu_model
 
     return {
         "command": command or command_line(),

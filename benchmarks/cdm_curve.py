@@ -150,7 +150,7 @@ def run(args) -> None:
     from diffusion_check import brain_mask, inside_outside
     from wsss_bench.nn.diffusion import build_cdm, train_cdm
     from wsss_bench.nn.training import cpu_state
-    from wsss_bench.runner import RunConfig, Session
+    from wsss_bench.running.runner import RunConfig, Session
 
     torch.set_num_threads(args.threads)
     overrides = [f"cdm.lr={args.lr}", f"cdm.ema={args.ema}"] + ([f"cdm.batch={args.batch}"] if args.batch else [])

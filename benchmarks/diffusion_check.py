@@ -140,7 +140,7 @@ def main() -> None:
 
     from wsss_bench.nn import diffusion as dif
     from wsss_bench.nn.noisy_classifier import get_noisy_classifier, noisy_scores
-    from wsss_bench.runner import RunConfig, Session
+    from wsss_bench.running.runner import RunConfig, Session
     from wsss_bench.seeding import set_determinism
 
     torch.set_num_threads(args.threads)

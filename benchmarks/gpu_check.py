@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from wsss_bench.manifest import git_sha
+    from wsss_bench.running.manifest import git_sha
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")

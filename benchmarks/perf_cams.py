@@ -250,7 +250,7 @@ def fresh_process(size: int, args) -> dict[str, float]:
 
 
 def cpu_name() -> str:
-    from wsss_bench.manifest import cpu_model
+    from wsss_bench.running.manifest import cpu_model
 
     return cpu_model()
 

@@ -51,7 +51,7 @@ def child(args) -> dict:
     from wsss_bench.nn.classifier import build_classifier, train_classifier
     from wsss_bench.nn.diffusion import build_cdm, train_cdm
     from wsss_bench.nn.noisy_classifier import build_noisy_classifier, train_noisy_classifier
-    from wsss_bench.runner import RunConfig, Session
+    from wsss_bench.running.runner import RunConfig, Session
 
     cfg = RunConfig(profile=args.profile, device="cpu", cache_dir=Path(args.cache_dir), out=Path(args.work) / "run")
     ctx = Session(cfg).context(args.task, 0)
@@ -141,7 +141,7 @@ def collect(setting: str, procs: list[subprocess.Popen]) -> dict:
 
 
 def report(rows: list[dict], command: str, cache: Path, args, load: tuple[float, ...]) -> str:
-    from wsss_bench.runner import RunConfig, Session
+    from wsss_bench.running.runner import RunConfig, Session
 
     cfg = RunConfig(profile=args.profile, device="cpu", cache_dir=cache, out=Path(tempfile.mkdtemp()))
     ctx = Session(cfg).context(args.task, 0)

@@ -3,7 +3,7 @@
 ``wsss-bench report --format NAME`` picks one.  Listing plugins imports this module, so
 nothing heavy (pandas, torch) is imported at module level.
 
-Conventions every exporter here follows (see :mod:`wsss_bench.report`): a cell's text after
+Conventions every exporter here follows (see :mod:`wsss_bench.reporting.report`): a cell's text after
 ``"\n"`` is a second, smaller line (the bootstrap CI); a table with ``groups`` and
 ``subheader`` (a StatTable) gets the paper's two-level header where the format can draw one.
 """
@@ -143,14 +143,14 @@ class CsvExporter(Exporter):
     def export(self, table: ReportTable) -> str:
         if table.raw is None:
             raise UserError(f"table {table.title!r} carries no raw numbers; the csv format needs "
-                            "a table built by wsss_bench.report (choose markdown or latex instead)")
+                            "a table built by wsss_bench.reporting.report (choose markdown or latex instead)")
         return table.raw.to_csv(index=False, lineterminator="\n")
 
 class HtmlExporter(Exporter):
     """An HTML ``<table>`` (booktabs-like rules in CSS); ``export`` gives a standalone page.
 
     ``report --format html`` builds the whole page (all tables, figures, per-case table) with
-    :func:`wsss_bench.report.html_page`, which calls :meth:`fragment` for each table.
+    :func:`wsss_bench.reporting.report.html_page`, which calls :meth:`fragment` for each table.
     """
 
     name: ClassVar[str] = "html"
@@ -198,7 +198,7 @@ class HtmlExporter(Exporter):
         return "\n".join(out)
 
     def export(self, table: ReportTable) -> str:
-        from wsss_bench.report import html_page
+        from wsss_bench.reporting.report import html_page
 
         return html_page([(table.title or "Results", [table])], self, title=table.title or "wsss-bench table")
 

@@ -39,7 +39,7 @@ def bench_inputs(folder: Path) -> dict:
     (planned with the bench's own --seeds/--task), its per-slice rows, profile and resamples."""
     import pandas as pd
 
-    from wsss_bench import bench as bn
+    from wsss_bench.running import bench as bn
     from wsss_bench.plugins import load_plugins
     from wsss_bench.profiles import load_profile
 
@@ -55,7 +55,7 @@ def bench_inputs(folder: Path) -> dict:
 
 
 def check_bench(folder: Path) -> list[str]:
-    from wsss_bench import bench as bn
+    from wsss_bench.running import bench as bn
 
     b = bench_inputs(folder)
     frame, planned, tables, resamples, profile = b["frame"], b["planned"], b["tables"], b["resamples"], b["profile"]
@@ -78,7 +78,7 @@ def check_paper_tables(folder: Path) -> list[str]:
     """Re-render every committed ``latex/tableN.tex`` and ``tableN.md`` from the per-slice rows
     (what ``wsss-bench report DIR --format F --table tableN --with-paper --gate label`` writes)."""
     from wsss_bench.plugins import load_plugins
-    from wsss_bench.report import bootstrap_resamples, build_tables, failed_cells, load_manifests, load_results, render_many
+    from wsss_bench.reporting.report import bootstrap_resamples, build_tables, failed_cells, load_manifests, load_results, render_many
 
     out: list[str] = []
     wanted = [(folder / (stem + (".tex" if fmt == "latex" else ".md")), fmt, table)
@@ -109,7 +109,7 @@ README_BEGIN, README_END = "<!-- results/cpu tables: begin -->", "<!-- results/c
 def readme_tables(folder: Path) -> str:
     """The README's compact tables: our Dice [case-level 95% CI] beside the paper's Dice, per
     task, for every table of the bench in ``folder`` (gate label); recomputed from its rows."""
-    from wsss_bench import paper
+    from wsss_bench.reporting import paper
     from wsss_bench.metrics import bootstrap_ci, bootstrap_seed
 
     b = bench_inputs(folder)

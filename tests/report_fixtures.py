@@ -4,7 +4,7 @@ Nothing is trained.  Smoke-size phantoms are written in the real layouts and sto
 store, exactly as a run would; the "methods" are fixed transformations of the ground truth
 (shifted, dilated, eroded, noisy), scored with the real metric, so the tables, figures and
 exports see a run whose every number is known.  Predicted masks are stored with
-:func:`wsss_bench.export_masks.save_predictions`, as the runner does.
+:func:`wsss_bench.reporting.export_masks.save_predictions`, as the runner does.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from scipy import ndimage as ndi
 from wsss_bench.data import phantom_abdomen, phantom_brain
 from wsss_bench.data.readers import BratsDataset, Flare21Dataset
 from wsss_bench.data.store import prepare_slices
-from wsss_bench.export_masks import save_predictions
+from wsss_bench.running.rundir import save_predictions
 from wsss_bench.metrics import GATES, apply_gate, dice_iou
 from wsss_bench.profiles import load_profile
 

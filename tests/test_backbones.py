@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-o
 @pytest.fixture(scope="module")
 def ctx(cache_root):
     from wsss_bench.plugins import load_plugins
-    from wsss_bench.runner import RunConfig, Session
+    from wsss_bench.running.runner import RunConfig, Session
 
     session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=Path(cache_root)), host=load_plugins())
     return session.context("brats", 0)

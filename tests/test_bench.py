@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from wsss_bench import bench as bn
+from wsss_bench.running import bench as bn
 from wsss_bench import cli
 from wsss_bench.errors import UserError
 from wsss_bench.plugins import load_plugins

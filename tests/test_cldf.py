@@ -488,14 +488,14 @@ def test_bad_parameters_name_themselves(params, key):
 @pytest.fixture(scope="module")
 def session(cache_root):
     from wsss_bench.plugins import load_plugins
-    from wsss_bench.runner import RunConfig, Session
+    from wsss_bench.running.runner import RunConfig, Session
 
     return Session(RunConfig(profile="smoke", device="cpu", cache_dir=Path(cache_root)), host=load_plugins())
 
 
 def run_cell(session, cams, method="cldf"):
     """Plan and run one cell's stages in-process; returns the cell state (st.pred: test masks)."""
-    from wsss_bench.runner import CellState, plan_cells, stage_maps, stage_prepare_refiner, \
+    from wsss_bench.running.runner import CellState, plan_cells, stage_maps, stage_prepare_refiner, \
         stage_prepare_sources, stage_refine
 
     ctx = session.context("brats", 0)

@@ -20,7 +20,7 @@ from wsss_bench import cli
 from wsss_bench.errors import PluginError, UserError
 from wsss_bench.interfaces import Refiner
 from wsss_bench.plugins import load_plugins
-from wsss_bench.runner import Cell, RunConfig, Session, parse_method, plan_cells
+from wsss_bench.running.runner import Cell, RunConfig, Session, parse_method, plan_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_intersection_masks_equal_the_single_source_masks_anded():
     session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=Path(os.environ["WSSS_BENCH_CACHE"])),
                       host=host)
     ctx = session.context("brats", 0)
-    from wsss_bench.runner import CellState, stage_maps, stage_prepare_refiner, stage_prepare_sources, stage_refine
+    from wsss_bench.running.runner import CellState, stage_maps, stage_prepare_refiner, stage_prepare_sources, stage_refine
 
     def masks(cams):
         cell = plan_cells(host, ["brats"], cams, "threshold", [0])[0]

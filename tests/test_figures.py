@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from report_fixtures import build_run
-from wsss_bench import figures as figs
-from wsss_bench.export_masks import gated, load_predictions
-from wsss_bench.report import load_manifests, load_results
+from wsss_bench.reporting import figures as figs
+from wsss_bench.reporting.export_masks import gated, load_predictions
+from wsss_bench.reporting.report import load_manifests, load_results
 
 
 @pytest.fixture(scope="module")

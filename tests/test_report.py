@@ -14,7 +14,7 @@ import pytest
 
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import ReportTable
-from wsss_bench.report import (
+from wsss_bench.reporting.report import (
     fmt_mean_std,
     load_results,
     paper_table,
@@ -209,9 +209,9 @@ def test_write_report_atomic(tmp_path):
 import re  # noqa: E402
 import shutil  # noqa: E402
 
-from wsss_bench import paper  # noqa: E402
+from wsss_bench.reporting import paper  # noqa: E402
 from wsss_bench.metrics import aggregate_volumes, bootstrap_ci, dice_iou, volume_scores  # noqa: E402
-from wsss_bench.report import (  # noqa: E402
+from wsss_bench.reporting.report import (  # noqa: E402
     build_tables,
     cldf_references,
     failed_cells,
@@ -487,7 +487,7 @@ def test_paper_row_mapping():
 def test_benchmark_table_files_fill_their_paper_rows():
     """Every row of benchmarks/table{1,2,3}.toml, planned into the runner's method label, fills
     the paper row of the same name (so --table tableN reads what `wsss-bench bench` wrote)."""
-    from wsss_bench.bench import load_table
+    from wsss_bench.running.bench import load_table
     from wsss_bench.spec import format_spec
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -63,7 +63,7 @@ def source_hash(*objs: Any) -> str:
 #: wsss_bench_plugins, directly or through another project module, is part of its source hash.
 NEUTRAL_MODULES = frozenset({
     "wsss_bench", "wsss_bench.hookspecs", "wsss_bench.errors", "wsss_bench.progress", "wsss_bench.lazy",
-    "wsss_bench.registry", "wsss_bench.plugins", "wsss_bench.cli", "wsss_bench.cache", "wsss_bench.manifest",
+    "wsss_bench.registry", "wsss_bench.plugins", "wsss_bench.cli", "wsss_bench.cache", "wsss_bench.running.manifest",
     "wsss_bench.testing", "wsss_bench.contract_suite", "wsss_bench._compat", "wsss_bench_plugins",
 })
 _PROJECT_PREFIXES = ("wsss_bench", "wsss_bench_plugins")

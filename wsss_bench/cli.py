@@ -123,7 +123,7 @@ def run(
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
     from wsss_bench.profiles import apply_overrides, load_profile
-    from wsss_bench.runner import CellJob, RunConfig, check_out_dir, plan_cells
+    from wsss_bench.running.runner import CellJob, RunConfig, check_out_dir, plan_cells
     from wsss_bench.spec import parse_specs
 
     host = get_host([str(p) for p in plugins_dir])
@@ -167,9 +167,9 @@ def _print_failure(cell, error: Any, seen: set[str]) -> None:
 
 
 def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
-    from wsss_bench import results
-    from wsss_bench.manifest import environment, plugin_distributions
-    from wsss_bench.runner import CellOutcome
+    from wsss_bench.running import rundir as results
+    from wsss_bench.running.manifest import environment, plugin_distributions
+    from wsss_bench.running.runner import CellOutcome
 
     failed = 0
     user_fail = True
@@ -289,12 +289,12 @@ def bench(
     nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero."),
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
-    from wsss_bench import bench as bn
-    from wsss_bench import results
+    from wsss_bench.running import bench as bn
+    from wsss_bench.running import rundir as results
     from wsss_bench.context import resolve_device
-    from wsss_bench.manifest import environment, plugin_distributions
+    from wsss_bench.running.manifest import environment, plugin_distributions
     from wsss_bench.profiles import load_profile
-    from wsss_bench.runner import RunConfig, check_out_dir
+    from wsss_bench.running.runner import RunConfig, check_out_dir
     from wsss_bench.spec import parse_specs
 
     from wsss_bench.profiles import apply_overrides
@@ -430,7 +430,7 @@ def report(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Tables of a run with bootstrap CIs and Wilcoxon marks (LaTeX booktabs, Markdown, CSV, HTML page)."""
-    from wsss_bench.report import (bootstrap_resamples, build_tables, failed_cells, html_report,
+    from wsss_bench.reporting.report import (bootstrap_resamples, build_tables, failed_cells, html_report,
                                    load_manifests, load_results, render_many, write_text)
 
     if gate not in ("label", "classifier", "none", "all"):
@@ -465,7 +465,7 @@ def figures(
     fmt: List[str] = typer.Option(["png", "pdf"], "--format", "-f", help="png and/or pdf (repeatable)."),
 ) -> None:
     """Figures of a run (matplotlib): qualitative grid (Fig. 3), ablation curves (Fig. 4), Dice boxplots."""
-    from wsss_bench.figures import write_figures
+    from wsss_bench.reporting.figures import write_figures
 
     paths, skipped = write_figures(run_dir, out, gate=gate, formats=_split_csv(fmt))
     for p in paths:
@@ -486,7 +486,7 @@ def export_masks_cmd(
     ground_truth: bool = typer.Option(False, "--ground-truth", help="Export the run's preprocessed ground truth of the same cases instead (geometry check)."),
 ) -> None:
     """Predicted masks per test case as NIfTI in the source volume's space and affine."""
-    from wsss_bench.export_masks import export_masks
+    from wsss_bench.reporting.export_masks import export_masks
 
     if gate not in ("label", "classifier", "none"):
         raise UserError(f"--gate {gate}: choose none, label or classifier")

@@ -58,7 +58,7 @@ class _Contexts:
         self._sessions: dict[bool, object] = {}
 
     def get(self, task: str, fresh: bool = False):
-        from wsss_bench.runner import RunConfig, Session
+        from wsss_bench.running.runner import RunConfig, Session
 
         if fresh not in self._sessions:
             cfg = RunConfig(profile="smoke", device="cpu", cache_dir=self.cache, out=self.cache / "runs")

@@ -345,7 +345,7 @@ def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = N
     for _, stage in CELL_STAGES:
         stage(st)
     if out is not None:
-        from wsss_bench.export_masks import save_predictions
+        from wsss_bench.running.rundir import save_predictions
 
         data = ctx.task_data
         save_predictions(out, cell.key, data.case_ids[st.test], data.z[st.test], st.pred,
@@ -411,7 +411,7 @@ def cell_identity(cfg: RunConfig, ctx: RunContext, host, cell: Cell) -> str:
             plugins.append(plugin_identity(host, "backbones", parse_specs(bb)[0].name))
         except Exception:  # an invalid backbone fails in the cell itself, with its own message
             pass
-    from wsss_bench import runner as _self
+    from wsss_bench.running import runner as _self
 
     return stable_hash({"config": cfg.identity(), "data": ctx.data_key, "plugins": plugins,
                         "runner": closure_hash(_self)}, 16)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from wsss_bench import paper
+from wsss_bench.reporting import paper
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import Exporter, ReportTable
 from wsss_bench.metrics import (
@@ -484,7 +484,7 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
     under each all-slice mean; ``stats`` (default: on when CIs are) marks methods that differ
     from CLDF (``reference`` overrides which method that is).  ``per_volume`` adds a per-volume
     Dice column per task; ``with_paper`` the paper's value beside each all-slice column (the row
-    mapping of :mod:`wsss_bench.paper`).  ``failed`` (from :func:`failed_cells`) fills the cells of
+    mapping of :mod:`wsss_bench.reporting.paper`).  ``failed`` (from :func:`failed_cells`) fills the cells of
     failed methods.  ``raw`` is the tidy aggregate of the shown cells.
     """
     require_columns(df, REQUIRED_COLUMNS, what="results")
@@ -575,7 +575,7 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
 def reference_table(df: "pd.DataFrame", table: str, gate: str = "label", *, with_paper: bool = False,
                     ci_resamples: int = 0, per_volume: bool = False, data: str | None = None,
                     failed: Sequence[Mapping[str, Any]] = ()) -> StatTable:
-    """Table 1, 2 or 3 of the paper (PROTOCOL section 9), rows filled by :mod:`wsss_bench.paper`.
+    """Table 1, 2 or 3 of the paper (PROTOCOL section 9), rows filled by :mod:`wsss_bench.reporting.paper`.
 
     The footer names the method label that filled each row whose label differs from the
     paper's name, so a reader sees e.g. that CLDF on BraTS is ``amecam+mg+cldf``.
@@ -908,7 +908,7 @@ def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate
     if clf is not None:
         sections.append(("Negative gate", [clf]))
     if figures:
-        from wsss_bench import figures as figs
+        from wsss_bench.reporting import figures as figs
 
         items: list = []
         made, skipped = figs.build_figures(df, manifests, gate=gates[0])

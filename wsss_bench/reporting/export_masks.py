@@ -2,9 +2,9 @@
 
 Three parts, each usable alone:
 
-1. **Storing predictions** (called by the runner): :func:`save_predictions` writes one cell's
-   ungated S x S masks of its test slices to ``<run>/predictions/<cell key>.npz`` (bit-packed,
-   compressed, no pickle).  The gate is applied on reading, from the results' ``gate_pass``.
+1. **Stored predictions**: the run folder (:mod:`wsss_bench.running.rundir`) holds one cell's
+   ungated S x S masks of its test slices in ``<run>/predictions/<cell key>.npz``; :func:`gated`
+   applies a gate on reading, from the results' ``gate_pass``.
 2. **Reading a run's slices**: :class:`RunSlices` finds a task's preprocessed images and ground
    truth through the manifest (the slice store in the run's cache, else the source volumes,
    preprocessed again by :mod:`wsss_bench.data.preprocess`).
@@ -32,74 +32,8 @@ import numpy as np
 
 from wsss_bench.errors import UserError
 
-PREDICTIONS_DIR = "predictions"
-FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------- 1. storing
-def save_predictions(out_dir: str | Path, cell_key: str, case_ids: Sequence[str], z: Sequence[int],
-                     masks: Any, *, task: str, method: str, seed: int) -> Path:
-    """Write one cell's ungated predicted masks (N, S, S) bool of its test slices.
-
-    ``case_ids``/``z`` identify each row (the results' ``case_id``/``z``).  The file is
-    ``<out_dir>/predictions/<cell_key>.npz``, written atomically; returns its path.
-    """
-    from wsss_bench.cache import atomic_path
-
-    m = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
-    if m.ndim != 3 or m.shape[1] != m.shape[2]:
-        raise ValueError(f"masks must be (N, S, S), got shape {m.shape}")
-    if len(case_ids) != len(m) or len(z) != len(m):
-        raise ValueError(f"{len(m)} masks but {len(case_ids)} case ids and {len(z)} z values")
-    path = Path(out_dir) / PREDICTIONS_DIR / f"{cell_key}.npz"
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(
-                fh, version=np.int64(FORMAT_VERSION), task=np.str_(task), method=np.str_(method),
-                seed=np.int64(seed), case_ids=np.asarray([str(c) for c in case_ids], dtype=np.str_),
-                z=np.asarray(z, dtype=np.int64), shape=np.asarray(m.shape, dtype=np.int64),
-                bits=np.packbits(m.astype(bool).reshape(-1)))
-    return path
-
-
-@dataclass
-class Predictions:
-    """One cell's stored masks: rows (case_id, z) and the (N, S, S) bool masks."""
-
-    task: str
-    method: str
-    seed: int
-    case_ids: np.ndarray
-    z: np.ndarray
-    masks: np.ndarray
-    path: Path
-
-    def lookup(self, case_id: str, z: int) -> np.ndarray | None:
-        hit = np.flatnonzero((self.case_ids == str(case_id)) & (self.z == int(z)))
-        return self.masks[hit[0]] if len(hit) else None
-
-
-def read_predictions(path: str | Path) -> Predictions:
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            shape = tuple(int(s) for s in f["shape"])
-            masks = np.unpackbits(f["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
-            return Predictions(str(f["task"]), str(f["method"]), int(f["seed"]), f["case_ids"].astype(str),
-                               f["z"].astype(np.int64), masks, path)
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"cannot read stored predictions {path}: {err}") from None
-
-
-def load_predictions(run_dirs: str | Path | Iterable[str | Path]) -> dict[tuple[str, str, int], Predictions]:
-    """Every stored cell of the run directories: (task, method, seed) -> Predictions."""
-    dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    out: dict[tuple[str, str, int], Predictions] = {}
-    for d in dirs:
-        for f in sorted((Path(d) / PREDICTIONS_DIR).glob("*.npz")):
-            p = read_predictions(f)
-            out[(p.task, p.method, p.seed)] = p
-    return out
+from wsss_bench.running.rundir import (  # noqa: F401  (re-exported for the figures)
+    PREDICTIONS_DIR, Predictions, load_predictions, read_predictions, save_predictions)
 
 
 def gated(pred: Predictions, results: "Any", gate: str) -> np.ndarray:
@@ -324,7 +258,7 @@ def export_masks(run_dirs: str | Path | Sequence[str | Path], method: str, out: 
     same path instead (to check the geometry in a viewer).  Returns the written files.
     """
     from wsss_bench.cache import atomic_write_json
-    from wsss_bench.report import load_manifests, load_results
+    from wsss_bench.reporting.report import load_manifests, load_results
 
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     frame = load_results(dirs)

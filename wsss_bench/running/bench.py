@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_bench.errors import UserError
-from wsss_bench.runner import Cell, CellJob, CellOutcome, RunConfig, Session, classifier_p1, plan_cells
+from wsss_bench.running.runner import Cell, CellJob, CellOutcome, RunConfig, Session, classifier_p1, plan_cells
 
 TABLE_KEYS = {"name", "caption", "label", "tasks", "seeds", "paper"}
 ROW_KEYS = {"name", "cam", "method", "backbone", "supplementary", "upper_bound", "note"}
