@@ -58,20 +58,30 @@ def source_hash(*objs: Any) -> str:
     return h.hexdigest()[:16]
 
 
-#: project modules that cannot change a number (plumbing, printing, registration); edits to
-#: them do not invalidate artifacts.  Everything else a plugin imports from wsss_bench or
-#: wsss_bench_plugins, directly or through another project module, is part of its source hash.
+#: project modules that cannot change a number (plumbing, printing, registration, the run
+#: folder, reporting); edits to them do not invalidate artifacts nor finished cells.  Everything
+#: else a plugin or the cell stages import from wsss_bench or wsss_bench_plugins, directly or
+#: through another project module, is part of the source hash.
 NEUTRAL_MODULES = frozenset({
     "wsss_bench", "wsss_bench.hookspecs", "wsss_bench.errors", "wsss_bench.progress", "wsss_bench.lazy",
-    "wsss_bench.registry", "wsss_bench.plugins", "wsss_bench.cli", "wsss_bench.cache", "wsss_bench.running.manifest",
+    "wsss_bench.registry", "wsss_bench.plugins", "wsss_bench.cli", "wsss_bench.cache",
+    "wsss_bench.running", "wsss_bench.running.manifest", "wsss_bench.running.rundir",
+    "wsss_bench.running.runner", "wsss_bench.running.bench",
     "wsss_bench.testing", "wsss_bench.contract_suite", "wsss_bench._compat", "wsss_bench_plugins",
 })
+#: packages whose every module is neutral (tables, statistics marks, HTML, figures, mask export)
+NEUTRAL_PACKAGES = ("wsss_bench.reporting",)
 _PROJECT_PREFIXES = ("wsss_bench", "wsss_bench_plugins")
 _IMPORTS_MEMO: dict[tuple[str, int, int], tuple[str, ...]] = {}
 
 
 def _is_project(name: str) -> bool:
     return name.split(".")[0] in _PROJECT_PREFIXES
+
+
+def is_neutral(name: str) -> bool:
+    """True for a module whose edits cannot change a number (:data:`NEUTRAL_MODULES`)."""
+    return name in NEUTRAL_MODULES or any(name == p or name.startswith(p + ".") for p in NEUTRAL_PACKAGES)
 
 
 def _module_file(name: str) -> str | None:
@@ -131,7 +141,7 @@ def source_files(*objs: Any) -> list[str]:
             continue
         seen.add(path)
         for name in _imported_project_modules(path):
-            if name in NEUTRAL_MODULES:
+            if is_neutral(name):
                 continue
             dep = _module_file(name)
             if dep:

@@ -1,18 +1,13 @@
 """Runs cells.  A cell = task x map sources x refiner (with its backbone) x seed.
 
-A cell is a short list of named stages (:data:`CELL_STAGES`), each a small function of the
-cell's :class:`CellState`:
-
-    prepare sources -> maps (per source, test split) -> prepare refiner -> refine -> gate -> score
-
-Everything a stage trains or computes goes through the context (``ctx.plugin``,
-``ctx.maps``, ``ctx.shared_model``, ``ctx.artifact``), so cells that share a trained model or
-a source's maps reuse them.  A new stage is one function added to :data:`CELL_STAGES`.
+The cell's computation is :mod:`wsss_bench.running.stages`; this module plans cells, decides
+whether a finished cell can be reused, and keeps the per-process state (:class:`Session`,
+:class:`CellJob`).
 
 Per-cell results are written atomically to ``<out>/cells/<key>.parquet`` with the cell's
 identity (everything that changes its numbers: resolved profile, data fingerprint, phantom
-seed, bf16, device type, each plugin's version and source hash).  A re-run skips a finished
-cell only when the identity matches; otherwise it recomputes it.
+seed, bf16, device type, each plugin's version and code, the code of the stages).  A re-run
+skips a finished cell only when the identity matches; otherwise it recomputes it.
 """
 from __future__ import annotations
 
@@ -27,13 +22,20 @@ from typing import Any, Callable
 
 from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
+from wsss_bench.data import taskdata
 from wsss_bench.errors import PluginError, UserError, disk_problem
 from wsss_bench.profiles import load_profile
 from wsss_bench.progress import say
+from wsss_bench.running import stages
+from wsss_bench.running.stages import (  # noqa: F401  (re-exported: bench and tests import them from here)
+    CELL_STAGES, GATES, CellState, check_scorable, classifier_p1, gate_stats, stage_gate, stage_maps,
+    stage_prepare_refiner, stage_prepare_sources, stage_refine, stage_score)
 from wsss_bench.spec import format_spec, parse_sources, parse_specs
 
-GATES = ("label", "classifier", "none")
 RUN_FILE = "run.json"
+#: the runner's modules whose code computes a cell (with what they import): the stages, and the
+#: data layer that loads and splits the task's slices.  Part of every cell's identity.
+COMPUTING_MODULES = (stages, taskdata)
 
 
 # ============================================================================ cells
@@ -215,185 +217,6 @@ def plan_cells(host, tasks: list[str], cams: str | None, methods: str, seeds: li
     return list(dict.fromkeys(cells))
 
 
-# ============================================================================ the stages of a cell
-@dataclass
-class CellState:
-    """What the stages of one cell hand each other."""
-
-    ctx: RunContext
-    cell: Cell
-    profile: Any
-    sources: tuple = ()
-    maps: tuple = ()
-    refiner: Any = None
-    test: Any = None
-    pred: Any = None
-    gated: dict[str, tuple] = field(default_factory=dict)
-    frame: Any = None
-
-
-def stage_prepare_sources(st: CellState) -> None:
-    """Each map source, bound and prepared (trains what it needs; shared across cells)."""
-    st.sources = tuple(st.ctx.plugin("cams", spec) for spec in st.cell.source_specs)
-
-
-def stage_maps(st: CellState) -> None:
-    """Each source's maps on the test slices (cached per source: shared by every cell using it)."""
-    st.test = st.ctx.data.split("test")
-    st.maps = tuple(st.ctx.maps(source, "test") for source in st.sources)
-
-
-def stage_prepare_refiner(st: CellState) -> None:
-    st.refiner = st.ctx.plugin("refiners", st.cell.refiner_spec, sources=st.sources)
-
-
-def stage_refine(st: CellState) -> None:
-    """Masks for every test slice (before any gate)."""
-    import numpy as np
-    import torch
-
-    ctx, refiner = st.ctx, st.refiner
-    size = int(ctx.data.image_size)
-    bs = int(st.profile.classifier.batch)
-    pred = np.zeros((len(st.test), size, size), dtype=bool)
-    pos = 0
-    with ctx.stage(f"refine/{st.cell.refiner_spec}"), ctx.acting(refiner):
-        for batch in ctx.data.batches(st.test, bs, device=ctx.device):
-            maps = tuple(torch.from_numpy(np.array(m[pos:pos + len(batch)])).to(ctx.device) for m in st.maps)
-            masks = refiner.refine(batch, maps, st.sources)
-            if tuple(masks.shape) != (len(batch), size, size):
-                raise PluginError(f"refiner '{refiner.name}' returned masks of shape {tuple(masks.shape)}; "
-                                  f"expected {(len(batch), size, size)}")
-            pred[pos:pos + len(batch)] = masks.bool().cpu().numpy()
-            pos += len(batch)
-    st.pred = pred
-
-
-def stage_gate(st: CellState) -> None:
-    """Blank predictions per gate (PROTOCOL section 7): label, classifier, none."""
-    from wsss_bench.metrics import apply_gate
-
-    ctx = st.ctx
-    labels = ctx.data.labels[st.test].astype(int)
-    p1 = classifier_p1(ctx, st.test)
-    for gate in GATES:
-        st.gated[gate] = apply_gate(st.pred, gate, labels, p1)
-    st.gated["_p1"] = (p1, None)
-
-
-def stage_score(st: CellState) -> None:
-    """Dice and IoU per test slice and gate, against the test masks (read here only)."""
-    import numpy as np
-    import pandas as pd
-
-    from wsss_bench.metrics import dice_iou
-
-    ctx, cell, test = st.ctx, st.cell, st.test
-    data = ctx.task_data
-    gt = data.masks(test)
-    labels = data.labels[test].astype(int)
-    p1 = st.gated["_p1"][0]
-    frames = []
-    for gate in GATES:
-        gated, passed = st.gated[gate]
-        dice, iou = dice_iou(gated, gt)
-        frames.append(pd.DataFrame({
-            "task": cell.task, "method": cell.method, "cam": cell.cam_spec or "", "refiner": cell.refiner_spec,
-            "gate": gate, "case_id": data.case_ids[test], "z": data.z[test].astype(int), "split": "test",
-            "label": labels, "fg_fraction": data.fg_fraction[test], "gt_area": gt.reshape(len(test), -1).sum(1),
-            "pred_area": np.asarray(gated).reshape(len(test), -1).sum(1), "gate_pass": passed,
-            "classifier_p1": p1, "dice": dice, "iou": iou, "seed": cell.seed,
-            "params": json.dumps({"sources": {n: dict(p) for n, p in cell.sources},
-                                  "refiner": dict(cell.refiner_params)}, default=str),
-        }))
-    st.frame = pd.concat(frames, ignore_index=True)
-
-
-#: the stages of a cell, in order
-CELL_STAGES: tuple[tuple[str, Callable[[CellState], None]], ...] = (
-    ("prepare sources", stage_prepare_sources),
-    ("maps", stage_maps),
-    ("prepare refiner", stage_prepare_refiner),
-    ("refine", stage_refine),
-    ("gate", stage_gate),
-    ("score", stage_score),
-)
-
-
-def check_scorable(ctx: RunContext) -> None:
-    """Before any training: the test split must hold slices to score.  The test negatives are
-    drawn in proportion to the positives (PROTOCOL 4.3), so test cases without a positive
-    slice leave the split empty."""
-    data = ctx.task_data
-    if len(data.split("test")) == 0:
-        cases = list(data.case_split.get("test", []))
-        names = ", ".join(cases[:4]) + (", ..." if len(cases) > 4 else "")
-        raise UserError(f"task '{ctx.task.task_id}': the test case(s) {names} under {data.data_root} hold no "
-                        f"positive slice, so the test split, whose negatives are drawn "
-                        f"in proportion to its positives, is empty and nothing can be scored; use data whose "
-                        f"test cases contain the target, more cases, or another --seed (another case split)")
-
-
-def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = None):
-    """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest).
-
-    With ``out``, the predicted masks (before gating) are stored as
-    ``<out>/predictions/<key>.npz`` for figures and NIfTI export.
-    """
-    check_scorable(ctx)
-    st = CellState(ctx, cell, profile)
-    for _, stage in CELL_STAGES:
-        stage(st)
-    if out is not None:
-        from wsss_bench.running.rundir import save_predictions
-
-        data = ctx.task_data
-        save_predictions(out, cell.key, data.case_ids[st.test], data.z[st.test], st.pred,
-                         task=cell.task, method=cell.method, seed=cell.seed)
-    log = ctx.log
-    info = {"artifacts": list(dict.fromkeys(log.used)), "records": dict(log.records),
-            "base_seed": ctx.base_seed, "derived_seeds": dict(log.seeds),
-            "classifier_gate": gate_stats(ctx.data.labels[st.test], st.gated["_p1"][0]),
-            "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins},
-            "stage_list": [name for name, _ in CELL_STAGES]}
-    return st.frame, info
-
-
-def classifier_p1(ctx: RunContext, idx) -> Any:
-    """softmax p(1) of the task's CAM classifier on slices ``idx`` (gate=classifier), cached."""
-    import numpy as np
-
-    from wsss_bench.nn.classifier import get_classifier, predict_p1
-
-    model = get_classifier(ctx)
-    key = ctx.shared_model_key("classifier")
-    rows = np.asarray(idx)
-
-    def build(work: Path) -> dict:
-        bs = int(ctx.profile.classifier.batch)
-        p1 = np.asarray(predict_p1(model, ctx.data.batches(rows, bs, device=ctx.device)))
-        np.save(work / "p1.npy", p1.astype(np.float64))
-        return {}
-
-    built = ctx.artifact("classifier-p1", "cam-classifier", build,
-                         params={"rows": stable_hash(rows.tolist(), 16)}, upstream=[key])
-    return np.load(built.path / "p1.npy")
-
-
-def gate_stats(labels, p1) -> dict[str, float | None]:
-    """Test AUC, sensitivity and specificity of gate=classifier (reported next to the tables)."""
-    import numpy as np
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels).astype(int)
-    pred = np.asarray(p1) >= 0.5
-    auc = float(roc_auc_score(labels, p1)) if len(set(labels.tolist())) == 2 else None
-    pos, neg = labels == 1, labels == 0
-    return {"auc": auc,
-            "sensitivity": float(pred[pos].mean()) if pos.any() else None,
-            "specificity": float((~pred[neg]).mean()) if neg.any() else None}
-
-
 # ============================================================================ identity and the run folder
 def plugin_identity(host, kind: str, name: str) -> dict[str, str]:
     cls = host.get(kind, name)
@@ -401,7 +224,10 @@ def plugin_identity(host, kind: str, name: str) -> dict[str, str]:
 
 
 def cell_identity(cfg: RunConfig, ctx: RunContext, host, cell: Cell) -> str:
-    """Hash of everything that changes the cell's numbers."""
+    """Hash of everything that changes the cell's numbers: the configuration's identity, the
+    data, each plugin's version and code (:func:`plugin_identity`) and the code of the stages
+    (:mod:`wsss_bench.running.stages` and what it imports).  Reporting, the run folder, the
+    manifest and progress are not part of it: editing them never recomputes a cell."""
     plugins = [plugin_identity(host, "cams", n) for n, _ in cell.sources]
     plugins.append(plugin_identity(host, "refiners", cell.refiner))
     ref_params = dict(cell.refiner_params)
@@ -411,10 +237,24 @@ def cell_identity(cfg: RunConfig, ctx: RunContext, host, cell: Cell) -> str:
             plugins.append(plugin_identity(host, "backbones", parse_specs(bb)[0].name))
         except Exception:  # an invalid backbone fails in the cell itself, with its own message
             pass
-    from wsss_bench.running import runner as _self
-
     return stable_hash({"config": cfg.identity(), "data": ctx.data_key, "plugins": plugins,
-                        "runner": closure_hash(_self)}, 16)
+                        "runner": closure_hash(*COMPUTING_MODULES)}, 16)
+
+
+def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = None):
+    """Run the stages of one cell; returns (per-slice frame for every gate, info for the manifest).
+
+    With ``out``, the predicted masks (before gating) are stored in the run folder
+    (``<out>/predictions/<key>.npz``) for figures and NIfTI export.
+    """
+    st, info = stages.compute_cell(ctx, cell, profile)
+    if out is not None:
+        from wsss_bench.running.rundir import save_predictions
+
+        data = ctx.task_data
+        save_predictions(out, cell.key, data.case_ids[st.test], data.z[st.test], st.pred,
+                         task=cell.task, method=cell.method, seed=cell.seed)
+    return st.frame, info
 
 
 def check_out_dir(cfg: RunConfig) -> None:
@@ -481,12 +321,10 @@ class Session:
 
     def _context(self, task_id: str, seed: int) -> RunContext:
         if (task_id, seed) not in self._contexts:
-            from wsss_bench.data.taskdata import load_task_data
-
             dataset_cls, task = self.host.task(task_id)
             t0 = time.perf_counter()
             reader = dataset_cls(**({"nonfinite": self.cfg.nonfinite} if "nonfinite" in dataset_cls.params else {}))
-            data = load_task_data(reader, task_id, self.cfg.root_for(dataset_cls), self.profile, seed,
+            data = taskdata.load_task_data(reader, task_id, self.cfg.root_for(dataset_cls), self.profile, seed,
                                   Path(self.cfg.cache_dir), phantom_seed=self.cfg.phantom_seed,
                                   ambiguous=self.cfg.ambiguous)
             ctx = RunContext(task, data, self.profile, seed, self.device, self.cache, bf16=self.cfg.bf16,

@@ -1,0 +1,198 @@
+"""The stages of one cell: what computes its numbers, and nothing else.
+
+    prepare sources -> maps (per source, test split) -> prepare refiner -> refine -> gate -> score
+
+Each stage is a small function of the cell's :class:`CellState`.  Everything a stage trains or
+computes goes through the context (``ctx.plugin``, ``ctx.maps``, ``ctx.shared_model``,
+``ctx.artifact``), so cells that share a trained model or a source's maps reuse them.  A new
+stage is one function added to :data:`CELL_STAGES`.
+
+This module (with the project modules it imports) is the runner's part of a cell's identity
+(:func:`wsss_bench.running.runner.cell_identity`): the run folder, the manifest, progress and
+reporting live elsewhere, so editing them never makes a finished cell recompute.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from wsss_bench.cache import stable_hash
+from wsss_bench.context import RunContext
+from wsss_bench.errors import PluginError, UserError
+
+GATES = ("label", "classifier", "none")
+
+
+@dataclass
+class CellState:
+    """What the stages of one cell hand each other."""
+
+    ctx: RunContext
+    cell: Cell
+    profile: Any
+    sources: tuple = ()
+    maps: tuple = ()
+    refiner: Any = None
+    test: Any = None
+    pred: Any = None
+    #: softmax p(1) of the task's CAM classifier per test slice (gate=classifier, and a column)
+    p1: Any = None
+    #: gate -> (gated masks, gate pass per slice)
+    gated: dict[str, tuple] = field(default_factory=dict)
+    frame: Any = None
+
+
+def stage_prepare_sources(st: CellState) -> None:
+    """Each map source, bound and prepared (trains what it needs; shared across cells)."""
+    st.sources = tuple(st.ctx.plugin("cams", spec) for spec in st.cell.source_specs)
+
+
+def stage_maps(st: CellState) -> None:
+    """Each source's maps on the test slices (cached per source: shared by every cell using it)."""
+    st.test = st.ctx.data.split("test")
+    st.maps = tuple(st.ctx.maps(source, "test") for source in st.sources)
+
+
+def stage_prepare_refiner(st: CellState) -> None:
+    st.refiner = st.ctx.plugin("refiners", st.cell.refiner_spec, sources=st.sources)
+
+
+def stage_refine(st: CellState) -> None:
+    """Masks for every test slice (before any gate)."""
+    import numpy as np
+    import torch
+
+    ctx, refiner = st.ctx, st.refiner
+    size = int(ctx.data.image_size)
+    bs = int(st.profile.classifier.batch)
+    pred = np.zeros((len(st.test), size, size), dtype=bool)
+    pos = 0
+    with ctx.stage(f"refine/{st.cell.refiner_spec}"), ctx.acting(refiner):
+        for batch in ctx.data.batches(st.test, bs, device=ctx.device):
+            maps = tuple(torch.from_numpy(np.array(m[pos:pos + len(batch)])).to(ctx.device) for m in st.maps)
+            masks = refiner.refine(batch, maps, st.sources)
+            if tuple(masks.shape) != (len(batch), size, size):
+                raise PluginError(f"refiner '{refiner.name}' returned masks of shape {tuple(masks.shape)}; "
+                                  f"expected {(len(batch), size, size)}")
+            pred[pos:pos + len(batch)] = masks.bool().cpu().numpy()
+            pos += len(batch)
+    st.pred = pred
+
+
+def stage_gate(st: CellState) -> None:
+    """Blank predictions per gate: label (true image label), classifier (its p(1) >= 0.5), none."""
+    from wsss_bench.metrics import apply_gate
+
+    ctx = st.ctx
+    labels = ctx.data.labels[st.test].astype(int)
+    st.p1 = classifier_p1(ctx, st.test)
+    for gate in GATES:
+        st.gated[gate] = apply_gate(st.pred, gate, labels, st.p1)
+
+
+def stage_score(st: CellState) -> None:
+    """Dice and IoU per test slice and gate, against the test masks (read here only)."""
+    import numpy as np
+    import pandas as pd
+
+    from wsss_bench.metrics import dice_iou
+
+    ctx, cell, test = st.ctx, st.cell, st.test
+    data = ctx.task_data
+    gt = data.masks(test)
+    labels = data.labels[test].astype(int)
+    p1 = st.p1
+    frames = []
+    for gate in GATES:
+        gated, passed = st.gated[gate]
+        dice, iou = dice_iou(gated, gt)
+        frames.append(pd.DataFrame({
+            "task": cell.task, "method": cell.method, "cam": cell.cam_spec or "", "refiner": cell.refiner_spec,
+            "gate": gate, "case_id": data.case_ids[test], "z": data.z[test].astype(int), "split": "test",
+            "label": labels, "fg_fraction": data.fg_fraction[test], "gt_area": gt.reshape(len(test), -1).sum(1),
+            "pred_area": np.asarray(gated).reshape(len(test), -1).sum(1), "gate_pass": passed,
+            "classifier_p1": p1, "dice": dice, "iou": iou, "seed": cell.seed,
+            "params": json.dumps({"sources": {n: dict(p) for n, p in cell.sources},
+                                  "refiner": dict(cell.refiner_params)}, default=str),
+        }))
+    st.frame = pd.concat(frames, ignore_index=True)
+
+
+#: the stages of a cell, in order
+CELL_STAGES: tuple[tuple[str, Callable[[CellState], None]], ...] = (
+    ("prepare sources", stage_prepare_sources),
+    ("maps", stage_maps),
+    ("prepare refiner", stage_prepare_refiner),
+    ("refine", stage_refine),
+    ("gate", stage_gate),
+    ("score", stage_score),
+)
+
+
+def check_scorable(ctx: RunContext) -> None:
+    """Before any training: the test split must hold slices to score.  The test negatives are
+    drawn in proportion to the positives, so test cases without a positive
+    slice leave the split empty."""
+    data = ctx.task_data
+    if len(data.split("test")) == 0:
+        cases = list(data.case_split.get("test", []))
+        names = ", ".join(cases[:4]) + (", ..." if len(cases) > 4 else "")
+        raise UserError(f"task '{ctx.task.task_id}': the test case(s) {names} under {data.data_root} hold no "
+                        f"positive slice, so the test split, whose negatives are drawn "
+                        f"in proportion to its positives, is empty and nothing can be scored; use data whose "
+                        f"test cases contain the target, more cases, or another --seed (another case split)")
+
+
+def compute_cell(ctx: RunContext, cell: Any, profile: Any) -> tuple[CellState, dict[str, Any]]:
+    """Run the stages of one cell; returns its final state (``state.frame``: per-slice rows for
+    every gate; ``state.pred``: the masks before gating) and the info for its manifest."""
+    check_scorable(ctx)
+    st = CellState(ctx, cell, profile)
+    for _, stage in CELL_STAGES:
+        stage(st)
+    log = ctx.log
+    info = {"artifacts": list(dict.fromkeys(log.used)), "records": dict(log.records),
+            "base_seed": ctx.base_seed, "derived_seeds": dict(log.seeds),
+            "classifier_gate": gate_stats(ctx.data.labels[st.test], st.p1),
+            "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins},
+            "stage_list": [name for name, _ in CELL_STAGES]}
+    return st, info
+
+
+def classifier_p1(ctx: RunContext, idx) -> Any:
+    """softmax p(1) of the task's CAM classifier on slices ``idx`` (gate=classifier), cached."""
+    import numpy as np
+
+    from wsss_bench.nn.classifier import get_classifier, predict_p1
+
+    model = get_classifier(ctx)
+    key = ctx.shared_model_key("classifier")
+    rows = np.asarray(idx)
+
+    def build(work: Path) -> dict:
+        bs = int(ctx.profile.classifier.batch)
+        p1 = np.asarray(predict_p1(model, ctx.data.batches(rows, bs, device=ctx.device)))
+        np.save(work / "p1.npy", p1.astype(np.float64))
+        return {}
+
+    built = ctx.artifact("classifier-p1", "cam-classifier", build,
+                         params={"rows": stable_hash(rows.tolist(), 16)}, upstream=[key])
+    return np.load(built.path / "p1.npy")
+
+
+def gate_stats(labels, p1) -> dict[str, float | None]:
+    """Test AUC, sensitivity and specificity of gate=classifier (reported next to the tables)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    pred = np.asarray(p1) >= 0.5
+    auc = float(roc_auc_score(labels, p1)) if len(set(labels.tolist())) == 2 else None
+    pos, neg = labels == 1, labels == 0
+    return {"auc": auc,
+            "sensitivity": float(pred[pos].mean()) if pos.any() else None,
+            "specificity": float((~pred[neg]).mean()) if neg.any() else None}
+
+
