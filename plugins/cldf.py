@@ -124,9 +124,8 @@ class CLDF(Refiner):
         self._resolve_sources(ctx, tuple(sources))
         cfg = ctx.profile.cldf
         self.restarts = int(cfg.kmeans_restarts)
-        used0 = len(ctx.used)
         self.backbone = ctx.plugin("backbones", self.p["backbone"])
-        backbone_keys = list(dict.fromkeys(getattr(self.backbone, "_wsss_upstream", []) or ctx.used[used0:]))
+        backbone_keys = ctx.upstream(self.backbone)
         seeds = self._train_seeds(ctx)
         self.kmeans_seed = ctx.seed("cldf/kmeans")
         self._test_seeds: dict[int, dict[str, Any]] = {}
@@ -188,10 +187,9 @@ class CLDF(Refiner):
 
         train = np.asarray(ctx.data.split("train"))
         pos = np.nonzero(np.asarray(ctx.data.labels)[train] == 1)[0]  # positions in the train split
-        used0 = len(ctx.used)
-        cam_maps = ctx.maps(self.cam, "train") if self.cam is not None else None
-        mg_maps = ctx.maps(self.mg, "train") if self.variant != "cam" else None
-        upstream = list(dict.fromkeys(ctx.used[used0:]))
+        with ctx.recording() as upstream:
+            cam_maps = ctx.maps(self.cam, "train") if self.cam is not None else None
+            mg_maps = ctx.maps(self.mg, "train") if self.variant != "cam" else None
         size = self.size
 
         def build(work):

@@ -10,7 +10,7 @@ classifier trained with image-level labels only.  Here:
   ``resnet50`` the other.  Paper profile: the CAM classifier is the ResNet50 and the extra
   network is a full-width ResNet18 (output stride 32); cpu / smoke profiles: the CAM
   classifier is a narrow ResNet18 and the extra one a narrow ResNet50 (output stride 8).
-  The CAM classifier is ``ctx.classifier()``; the other one is the shared model
+  The CAM classifier is ``get_classifier(ctx)``; the other one is the shared model
   ``table2-resnet``;
 - **features**: the outputs of ``layer1`` .. ``layer4`` of one clean forward pass (no noise,
   no flips; eval mode) [inferred: the stages], Up (bilinear, align_corners=False) to S x S
@@ -30,6 +30,7 @@ from wsss_bench.hookspecs import hookimpl
 from wsss_bench.interfaces import FeatureBackbone
 from wsss_bench.lazy import torch
 from wsss_bench.nn import diffusion_features as dfeat
+from wsss_bench.nn.classifier import get_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -128,7 +129,7 @@ class ResNetFeatures(FeatureBackbone):
         cam_arch, t2_arch = str(ctx.profile.cam_classifier.arch), str(ctx.profile.table2_resnet.arch)
         which = network_for(ctx.profile, self.arch)
         if which == "cam_classifier":
-            self.model = ctx.classifier()
+            self.model = get_classifier(ctx)
         elif which == "table2_resnet":
             self.model = get_table2_resnet(ctx)
         else:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from wsss_bench.nn import diffusion as dif
+from wsss_bench.nn.classifier import get_classifier
 from wsss_bench.profiles import load_profile
 
 S = 32
@@ -93,7 +94,7 @@ def test_paper_widths_give_the_paper_dimensions():
 
 def test_resnet_rows_use_classifiers_trained_with_image_labels_only(ctx):
     r18, r50 = ctx.plugin("backbones", "resnet18"), ctx.plugin("backbones", "resnet50")
-    assert r18.model is ctx.classifier()  # smoke: the CAM classifier serves as ResNet18
+    assert r18.model is get_classifier(ctx)  # smoke: the CAM classifier serves as ResNet18
     assert type(r50.model).__name__ == "ResNet" and r50.model.layer1[0].conv3 is not None  # bottlenecks
     assert r50.model is not r18.model
     assert ctx.records["features/resnet50"]["network"] == "table2_resnet"

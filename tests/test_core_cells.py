@@ -62,7 +62,7 @@ def test_intersection_masks_equal_the_single_source_masks_anded():
     session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=Path(os.environ["WSSS_BENCH_CACHE"])),
                       host=host)
     ctx = session.context("brats", 0)
-    from wsss_bench.running.runner import CellState, stage_maps, stage_prepare_refiner, stage_prepare_sources, stage_refine
+    from wsss_bench.running.stages import CellState, stage_maps, stage_prepare_refiner, stage_prepare_sources, stage_refine
 
     def masks(cams):
         cell = plan_cells(host, ["brats"], cams, "threshold", [0])[0]
@@ -186,7 +186,7 @@ def test_no_plugin_touches_a_mask(monkeypatch, tmp_path):
     for cell in cells:
         before = len(calls)
         session.run_cell(cell)
-        readers = [c for c in calls[before:] if not c.endswith(os.path.join("wsss_bench", "running", "runner.py"))]
+        readers = [c for c in calls[before:] if not c.endswith(os.path.join("wsss_bench", "running", "stages.py"))]
         assert not readers, f"{cell.method} read masks from {readers}"
         assert len(calls) > before  # the runner scored the cell against the masks
     assert len(cells) >= len(host.registries["cams"].names())

@@ -49,6 +49,7 @@ def test_contract_suite_passes_on_the_example(example_installed, pytester, monke
     pytester.makeini("[pytest]\n")
     result = pytester.runpytest_subprocess("--wsss-bench-plugin", "wsss_bench_example", "-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["wsss-bench plugin API *", "*cams:randomcam targets plugin API *"])
     result.stdout.fnmatch_lines(["*test_plugin_contract?cams:randomcam? PASSED*",
                                  "*test_plugin_contract?refiners:dilate? PASSED*"])
 

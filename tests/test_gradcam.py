@@ -221,7 +221,7 @@ def test_plugin_end_to_end_with_a_fake_context():
     with pytest.raises(PluginError, match="parameter layer"):
         gradcam.GradCAM(layer="layer3++layer4")
 
-    # the shared base: classifier from ctx.classifier(), one extractor, autograd inside maps()
+    # the shared base: classifier from get_classifier(ctx), one extractor, autograd inside maps()
     assert issubclass(gradcam.GradCAM, ClassifierCam) and gradcam.GradCAM.no_grad is False
     two = gradcam.GradCAM(layer="layer3+layer4")
     two.prepare(ctx)

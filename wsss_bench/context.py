@@ -4,7 +4,8 @@ A context belongs to one (task, seed) in a process and is shared by that pair's 
 model trained for one cell is reused by the next.  What it offers (docs/plugins.md has the
 exact signatures):
 
-- ``ctx.data``: images and image-level labels (a mask-free view, :class:`DataView`);
+- ``ctx.data``: images and image-level labels (a mask-free view,
+  :class:`~wsss_bench.data.view.DataView`);
 - ``ctx.artifact``: any cached artifact (content key, atomic, resumable);
 - ``ctx.shared_model``: any trained model (classifier, CDM, SEAM, AME-CAM, DiG, FSL, ...):
   built, trained on the resumable loop, cached as safetensors, memoised;
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from wsss_bench.cache import ArtifactCache, Built, closure_hash, stable_hash
+from wsss_bench.data.view import DataView
 from wsss_bench.errors import PluginError, UserError
 from wsss_bench.progress import progress, say
 from wsss_bench.records import CellLog, TaskDef
@@ -62,63 +64,6 @@ def resolve_device(name: str) -> str:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-# ============================================================================ mask isolation
-_HIDDEN = frozenset({"store", "fg_fraction", "_rows_with_masks"})
-
-
-class DataView:
-    """The task's data as plugins see it: images and image-level labels, no segmentation.
-
-    ``masks`` (and ``batches(with_masks=True)``) work only while a plugin that declares
-    ``reads_train_masks = True`` is acting (the FSL upper bound), and only on train/val
-    rows.  Test masks are read by the runner alone, for scoring.  Everything else is
-    forwarded to the underlying TaskData.
-    """
-
-    def __init__(self, data: Any, ctx: "RunContext") -> None:
-        object.__setattr__(self, "_data", data)
-        object.__setattr__(self, "_ctx", ctx)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _HIDDEN:
-            raise PluginError(self._refusal(f"'{name}'"))
-        return getattr(self._data, name)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def _refusal(self, what: str) -> str:
-        who = self._ctx.acting_plugin
-        name = f"{who.kind} plugin '{who.name}'" if who is not None else "code outside a plugin"
-        return (f"{name} tried to read {what} of the segmentation ground truth; WSSS methods see image-level "
-                f"labels only (PROTOCOL section 5). A fully supervised plugin must declare "
-                f"`reads_train_masks = True`, and then reads training/validation masks only")
-
-    def _check(self, idx: Any) -> None:
-        import numpy as np
-
-        who = self._ctx.acting_plugin
-        if who is None or not getattr(who, "reads_train_masks", False):
-            raise PluginError(self._refusal("masks"))
-        rows = np.asarray(idx, dtype=np.int64).reshape(-1)
-        allowed = np.concatenate([self._data.split("train"), self._data.split("val")])
-        if not np.isin(rows, allowed).all():
-            raise PluginError(f"{who.kind} plugin '{who.name}' tried to read masks of test slices; "
-                              f"only training and validation masks may be read")
-
-    def masks(self, idx: Any):
-        self._check(idx)
-        return self._data.masks(idx)
-
-    def batches(self, split_or_idx: Any, batch_size: int, shuffle: bool = False, seed: int | None = None,
-                with_masks: bool = False, device: str = "cpu"):
-        if with_masks:
-            rows = self._data.split(split_or_idx) if isinstance(split_or_idx, str) else split_or_idx
-            self._check(rows)
-        extra = {"with_masks": True} if with_masks else {}
-        return self._data.batches(split_or_idx, batch_size, shuffle=shuffle, seed=seed, device=device, **extra)
 
 
 @dataclass
@@ -170,6 +115,13 @@ class RunContext:
         self._memo: dict[Any, _Memo] = {}
         self._model_keys: dict[str, str] = {}
         self._acting: list[Any] = []
+        self._upstream: dict[int, list[str]] = {}  # id(plugin) -> keys its prepare used
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "classifier":  # removed in plugin API 3: a plugin written for API 2 gets the fix
+            raise PluginError("ctx.classifier() was removed in plugin API 3 (the context knows no method); "
+                              "call wsss_bench.nn.classifier.get_classifier(ctx) instead")
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     # ------------------------------------------------------------------ per-cell bookkeeping
     def begin_cell(self, label: str = "") -> CellLog:
@@ -420,12 +372,6 @@ class RunContext:
             raise KeyError(f"shared model '{name}' has not been made in this context yet")
         return self._model_keys[name]
 
-    def classifier(self) -> "torch.nn.Module":
-        """The task's CAM classifier: :func:`wsss_bench.nn.classifier.get_classifier`."""
-        from wsss_bench.nn.classifier import get_classifier
-
-        return get_classifier(self)
-
     # ------------------------------------------------------------------ plugins
     def _host(self) -> Any:
         if self.host is None:
@@ -460,9 +406,31 @@ class RunContext:
                 inst.prepare(self, tuple(sources))
             else:
                 inst.prepare(self)
-        inst._wsss_upstream = list(dict.fromkeys(cap["used"]))
+        self._upstream[id(inst)] = list(dict.fromkeys(cap["used"]))
         self._memo[memo_key] = _Memo(inst, cap["used"], cap["records"], cap["seeds"])
         return inst
+
+    def upstream(self, plugin: "Plugin") -> list[str]:
+        """The keys of the artifacts ``plugin``'s ``prepare`` used (trained models, maps, ...),
+        for the ``upstream=`` of an artifact built from it; [] for a plugin this context did
+        not prepare."""
+        return list(self._upstream.get(id(plugin), []))
+
+    @contextmanager
+    def recording(self) -> Iterator[list[str]]:
+        """Collect the keys of the artifacts used inside the block (built, reused or replayed
+        from memo), in order, without repeats; the yielded list is filled when the block ends::
+
+            with ctx.recording() as used:
+                maps = ctx.maps(self.cam, "train")
+            ctx.artifact("seeds", self, build, upstream=used)
+        """
+        start = len(self.log.used)
+        keys: list[str] = []
+        try:
+            yield keys
+        finally:
+            keys.extend(dict.fromkeys(self.log.used[start:]))
 
     # ------------------------------------------------------------------ maps
     def maps(self, source: "str | CamSource", split: str) -> "np.ndarray":
@@ -484,7 +452,7 @@ class RunContext:
         idx = self.data.split(split)
         size = int(self.data.image_size)
         bs = int(self.profile.classifier.batch)
-        upstream = list(getattr(source, "_wsss_upstream", []))
+        upstream = self.upstream(source)
         spec = source.spec()
 
         def build(work: Path) -> dict:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import abc
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
+from wsss_bench import PLUGIN_API
 from wsss_bench.errors import PluginError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,6 +76,9 @@ class Plugin:
     #: only a plugin that sets this (the fully supervised upper bound) may read training
     #: masks through ``ctx.data``; every other plugin gets a PluginError if it tries
     reads_train_masks: ClassVar[bool] = False
+    #: the plugin API version (:data:`wsss_bench.PLUGIN_API`) this plugin was written for;
+    #: None: the current one, except a refiner with the first single-source signature (API 1)
+    plugin_api: ClassVar[int | None] = None
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.params))
@@ -235,6 +240,61 @@ class Executor(Plugin):
     @abc.abstractmethod
     def map(self, fn: Callable[[Any], Any], cells: Sequence[Any]) -> list[Any]:
         """Apply ``fn`` to every cell; a failing cell yields its exception, others go on."""
+
+
+# --------------------------------------------------------------------------- plugin API versions
+def target_api(cls: Any) -> int:
+    """The plugin API version ``cls`` was written for: its ``plugin_api``, else 1 for a refiner
+    whose ``refine`` names its third parameter ``cam`` (the first published signature
+    ``refine(batch, maps, cam)``), else the current :data:`wsss_bench.PLUGIN_API`."""
+    declared = getattr(cls, "plugin_api", None)
+    if declared is not None:
+        return int(declared)
+    if isinstance(cls, type) and issubclass(cls, Refiner):
+        try:
+            names = list(inspect.signature(cls.refine).parameters)
+        except (TypeError, ValueError):
+            names = []
+        if len(names) >= 4 and names[3] == "cam":  # self, batch, maps, cam
+            return 1
+    return PLUGIN_API
+
+
+def api_problem(cls: Any, noun: str, name: str) -> str | None:
+    """One sentence when ``cls`` targets a plugin API this wsss-bench cannot serve, else None."""
+    api = target_api(cls)
+    if api > PLUGIN_API:
+        return (f"{noun} '{name}' targets plugin API {api}, newer than this wsss-bench's {PLUGIN_API}; "
+                f"upgrade wsss-bench or use a release of the plugin written for API {PLUGIN_API}")
+    if api < 1:
+        return f"{noun} '{name}' declares plugin_api = {api}; plugin API versions start at 1"
+    return None
+
+
+def adapt_refiner(cls: type[Refiner]) -> type[Refiner]:
+    """A refiner written for plugin API 1 (one map source: ``prepare(ctx, cam)`` and
+    ``refine(batch, maps, cam)`` with ``maps`` a tensor or None) as a current refiner; any
+    other class is returned unchanged.  Such a refiner accepts at most one ``--cam`` source."""
+    if not (isinstance(cls, type) and issubclass(cls, Refiner)) or target_api(cls) != 1:
+        return cls
+    original = cls
+
+    def _one(self: Refiner, sources: Sequence[Any]) -> Any:
+        if len(sources) > 1:
+            raise PluginError(f"refiner '{self.name}' was written for plugin API 1 (one map source) and cannot "
+                              f"refine the combined sources {'+'.join(s.spec() for s in sources)}; give it one "
+                              f"--cam source")
+        return sources[0] if sources else None
+
+    def prepare(self: Refiner, ctx: "RunContext", sources: Sequence[Any] = ()) -> None:
+        original.prepare(self, ctx, _one(self, tuple(sources)))
+
+    def refine(self: Refiner, batch: SliceBatch, maps: Sequence[Any], sources: Sequence[Any]) -> Any:
+        return original.refine(self, batch, maps[0] if len(maps) else None, _one(self, tuple(sources)))
+
+    return type(cls.__name__, (cls,), {
+        "prepare": prepare, "refine": refine, "plugin_api": 1, "adapted_from": cls,
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
 
 
 PLUGIN_KINDS: dict[str, type[Plugin]] = {

@@ -4,7 +4,10 @@ Built-in plugins are entry points of this project's own distribution (group ``ws
 so ours and third-party plugins load by one mechanism.  A plugin that fails to import or to
 register is skipped with one warning line naming its entry point, module and distribution,
 the error and where in the plugin it was raised; a plugin that registers a name another
-plugin already holds names both distributions (the first one, built-ins first, is kept).
+plugin already holds names both distributions: the first one (built-ins first) keeps the
+name, the other stays reachable as ``distribution:name`` (``file:name`` for a loose file).  A
+refiner written for plugin API 1 (one map source) is adapted at registration
+(:func:`wsss_bench.interfaces.adapt_refiner`); a plugin for a newer API is skipped.
 ``strict`` (``--strict`` or ``WSSS_BENCH_STRICT_PLUGINS=1``) makes each of these fatal: a
 :class:`PluginError` that says so.  A broken plugin can only break itself.
 
@@ -35,6 +38,7 @@ import pluggy
 
 from wsss_bench import hookspecs
 from wsss_bench.errors import PluginError, UserError
+from wsss_bench.interfaces import adapt_refiner, api_problem
 from wsss_bench.registry import Registry
 
 GROUP = "wsss_bench"
@@ -84,6 +88,12 @@ class PluginInfo:
     module: str = ""  # the module an entry point names (or the file's module name)
 
     @property
+    def qualifier(self) -> str:
+        """What qualifies this plugin's item names on a clash (``qualifier:name``): the
+        distribution of an entry point, the file name (without .py) of a loose file."""
+        return self.distribution if self.origin.startswith("entry point") else self.module or self.name
+
+    @property
     def builtin(self) -> bool:
         return self.distribution == BUILTIN_DIST
 
@@ -110,6 +120,16 @@ def _raised_at(err: BaseException) -> str:
             continue
         return f"{name}:{frame.lineno}"
     return ""
+
+
+def _renamed(obj: Any, name: str) -> Any:
+    """``obj`` as registered under ``name``: a plugin class gets a subclass whose ``name`` is the
+    qualified one (so its spec strings, row labels, memo and cache keys are its own); other
+    objects (commands) are registered as they are."""
+    if isinstance(obj, type) and isinstance(getattr(obj, "name", None), str):
+        return type(obj.__name__, (obj,), {"name": name, "__module__": obj.__module__,
+                                           "__qualname__": obj.__qualname__, "__doc__": obj.__doc__})
+    return obj
 
 
 class Host:
@@ -231,9 +251,23 @@ class Host:
                 kept = "the built-in" if first is not None and first.builtin else "the first"
                 clash = (f"plugin {info.describe()} tried to register {registry.noun} '{item_name}', already "
                          f"registered by {who}")
-                self._problem(f"{clash}; kept {kept}; rename the {registry.noun} of one of them",
-                              f"{clash}. This is fatal under --strict; rename the {registry.noun} of one of them")
+                if self.strict:
+                    self._problem(clash, f"{clash}. This is fatal under --strict; rename the {registry.noun} "
+                                         f"of one of them")
+                qualified = f"{info.qualifier}:{item_name}"
+                if qualified in registry or registry.add(qualified, _renamed(obj, qualified), info.name):
+                    self._problem(f"{clash}; kept {kept}; rename the {registry.noun} of one of them", clash)
+                    return
+                info.provides.append(f"{kind}:{qualified}")
+                self._problem(f"{clash}; kept {kept} as '{item_name}'; this plugin's {registry.noun} is "
+                              f"reachable as '{qualified}' (or rename it)", clash)
                 return
+            problem = api_problem(obj, registry.noun, item_name) if isinstance(obj, type) else None
+            if problem:
+                self._problem(f"plugin {info.describe()}: {problem}; skipped it", f"plugin {info.describe()}: {problem}")
+                return
+            if kind == "refiners":
+                obj = adapt_refiner(obj)
             problem = registry.add(item_name, obj, info.name)
             if problem:
                 self._problem(problem, f"{problem}. This is fatal under --strict")

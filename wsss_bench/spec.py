@@ -18,7 +18,8 @@ from typing import Any
 
 from wsss_bench.errors import UserError
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+#: a plugin name; ``distribution:name`` reaches a third-party plugin whose name a built-in holds
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*(?::[A-Za-z_][A-Za-z0-9_.\-]*)?")
 
 
 @dataclass

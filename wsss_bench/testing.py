@@ -48,6 +48,24 @@ def pytest_configure(config) -> None:
         config.args.append(str(SUITE))
 
 
+def pytest_report_header(config) -> list[str] | None:
+    """Say which plugin API this wsss-bench provides and which one each selected plugin targets
+    (an older one runs through an adapter, see docs/plugins.md)."""
+    if not selection(config):
+        return None
+    from wsss_bench import PLUGIN_API
+    from wsss_bench.interfaces import target_api
+    from wsss_bench.plugins import load_plugins
+
+    host = load_plugins()
+    lines = [f"wsss-bench plugin API {PLUGIN_API}"]
+    for kind, name in select_items(host, selection(config)):
+        api = target_api(host.get(kind, name)) if kind != "commands" else PLUGIN_API
+        note = " (runs through the API 1 adapter)" if api < PLUGIN_API and kind == "refiners" and api == 1 else ""
+        lines.append(f"  {kind}:{name} targets plugin API {api}{note}")
+    return lines
+
+
 def select_items(host, names: list[str]) -> list[tuple[str, str]]:
     """(kind, name) pairs picked by the selection words; an unknown word is an error."""
     from wsss_bench.errors import UserError
@@ -59,7 +77,8 @@ def select_items(host, names: list[str]) -> list[tuple[str, str]]:
             found = [(k, n) for k, n, _ in every]
         elif word == "builtin":
             found = [(k, n) for k, n, p in every if host.infos[p].builtin]
-        elif ":" in word:
+        elif ":" in word and (word.split(":", 1)[0] in host.registries
+                              or not any(n == word for _, n, _ in every)):  # not a qualified name
             kind, name = word.split(":", 1)
             if kind not in host.registries:
                 raise UserError(f"--wsss-bench-plugin {word}: unknown kind '{kind}'; kinds: {', '.join(host.registries)}")

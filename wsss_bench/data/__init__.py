@@ -17,6 +17,7 @@ from typing import Any
 _EXPORTS = {
     "load_task_data": "wsss_bench.data.taskdata",
     "TaskData": "wsss_bench.data.taskdata",
+    "DataView": "wsss_bench.data.view",
     "ensure_phantom": "wsss_bench.data.taskdata",
     "BratsDataset": "wsss_bench.data.readers",
     "Flare21Dataset": "wsss_bench.data.readers",

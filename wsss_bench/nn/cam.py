@@ -17,7 +17,7 @@ What the base does for a batch of images (METHODS sections 2-5):
    for one layer minmax(Up(map)); LayerCAM overrides it for its multi-layer fusion.
 
 :class:`ClassifierCam` is the plugin side of the template: the CAM source that gets the
-shared CAM classifier from ``ctx.classifier()``, checks the layer parameter and builds the
+shared CAM classifier from ``get_classifier(ctx)``, checks the layer parameter and builds the
 method's extractor; GradCAM, GradCAM++, ScoreCAM and LayerCAM keep only what differs.
 
 Speed: the gradient is needed only from the target layer upwards, so everything up to and
@@ -38,6 +38,7 @@ from wsss_bench.errors import PluginError
 from wsss_bench.interfaces import CamSource, SliceBatch
 from wsss_bench.lazy import torch
 from wsss_bench.maps import minmax, upsample
+from wsss_bench.nn.classifier import get_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -283,7 +284,7 @@ class CamExtractor:
 class ClassifierCam(CamSource):
     """A CAM source on the shared CAM classifier (METHODS section 0): the common plugin part.
 
-    ``prepare`` gets the trained classifier from ``ctx.classifier()`` and builds
+    ``prepare`` gets the trained classifier from ``get_classifier(ctx)`` and builds
     ``extractor_class`` on the layers named by the parameter ``layer_param``; ``maps`` runs
     the extractor on a batch at the images' size.  A method sets ``extractor_class`` (and
     ``layer_param`` if it is not ``layer``) and overrides :meth:`extractor_options` for
@@ -316,7 +317,7 @@ class ClassifierCam(CamSource):
         return {}
 
     def prepare(self, ctx: "RunContext") -> None:
-        self.model = ctx.classifier()  # trained, eval mode, on ctx.device
+        self.model = get_classifier(ctx)  # trained, eval mode, on ctx.device
         self.extractor = self.extractor_class(
             self.model, self.layers, owner=f"cam plugin '{self.name}' (parameter {self.layer_param})",
             **self.extractor_options(ctx),
