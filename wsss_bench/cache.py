@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+import importlib.util
+import ast
 
 META = "artifact.json"
 
@@ -85,8 +87,6 @@ def is_neutral(name: str) -> bool:
 
 
 def _module_file(name: str) -> str | None:
-    import importlib.util
-
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError, AttributeError):
@@ -98,8 +98,6 @@ def _module_file(name: str) -> str | None:
 def _imported_project_modules(path: str) -> tuple[str, ...]:
     """Project modules named by the import statements of one file (lazy ones inside functions
     included, ``if TYPE_CHECKING:`` blocks excluded), memoised by (path, size, mtime)."""
-    import ast
-
     st = os.stat(path)
     memo_key = (path, st.st_size, st.st_mtime_ns)
     if memo_key in _IMPORTS_MEMO:

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+import contextlib
+import json
 
 from wsss_bench.cache import ArtifactCache, Built, closure_hash, stable_hash
 from wsss_bench.data.view import DataView
@@ -32,6 +34,11 @@ from wsss_bench.errors import PluginError, UserError
 from wsss_bench.progress import progress, say
 from wsss_bench.records import CellLog, TaskDef
 from wsss_bench.seeding import derive_seed
+from wsss_bench.progress import log_line, log_lines_enabled
+from wsss_bench.cache import atomic_path, atomic_write_json
+from wsss_bench.nn import training
+from wsss_bench.plugins import load_plugins
+from wsss_bench.spec import parse_specs
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -154,8 +161,6 @@ class RunContext:
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage; wall time and peak RSS go to the cell's manifest (and, in a log, a
         plain line when it starts and ends)."""
-        from wsss_bench.progress import log_line, log_lines_enabled
-
         t0 = time.perf_counter()
         where = f" [{self.cell_label}]" if self.cell_label else ""
         if log_lines_enabled():
@@ -219,8 +224,6 @@ class RunContext:
 
     def autocast(self):
         """bf16 autocast when --bf16 was given, else a no-op context."""
-        import contextlib
-
         import torch
 
         if not self.bf16:
@@ -323,12 +326,7 @@ class RunContext:
         artifacts the model depends on.  Returns the model loaded, in eval, frozen
         (``requires_grad=False``), on ``ctx.device``; a second call is free.
         """
-        import json
-
         from safetensors.torch import load_file, save_file
-
-        from wsss_bench.cache import atomic_path, atomic_write_json
-        from wsss_bench.nn import training
 
         if ("provided", name) in self._memo:
             return self._replay(self._memo[("provided", name)])
@@ -375,15 +373,11 @@ class RunContext:
     # ------------------------------------------------------------------ plugins
     def _host(self) -> Any:
         if self.host is None:
-            from wsss_bench.plugins import load_plugins
-
             self.host = load_plugins()
         return self.host
 
     def instantiate(self, kind: str, spec: str) -> "Plugin":
         """A plugin of ``kind`` from one spec string (no grid), unbound and unprepared."""
-        from wsss_bench.spec import parse_specs
-
         specs = parse_specs(spec)
         grids = specs[0].expand() if len(specs) == 1 else []
         if len(grids) != 1:

@@ -11,6 +11,14 @@ from pathlib import Path
 import pytest
 
 from wsss_bench.testing import select_items, selection
+from wsss_bench.plugins import load_plugins
+from wsss_bench.spec import format_spec, parse_specs
+from wsss_bench.seeding import set_determinism
+from wsss_bench.interfaces import TaskDef
+from wsss_bench.profiles import load_profile
+from wsss_bench.interfaces import ReportTable
+from wsss_bench.running.runner import RunConfig, Session
+from wsss_bench.cache import ArtifactCache
 
 SEED = 0
 DEFAULT_TASK = "brats"
@@ -19,7 +27,6 @@ DEFAULT_TASK = "brats"
 def pytest_generate_tests(metafunc) -> None:
     if "contract_item" not in metafunc.fixturenames:
         return
-    from wsss_bench.plugins import load_plugins
 
     items = select_items(load_plugins(), selection(metafunc.config))
     metafunc.parametrize("contract_item", items, ids=[f"{k}:{n}" for k, n in items])
@@ -37,8 +44,6 @@ def test_plugin_contract(contract_item, contract_host, contexts, request, tmp_pa
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="session")
 def contract_host():
-    from wsss_bench.plugins import load_plugins
-
     host = load_plugins()
     host.pm.check_pending()
     return host
@@ -58,13 +63,10 @@ class _Contexts:
         self._sessions: dict[bool, object] = {}
 
     def get(self, task: str, fresh: bool = False):
-        from wsss_bench.running.runner import RunConfig, Session
-
         if fresh not in self._sessions:
             cfg = RunConfig(profile="smoke", device="cpu", cache_dir=self.cache, out=self.cache / "runs")
             session = Session(cfg, host=self.host)
             if fresh:  # same data, artifacts trained again in an empty store
-                from wsss_bench.cache import ArtifactCache
 
                 session.cache = ArtifactCache(self.rebuild)
             self._sessions[fresh] = session
@@ -101,8 +103,6 @@ def _variants(cls):
 
 
 def _check_params_round_trip(cls):
-    from wsss_bench.spec import format_spec, parse_specs
-
     inst = cls()
     assert isinstance(cls.name, str) and cls.name, "plugin class needs a `name`"
     assert isinstance(cls.version, str) and cls.version, "plugin class needs a string `version`"
@@ -121,8 +121,6 @@ def _check_keys_change(ctx, cls, stage: str):
 
 
 def _run_cam(ctx, cls, batch):
-    from wsss_bench.seeding import set_determinism
-
     set_determinism(ctx.seed("contract"), ctx.device)
     cam = cls()
     cam.ctx = ctx
@@ -213,9 +211,6 @@ def check_backbone(contract_item, contract_host, contexts, config, **_):
 def check_dataset(contract_item, contract_host, tmp_path, **_):
     import numpy as np
 
-    from wsss_bench.interfaces import TaskDef
-    from wsss_bench.profiles import load_profile
-
     ds = contract_host.get("datasets", contract_item)()
     assert ds.tasks and all(isinstance(t, TaskDef) and t.task_id == k for k, t in ds.tasks.items())
     assert isinstance(ds.phantom_version, str) and ds.phantom_version
@@ -231,8 +226,6 @@ def check_dataset(contract_item, contract_host, tmp_path, **_):
 
 def check_exporter(contract_item, contract_host, **_):
     import pandas as pd
-
-    from wsss_bench.interfaces import ReportTable
 
     exp = contract_host.get("exporters", contract_item)()
     raw = pd.DataFrame({"method": ["alpha_cam", "beta"], "dice_mean": [0.5, 0.25]})

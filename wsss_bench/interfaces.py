@@ -107,14 +107,10 @@ class Plugin:
 
     @classmethod
     def source_file(cls) -> str:
-        import inspect
-
         return inspect.getsourcefile(cls) or ""
 
     def spec(self) -> str:
         """Canonical spec string: the name plus the parameters that differ from defaults."""
-        from wsss_bench.spec import format_spec
-
         changed = {k: v for k, v in self.p.items() if v != self.params.get(k)}
         return format_spec(self.name, changed)
 
@@ -123,6 +119,7 @@ class Plugin:
 # TaskDef and SliceBatch live in wsss_bench.records (no imports, so data/ and the context can
 # use them without importing the plugin interfaces); re-exported here for plugin authors.
 from wsss_bench.records import SliceBatch, TaskDef  # noqa: E402
+from wsss_bench.spec import format_spec
 
 
 # --------------------------------------------------------------------------- plugin kinds

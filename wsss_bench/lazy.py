@@ -10,6 +10,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from wsss_bench._compat import ensure_torchvision
+
 
 class LazyModule:
     """Stands in for a module until one of its attributes is used."""
@@ -21,8 +23,6 @@ class LazyModule:
     def _load(self) -> ModuleType:
         if self._module is None:
             if self._name == "timm" or self._name.startswith("timm."):
-                from wsss_bench._compat import ensure_torchvision
-
                 ensure_torchvision()
             self._module = importlib.import_module(self._name)
         return self._module

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pluggy
+import difflib
 
 from wsss_bench import hookspecs
 from wsss_bench.errors import PluginError, UserError
@@ -292,8 +293,6 @@ class Host:
         """(dataset class, TaskDef) for ``task_id``, or a did-you-mean error."""
         tasks = self.tasks()
         if task_id not in tasks:
-            import difflib
-
             close = difflib.get_close_matches(task_id, list(tasks), n=2, cutoff=0.5)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise UserError(f"unknown task '{task_id}'.{hint} Available: {', '.join(sorted(tasks)) or '(none)'}")

@@ -9,6 +9,7 @@ import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+import copy
 
 from wsss_bench.errors import UserError
 
@@ -60,8 +61,6 @@ def apply_overrides(profile: Section, overrides: "list[str] | tuple[str, ...]") 
     values enter every cache key and the run's identity.  Used for short device checks and
     sensitivity runs; the tables' profiles stay the ones in the file.
     """
-    import copy
-
     out = copy.deepcopy(profile)
     for item in overrides:
         if "=" not in item:

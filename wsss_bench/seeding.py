@@ -6,6 +6,7 @@ mod 2**63.  Every stage derives its own seed, so adding a stage never shifts ano
 from __future__ import annotations
 
 import hashlib
+import os
 
 
 def derive_seed(base_seed: int, task: str, component: str) -> int:
@@ -24,8 +25,6 @@ def generator(seed: int, device: str = "cpu"):
 
 def set_determinism(seed: int, device: str = "cpu") -> None:
     """Seed every global RNG (MONAI helper) and ask torch for deterministic kernels on CPU."""
-    import os
-
     import torch
     from monai.utils import set_determinism as monai_set_determinism
 

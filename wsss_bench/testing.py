@@ -17,6 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wsss_bench import PLUGIN_API
+from wsss_bench.interfaces import target_api
+from wsss_bench.plugins import load_plugins
+from wsss_bench.errors import UserError
+
 SUITE = Path(__file__).with_name("contract_suite.py")
 
 
@@ -53,9 +58,6 @@ def pytest_report_header(config) -> list[str] | None:
     (an older one runs through an adapter, see docs/plugins.md)."""
     if not selection(config):
         return None
-    from wsss_bench import PLUGIN_API
-    from wsss_bench.interfaces import target_api
-    from wsss_bench.plugins import load_plugins
 
     host = load_plugins()
     lines = [f"wsss-bench plugin API {PLUGIN_API}"]
@@ -68,8 +70,6 @@ def pytest_report_header(config) -> list[str] | None:
 
 def select_items(host, names: list[str]) -> list[tuple[str, str]]:
     """(kind, name) pairs picked by the selection words; an unknown word is an error."""
-    from wsss_bench.errors import UserError
-
     picked: list[tuple[str, str]] = []
     every = [(kind, e.name, e.plugin) for kind, reg in host.registries.items() for e in reg.list()]
     for word in names:

@@ -45,9 +45,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from concurrent.futures import ThreadPoolExecutor
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 from wsss_bench.data.preprocess import PREPROCESS_VERSION, resize_images, resize_masks, tissue_fraction
 from wsss_bench.errors import UserError
+from wsss_bench.progress import progress
 
 STORE_VERSION = "2"
 DONE = "done"
@@ -194,7 +199,6 @@ def data_fingerprint(root: Path, cache_root: Path | None = None, jobs: int | Non
         if workers == 1:
             hashed = [file_sha256(path) for _, path in todo]
         else:  # hashlib releases the GIL: threads read and hash files in parallel
-            from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(workers) as pool:
                 hashed = list(pool.map(file_sha256, [path for _, path in todo]))
@@ -478,9 +482,6 @@ def _run_jobs(jobs: list[dict], workers: int, advance: Callable[[int], None]) ->
                 _prepare_case(job)
                 advance(1)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
 
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     if method == "fork":
@@ -662,7 +663,6 @@ def prepare_slices(
             voxels = sum(e["channels"] * int(np.prod(e["shape"])) for e in plan["cases"])
             left = voxels * len(todo) / max(1, len(plan["cases"]))
             workers = min(jobs, len(todo)) if left >= PARALLEL_MIN_VOXELS else 1
-            from wsss_bench.progress import progress
 
             try:
                 with progress(f"preparing {source.name} slices", len(plan["cases"])) as advance:

@@ -27,6 +27,9 @@ from wsss_bench.data.store import SliceStore, data_fingerprint, prepare_slices
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import DatasetSource, SliceBatch, TaskDef
 from wsss_bench.seeding import derive_seed
+from wsss_bench.cache import stable_hash
+from wsss_bench.profiles import common
+from wsss_bench.profiles import load_profile
 
 AMBIGUOUS_POLICIES = ("exclude", "negative")
 PHANTOM_MARKER = ".done"
@@ -36,8 +39,6 @@ PHANTOM_META = ".phantom.json"
 # --------------------------------------------------------------------------- phantoms
 def phantom_dir(cache_root: Path, source: DatasetSource, profile: Any, seed: int) -> Path:
     """One folder per (dataset, profile, generator version, seed, phantom sizes)."""
-    from wsss_bench.cache import stable_hash
-
     sizes = stable_hash([dict(profile.get("brain_phantom") or {}), dict(profile.get("abdomen_phantom") or {})], 8)
     return Path(cache_root) / "phantoms" / f"{source.name}-{profile.name}-{source.phantom_version}-seed{seed}-{sizes}"
 
@@ -207,15 +208,11 @@ class TaskData:
 
 
 def _common() -> Any:
-    from wsss_bench.profiles import common
-
     return common()
 
 
 def _resolve_profile(profile: Any) -> Any:
     if isinstance(profile, str):
-        from wsss_bench.profiles import load_profile
-
         return load_profile(profile)
     return profile
 

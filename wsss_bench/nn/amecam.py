@@ -55,6 +55,7 @@ from torch import nn
 
 from wsss_bench.maps import minmax, upsample
 from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
+from wsss_bench._compat import import_timm
 
 # ---------------------------------------------------------------------------- recipe constants
 #: exit-loss weights, shallow to deep [reference code]
@@ -137,8 +138,6 @@ def geometry_problems(image_size: int, spec: Mapping[str, Any]) -> list[tuple[st
 # ============================================================================ networks
 def build_encoder(spec: Mapping[str, Any], in_chans: int) -> nn.Module:
     """timm ResNet-18 with InstanceNorm2d(affine=False) for every BatchNorm, no head, no pool."""
-    from wsss_bench._compat import import_timm
-
     timm = import_timm()
     kwargs: dict[str, Any] = dict(pretrained=False, in_chans=int(in_chans), num_classes=0, global_pool="",
                                   norm_layer=nn.InstanceNorm2d, output_stride=int(spec.get("output_stride", 32)))

@@ -12,8 +12,12 @@ import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+import tempfile
+import sys
 
 from wsss_bench.lazy import F, np, torch
+from wsss_bench._compat import import_timm
+from wsss_bench.nn.training import IterationBatches, iteration_generator, random_flips, run_resumable
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -34,8 +38,6 @@ def build_classifier(spec: Mapping[str, Any], in_chans: int, seed: int | None = 
     architecture's full width) and ``output_stride``.  No pretrained weights are downloaded.
     With ``seed`` the initialisation is reproducible and the global RNG is left untouched.
     """
-    from wsss_bench._compat import import_timm
-
     timm = import_timm()
     kwargs: dict[str, Any] = dict(
         pretrained=False,
@@ -120,11 +122,6 @@ def train_classifier(
     info: ``train_loss`` and ``val_auc`` (None where undefined) per epoch, ``best_epoch``
     (0-based), ``selection``, ``steps``, ``n_train``, ``n_val``, ``seconds``, ``bf16``.
     """
-    import tempfile
-    from pathlib import Path
-
-    from wsss_bench.nn.training import IterationBatches, iteration_generator, random_flips, run_resumable
-
     cfg = profile.classifier
     epochs, batch_size = int(cfg.epochs), int(cfg.batch)
     dev = torch.device(device)
@@ -200,8 +197,6 @@ def get_classifier(ctx: Any) -> "_torch.nn.Module":
     Returned frozen, in eval, on ``ctx.device``; gradients with respect to inputs and
     activations still flow (GradCAM-style methods need them).
     """
-    import sys
-
     spec, recipe = dict(ctx.profile.cam_classifier), dict(ctx.profile.classifier)
     module = sys.modules[__name__]
 

@@ -57,6 +57,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_bench.maps import binarize_cam, otsu_masks
+from wsss_bench.cache import atomic_path
+from wsss_bench.nn.training import iteration_generator, run_resumable
+
 log = logging.getLogger(__name__)
 
 VARIANTS = ("cam+mg", "cam", "mg")
@@ -76,8 +80,6 @@ KMEANS_TOL = 1e-4
 # ============================================================================ A. seeds
 def source_mask(maps: torch.Tensor, rule: str) -> torch.Tensor:
     """(B, S, S) bool mask of a source's maps under its own rule (``cam`` or ``otsu``)."""
-    from wsss_bench.maps import binarize_cam, otsu_masks
-
     if rule == "cam":
         return binarize_cam(maps)
     if rule == "otsu":
@@ -316,9 +318,6 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
     one would.  The standardisation is written to ``work/standardise.safetensors`` once.
     """
     from safetensors.torch import load_file, save_file
-
-    from wsss_bench.cache import atomic_path
-    from wsss_bench.nn.training import iteration_generator, run_resumable
 
     dev = torch.device(device)
     decoder.to(dev)

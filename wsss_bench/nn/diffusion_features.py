@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from wsss_bench.lazy import F, torch
+from wsss_bench.nn.diffusion import add_noise, timesteps, to_model_range
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -113,8 +114,6 @@ def mean_activations(unet, images: "Tensor", ts: Sequence[int], noises: Sequence
     ``images`` (B, C, S, S) in [0, 1]; ``noises[k]`` (1, C, S, S) is the fixed noise of
     ``ts[k]``, shared by all images (Baranchuk's share_noise).
     """
-    from wsss_bench.nn.diffusion import add_noise, timesteps, to_model_range
-
     x0 = to_model_range(images.float())
     b, dev = x0.shape[0], x0.device
     labels = torch.full((b,), int(label), dtype=torch.long, device=dev)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsss_bench.nn import diffusion as dif
+from wsss_bench.maps import minmax, upsample
 
 Tensor = torch.Tensor
 
@@ -617,8 +618,6 @@ def train_dig(model: DiG, data: Any, idx: Sequence[int], inputs: Callable[[Any],
 # ============================================================================ inference
 def rcam_maps(vit: DiGViT, images: Tensor, flips: bool, size: int) -> Tensor:
     """rcams of x (+ flipped-back rcams of its flip), ReLU -> Up (bilinear) -> minmax: (B, S, S)."""
-    from wsss_bench.maps import minmax, upsample
-
     r = vit(images)["rcams"]  # (B, 1, g, g)
     if flips:
         r = r + vit(images.flip(-1))["rcams"].flip(-1)

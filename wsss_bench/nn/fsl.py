@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from wsss_bench.nn import training
+
 Tensor = torch.Tensor
 
 LR = 1e-3
@@ -50,11 +52,7 @@ def build_fsl(spec: Mapping[str, Any], in_channels: int, seed: int | None = None
 
 
 def _training():
-    try:
-        from wsss_bench.nn import training as tr
-    except ImportError:  # pragma: no cover - before the core's training module existed
-        from wsss_bench.nn import diffusion as tr
-    return tr
+    return training
 
 
 def train_fsl(model, data: Any, idx: Sequence[int], spec: Mapping[str, Any], device: Any, seed: int, work: Path,

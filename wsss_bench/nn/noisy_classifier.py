@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder, get_timestep_embedding
 from torch import nn
+import sys
 
 from wsss_bench.nn import diffusion as dif
 
@@ -173,8 +174,6 @@ def get_noisy_classifier(ctx: "RunContext") -> NoisyClassifier:
     Returned frozen (``requires_grad=False`` on its parameters; gradients w.r.t. its input
     still flow), in eval, on ``ctx.device``.
     """
-    import sys
-
     spec, recipe = dict(ctx.profile.cdm_unet), dict(ctx.profile.noisy_classifier)
     size = int(ctx.data.image_size)
 

@@ -50,9 +50,13 @@ import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+import contextlib
 
 from wsss_bench.errors import PluginError
 from wsss_bench.lazy import F, np, torch
+from wsss_bench._compat import import_timm
+from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
+from wsss_bench.maps import minmax
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -96,7 +100,6 @@ def _seam_net_class():
 
         def __init__(self, spec: Mapping[str, Any], in_chans: int) -> None:
             super().__init__()
-            from wsss_bench._compat import import_timm
 
             timm = import_timm()
             kwargs: dict[str, Any] = dict(pretrained=False, in_chans=int(in_chans), features_only=True,
@@ -275,8 +278,6 @@ def ecr_loss(cam1, cam_rv1, cam2, cam_rv2, y: "Tensor", flip: bool) -> "Tensor":
 def seam_losses(model, x: "Tensor", y: "Tensor", view_scale: float, flip: bool,
                 autocast: Any = None) -> dict[str, "Tensor"]:
     """All SEAM losses for a batch ``x`` (B, C, S, S) with labels ``y`` (B,)."""
-    import contextlib
-
     size2 = view_size(x.shape[-2:], view_scale)
     x2 = to_view(x, size2, flip)  # (B, C, s, s)
     with autocast if autocast is not None else contextlib.nullcontext():
@@ -396,8 +397,6 @@ def train_seam(model, data: Any, profile: Any, device: Any, seed: int, work: Pat
     Dropout2d masks from a CPU/GPU RNG seeded from it), so a resumed run is bit-identical on
     CPU.  ``step_hook(it)`` runs before each step (tests use it to simulate a kill).
     """
-    from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
-
     cfg = profile.seam
     view_scale = float(cfg.view_scale)
     dev = torch.device(device)
@@ -451,10 +450,6 @@ def seam_maps(model, images: "Tensor", tta_scales: Sequence[float], flips: bool,
 
     ``autocast`` is a factory of the context each forward runs in (``ctx.autocast``).
     """
-    import contextlib
-
-    from wsss_bench.maps import minmax
-
     autocast = autocast or contextlib.nullcontext
 
     size = tuple(images.shape[-2:])

@@ -22,8 +22,10 @@ import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+import hashlib
 
 from wsss_bench.lazy import np, torch
+from wsss_bench.cache import atomic_path, atomic_write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -148,11 +150,7 @@ def save_state(work: Path, state: dict[str, Any]) -> None:
     The JSON names the tensor file's content hash, so a kill between the two writes is seen
     on load (the pair does not match) and the older checkpoint is not mixed with the newer.
     """
-    import hashlib
-
     from safetensors.torch import save_file
-
-    from wsss_bench.cache import atomic_path, atomic_write_json
 
     tensors: dict[str, Tensor] = {}
     rest = _flatten("s", state, tensors)
@@ -164,8 +162,6 @@ def save_state(work: Path, state: dict[str, Any]) -> None:
 
 def load_state(work: Path) -> dict[str, Any] | None:
     """The last complete checkpoint in ``work``, or None."""
-    import hashlib
-
     from safetensors.torch import load_file
 
     tpath, mpath = Path(work) / CHECKPOINT, Path(work) / CHECKPOINT_META

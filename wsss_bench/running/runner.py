@@ -19,6 +19,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+import itertools
 
 from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
@@ -31,6 +32,10 @@ from wsss_bench.running.stages import (  # noqa: F401  (re-exported: bench and t
     CELL_STAGES, GATES, CellState, check_scorable, classifier_p1, gate_stats, stage_gate, stage_maps,
     stage_prepare_refiner, stage_prepare_sources, stage_refine, stage_score)
 from wsss_bench.spec import format_spec, parse_sources, parse_specs
+from wsss_bench.running.rundir import save_predictions
+from wsss_bench.profiles import apply_overrides
+from wsss_bench.plugins import load_plugins, show_problem
+from wsss_bench.seeding import set_determinism
 
 RUN_FILE = "run.json"
 #: the runner's modules whose code computes a cell (with what they import): the stages, and the
@@ -112,8 +117,6 @@ class RunConfig:
     nonfinite: str = "error"
 
     def load_profile(self):
-        from wsss_bench.profiles import apply_overrides
-
         return apply_overrides(load_profile(self.profile), self.overrides)
 
     def root_for(self, dataset: Any) -> Path | None:
@@ -179,8 +182,6 @@ def _backbone_values(host, backbones: str) -> list[str]:
 def plan_cells(host, tasks: list[str], cams: str | None, methods: str, seeds: list[int],
                backbones: str | None = None) -> list[Cell]:
     """Expand spec strings into cells, validating every plugin name and parameter first."""
-    import itertools
-
     if not tasks:
         raise UserError("--task: no task given, so the grid is empty; name one, e.g. --task brats, or several: "
                         "--task brats,flare21-kidney")
@@ -249,8 +250,6 @@ def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = N
     """
     st, info = stages.compute_cell(ctx, cell, profile)
     if out is not None:
-        from wsss_bench.running.rundir import save_predictions
-
         data = ctx.task_data
         save_predictions(out, cell.key, data.case_ids[st.test], data.z[st.test], st.pred,
                          task=cell.task, method=cell.method, seed=cell.seed)
@@ -300,8 +299,6 @@ class Session:
     """Per-process state: plugins, loaded task data and contexts, shared across cells."""
 
     def __init__(self, cfg: RunConfig, host=None) -> None:
-        from wsss_bench.plugins import load_plugins, show_problem
-
         self.cfg = cfg
         self.host = host or load_plugins(strict=cfg.strict, plugins_dirs=cfg.plugins_dirs, report=show_problem)
         self.profile = cfg.load_profile()
@@ -349,7 +346,6 @@ class Session:
             say(f"  {cell.task} {cell.method} seed {cell.seed}: the data or the code changed since it was "
                 f"computed; recomputing")
         t0 = time.perf_counter()
-        from wsss_bench.seeding import set_determinism
 
         ctx.begin_cell(f"{cell.task} {cell.method} seed {cell.seed}")
         ctx.stages.append({"stage": "data", "seconds": getattr(ctx, "data_seconds", 0.0),

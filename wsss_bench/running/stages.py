@@ -21,6 +21,9 @@ from typing import Any, Callable
 from wsss_bench.cache import stable_hash
 from wsss_bench.context import RunContext
 from wsss_bench.errors import PluginError, UserError
+from wsss_bench.metrics import apply_gate
+from wsss_bench.metrics import dice_iou
+from wsss_bench.nn.classifier import get_classifier, predict_p1
 
 GATES = ("label", "classifier", "none")
 
@@ -83,8 +86,6 @@ def stage_refine(st: CellState) -> None:
 
 def stage_gate(st: CellState) -> None:
     """Blank predictions per gate: label (true image label), classifier (its p(1) >= 0.5), none."""
-    from wsss_bench.metrics import apply_gate
-
     ctx = st.ctx
     labels = ctx.data.labels[st.test].astype(int)
     st.p1 = classifier_p1(ctx, st.test)
@@ -96,8 +97,6 @@ def stage_score(st: CellState) -> None:
     """Dice and IoU per test slice and gate, against the test masks (read here only)."""
     import numpy as np
     import pandas as pd
-
-    from wsss_bench.metrics import dice_iou
 
     ctx, cell, test = st.ctx, st.cell, st.test
     data = ctx.task_data
@@ -164,8 +163,6 @@ def compute_cell(ctx: RunContext, cell: Any, profile: Any) -> tuple[CellState, d
 def classifier_p1(ctx: RunContext, idx) -> Any:
     """softmax p(1) of the task's CAM classifier on slices ``idx`` (gate=classifier), cached."""
     import numpy as np
-
-    from wsss_bench.nn.classifier import get_classifier, predict_p1
 
     model = get_classifier(ctx)
     key = ctx.shared_model_key("classifier")
