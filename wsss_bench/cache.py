@@ -10,8 +10,10 @@ from their last checkpoint.  A file lock serialises concurrent builders of one k
 """
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -22,8 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-import importlib.util
-import ast
 
 META = "artifact.json"
 

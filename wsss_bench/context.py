@@ -19,25 +19,26 @@ its records into every cell that uses it.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
-import contextlib
-import json
 
-from wsss_bench.cache import ArtifactCache, Built, closure_hash, stable_hash
+import numpy as np
+
+from wsss_bench.cache import ArtifactCache, Built, atomic_path, atomic_write_json, closure_hash, stable_hash
 from wsss_bench.data.view import DataView
 from wsss_bench.errors import PluginError, UserError
-from wsss_bench.progress import progress, say
-from wsss_bench.records import CellLog, TaskDef
-from wsss_bench.seeding import derive_seed
-from wsss_bench.progress import log_line, log_lines_enabled
-from wsss_bench.cache import atomic_path, atomic_write_json
+from wsss_bench.lazy import torch
 from wsss_bench.nn import training
 from wsss_bench.plugins import load_plugins
+from wsss_bench.progress import log_line, log_lines_enabled, progress, say
+from wsss_bench.records import CellLog, TaskDef
+from wsss_bench.seeding import derive_seed
 from wsss_bench.spec import parse_specs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,8 +55,6 @@ MAPS_STAGE = "maps"
 
 def resolve_device(name: str) -> str:
     """'auto' -> 'cuda' when available else 'cpu'; a clear error for unavailable CUDA."""
-    import torch
-
     name = (name or "auto").lower()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,8 +166,6 @@ class RunContext:
             log_line(f"stage {name}{where}: started")
         cuda = str(self.device).startswith("cuda")
         if cuda:
-            import torch
-
             torch.cuda.reset_peak_memory_stats(self.device)
         ok = False
         try:
@@ -216,16 +213,12 @@ class RunContext:
         return value
 
     def generator(self, component: str, device: str = "cpu") -> "torch.Generator":
-        import torch
-
         g = torch.Generator(device=device)
         g.manual_seed(self.seed(component))
         return g
 
     def autocast(self):
         """bf16 autocast when --bf16 was given, else a no-op context."""
-        import torch
-
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu",
@@ -433,9 +426,6 @@ class RunContext:
         Row i is slice ``ctx.data.split(split)[i]``.  Built once per source, split, upstream
         models and data, and cached; the runner uses the same call for the test split.
         """
-        import numpy as np
-        import torch
-
         if isinstance(source, str):
             source = self.plugin("cams", source)
         elif getattr(source, "ctx", None) is not self:
@@ -476,8 +466,6 @@ class RunContext:
 
 def check_maps(maps: Any, batch: Any, source: Any) -> None:
     """A map source's output must be (B, S, S), finite, in [0, 1]."""
-    import torch
-
     b, s = len(batch), batch.images.shape[-1]
     if tuple(maps.shape) != (b, s, s):
         raise PluginError(f"CAM source '{source.name}' returned maps of shape {tuple(maps.shape)}; "

@@ -8,17 +8,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from wsss_bench.testing import select_items, selection
-from wsss_bench.plugins import load_plugins
-from wsss_bench.spec import format_spec, parse_specs
-from wsss_bench.seeding import set_determinism
-from wsss_bench.interfaces import TaskDef
-from wsss_bench.profiles import load_profile
-from wsss_bench.interfaces import ReportTable
-from wsss_bench.running.runner import RunConfig, Session
 from wsss_bench.cache import ArtifactCache
+from wsss_bench.interfaces import ReportTable, TaskDef
+from wsss_bench.lazy import pd, torch
+from wsss_bench.plugins import load_plugins
+from wsss_bench.profiles import load_profile
+from wsss_bench.running.runner import RunConfig, Session
+from wsss_bench.seeding import set_determinism
+from wsss_bench.spec import format_spec, parse_specs
+from wsss_bench.testing import select_items, selection
 
 SEED = 0
 DEFAULT_TASK = "brats"
@@ -132,8 +133,6 @@ def _run_cam(ctx, cls, batch):
 
 # ------------------------------------------------------------------ one test per kind
 def check_cam(contract_item, contract_host, contexts, config, **_):
-    import torch
-
     cls = contract_host.get("cams", contract_item)
     _check_params_round_trip(cls)
     task = _task_for(cls, config)
@@ -151,8 +150,6 @@ def check_cam(contract_item, contract_host, contexts, config, **_):
 
 
 def check_refiner(contract_item, contract_host, contexts, config, **_):
-    import torch
-
     cls = contract_host.get("refiners", contract_item)
     _check_params_round_trip(cls)
     ctx = contexts.get(_task_for(cls, config))
@@ -178,8 +175,6 @@ def check_refiner(contract_item, contract_host, contexts, config, **_):
 
 
 def check_backbone(contract_item, contract_host, contexts, config, **_):
-    import torch
-
     cls = contract_host.get("backbones", contract_item)
     _check_params_round_trip(cls)
     ctx = contexts.get(_task_for(cls, config))
@@ -209,8 +204,6 @@ def check_backbone(contract_item, contract_host, contexts, config, **_):
 
 
 def check_dataset(contract_item, contract_host, tmp_path, **_):
-    import numpy as np
-
     ds = contract_host.get("datasets", contract_item)()
     assert ds.tasks and all(isinstance(t, TaskDef) and t.task_id == k for k, t in ds.tasks.items())
     assert isinstance(ds.phantom_version, str) and ds.phantom_version
@@ -225,8 +218,6 @@ def check_dataset(contract_item, contract_host, tmp_path, **_):
 
 
 def check_exporter(contract_item, contract_host, **_):
-    import pandas as pd
-
     exp = contract_host.get("exporters", contract_item)()
     raw = pd.DataFrame({"method": ["alpha_cam", "beta"], "dice_mean": [0.5, 0.25]})
     table = ReportTable(title="T", header=["Method", "Dice ↑"], rows=[["alpha_cam", "0.500±0.10"], ["beta", "0.250±0.20"]],

@@ -24,6 +24,7 @@ Environment:
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pluggy
-import difflib
 
 from wsss_bench import hookspecs
 from wsss_bench.errors import PluginError, UserError

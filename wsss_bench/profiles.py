@@ -5,11 +5,11 @@ A profile is a plain nested dict with attribute access (``profile.classifier.epo
 """
 from __future__ import annotations
 
+import copy
 import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-import copy
 
 from wsss_bench.errors import UserError
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from wsss_bench.lazy import torch
+
 
 def derive_seed(base_seed: int, task: str, component: str) -> int:
     digest = hashlib.sha256(f"{base_seed}|{task}|{component}".encode()).digest()
@@ -16,8 +18,6 @@ def derive_seed(base_seed: int, task: str, component: str) -> int:
 
 def generator(seed: int, device: str = "cpu"):
     """A torch.Generator seeded with ``seed`` on ``device``."""
-    import torch
-
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
@@ -25,7 +25,6 @@ def generator(seed: int, device: str = "cpu"):
 
 def set_determinism(seed: int, device: str = "cpu") -> None:
     """Seed every global RNG (MONAI helper) and ask torch for deterministic kernels on CPU."""
-    import torch
     from monai.utils import set_determinism as monai_set_determinism
 
     monai_set_determinism(seed=seed % (2**32))

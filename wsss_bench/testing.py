@@ -18,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsss_bench import PLUGIN_API
+from wsss_bench.errors import UserError
 from wsss_bench.interfaces import target_api
 from wsss_bench.plugins import load_plugins
-from wsss_bench.errors import UserError
 
 SUITE = Path(__file__).with_name("contract_suite.py")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss_bench.data.preprocess import slice_index
+from wsss_bench.lazy import nib
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,6 @@ def stats_ok(stats: dict[str, int], need_amb: bool, min_neg: int = 1, min_pos: i
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, lps: bool) -> None:
     """Save a RAS-ordered array with ``affine``; LPS-style cases are stored flipped in x and y."""
-    import nibabel as nib
-
     arr = np.ascontiguousarray(data[::-1, ::-1, :]) if lps else np.ascontiguousarray(data)
     img = nib.Nifti1Image(arr, affine)
     img.header.set_data_dtype(arr.dtype)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsss_bench.lazy import F, torch
+
 #: bump when the output of this module changes (part of the slice-store key)
 PREPROCESS_VERSION = "1"
 
@@ -60,9 +62,6 @@ def resize_masks(labels: np.ndarray, size: int) -> np.ndarray:
 
 def resize_images(image: np.ndarray, size: int) -> np.ndarray:
     """Image volume (C, X, Y, Z) -> slices (Z, C, S, S) float32, bilinear with antialias + crop."""
-    import torch
-    import torch.nn.functional as F
-
     c, h, w, z = image.shape
     h2, w2 = resized_shape(h, w, size)
     oh, ow = crop_offsets(h2, w2, size)

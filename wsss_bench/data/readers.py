@@ -32,6 +32,7 @@ import numpy as np
 from wsss_bench.data import phantom_abdomen, phantom_brain
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import DatasetSource, TaskDef
+from wsss_bench.lazy import nib
 
 BRATS_LAYOUT = "<root>/BraTS2021_XXXXX/BraTS2021_XXXXX_{flair,t1,t1ce,t2,seg}.nii.gz"
 FLARE_LAYOUTS = (
@@ -50,8 +51,6 @@ def read_header(path: Path) -> tuple[Any, tuple[int, ...], tuple[int, int, int]]
     Only the header is read.  The RAS shape is what ``as_closest_canonical`` would give: input
     axis i goes to output axis ``io_orientation(affine)[i, 0]``.
     """
-    import nibabel as nib
-
     try:
         img = nib.load(str(path))
         disk_shape = tuple(int(s) for s in img.shape)
@@ -68,8 +67,6 @@ def read_header(path: Path) -> tuple[Any, tuple[int, ...], tuple[int, int, int]]
 
 def read_ras(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
     """(data reoriented to RAS, on-disk shape); UserError if the file cannot be read."""
-    import nibabel as nib
-
     img, disk_shape, _ = read_header(path)
     try:
         data = np.asanyarray(nib.as_closest_canonical(img).dataobj)

@@ -36,22 +36,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from concurrent.futures import ThreadPoolExecutor
-import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 
 from wsss_bench.data.preprocess import PREPROCESS_VERSION, resize_images, resize_masks, tissue_fraction
 from wsss_bench.errors import UserError
+from wsss_bench.lazy import pd, torch
 from wsss_bench.progress import progress
 
 STORE_VERSION = "2"
@@ -343,8 +343,6 @@ class SliceStore:
 
 
 def open_store(path: Path, built: bool = False) -> SliceStore:
-    import pandas as pd
-
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     return SliceStore(path=path, meta=meta, index=pd.read_parquet(path / "index.parquet"), built=built)
@@ -453,15 +451,12 @@ def _worker_init(parent: int) -> None:
             pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-    import torch
 
     torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
 def _one_torch_thread() -> Iterator[None]:
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -485,7 +480,7 @@ def _run_jobs(jobs: list[dict], workers: int, advance: Callable[[int], None]) ->
 
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     if method == "fork":
-        import torch  # noqa: F401  imported once here, inherited by every forked worker
+        torch.get_num_threads()  # loads torch once here, inherited by every forked worker
     errors: dict[int, BaseException] = {}
     with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
                              initargs=(os.getpid(),)) as pool:
@@ -569,8 +564,6 @@ def _arrays(build: Path, plan: dict, codec: ImageCodec) -> dict[str, tuple[Path,
 
 def _finish(build: Path, plan: dict, meta: dict) -> None:
     """Gather the case records into the index and meta; mark the folder done."""
-    import pandas as pd
-
     rows: list[dict] = []
     notes: dict = {}
     for k, entry in enumerate(plan["cases"]):

@@ -22,14 +22,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from wsss_bench.cache import stable_hash
 from wsss_bench.data import splits as sp
 from wsss_bench.data.store import SliceStore, data_fingerprint, prepare_slices
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import DatasetSource, SliceBatch, TaskDef
+from wsss_bench.lazy import torch
+from wsss_bench.profiles import common, load_profile
 from wsss_bench.seeding import derive_seed
-from wsss_bench.cache import stable_hash
-from wsss_bench.profiles import common
-from wsss_bench.profiles import load_profile
 
 AMBIGUOUS_POLICIES = ("exclude", "negative")
 PHANTOM_MARKER = ".done"
@@ -148,8 +148,6 @@ class TaskData:
         device: str = "cpu",
     ) -> Iterator[SliceBatch]:
         """Iterate over a split (or explicit rows) as SliceBatch of torch tensors."""
-        import torch
-
         idx = self.split(split_or_idx) if isinstance(split_or_idx, str) else self._rows(split_or_idx)
         if shuffle:
             seed = derive_seed(self.base_seed, self.task.task_id, "batches") if seed is None else seed

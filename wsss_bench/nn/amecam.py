@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_bench._compat import import_timm
 from wsss_bench.maps import minmax, upsample
 from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
-from wsss_bench._compat import import_timm
 
 # ---------------------------------------------------------------------------- recipe constants
 #: exit-loss weights, shallow to deep [reference code]

@@ -9,14 +9,14 @@ keep the epoch with the best validation AUC of softmax p(1).
 from __future__ import annotations
 
 import math
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
-import tempfile
-import sys
 
-from wsss_bench.lazy import F, np, torch
 from wsss_bench._compat import import_timm
+from wsss_bench.lazy import F, np, torch
 from wsss_bench.nn.training import IterationBatches, iteration_generator, random_flips, run_resumable
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -53,12 +53,13 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_bench.maps import binarize_cam, otsu_masks
 from wsss_bench.cache import atomic_path
+from wsss_bench.maps import binarize_cam, otsu_masks
 from wsss_bench.nn.training import iteration_generator, run_resumable
 
 log = logging.getLogger(__name__)
@@ -140,16 +141,12 @@ def merge_composition(a: Mapping[str, Any] | None, b: Mapping[str, Any]) -> dict
 
 def pack_masks(masks: torch.Tensor):
     """(B, S, S) bool -> uint8 numpy bit array (B, ceil(S*S/8)) for the cache."""
-    import numpy as np
-
     flat = masks.reshape(masks.shape[0], -1).cpu().numpy().astype(bool)
     return np.packbits(flat, axis=1)
 
 
 def unpack_masks(bits, size: int) -> torch.Tensor:
     """Inverse of :func:`pack_masks`: (B, S, S) bool tensor."""
-    import numpy as np
-
     flat = np.unpackbits(np.asarray(bits), axis=1, count=size * size).astype(bool)
     return torch.from_numpy(flat).reshape(-1, size, size)
 

@@ -195,7 +195,5 @@ def feature_noise(ctx: Any, t: int, size: int) -> "Tensor":
     """The fixed noise eps_t (1, C, S, S) of harness timestep ``t`` shared by every image and by
     every diffusion-feature backbone (``cdm``, ``unet-encoder``): component
     ``noise/features/t=<t>``, drawn on the CPU so it is identical on every device [inferred]."""
-    import torch
-
     g = ctx.generator(f"noise/features/t={t}")
     return torch.randn((1, ctx.task.channels, size, size), generator=g).to(ctx.device)

@@ -54,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss_bench.nn import diffusion as dif
 from wsss_bench.maps import minmax, upsample
+from wsss_bench.nn import diffusion as dif
+from wsss_bench.nn import training
 
 Tensor = torch.Tensor
 
@@ -557,11 +558,7 @@ def warmup_iterations(iterations: int, fraction: float) -> int:
 
 
 def _training():
-    try:
-        from wsss_bench.nn import training as tr
-    except ImportError:  # pragma: no cover - before the core's training module existed
-        tr = dif
-    return tr
+    return training
 
 
 def train_dig(model: DiG, data: Any, idx: Sequence[int], inputs: Callable[[Any], tuple[Tensor, Tensor]],

@@ -22,14 +22,15 @@ it inside ``prepare``.
 from __future__ import annotations
 
 import inspect
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder, get_timestep_embedding
 from torch import nn
-import sys
 
 from wsss_bench.nn import diffusion as dif
 
@@ -149,8 +150,6 @@ def train_noisy_classifier(model: NoisyClassifier, data: Any, profile: Any, devi
 def noisy_scores(model: NoisyClassifier, data: Any, idx, t: int, seed: int, batch: int = 32,
                  profile: Any = None) -> tuple[Any, Any]:
     """(softmax p(1), labels) on slices ``idx`` noised at harness index ``t`` (seeded noise)."""
-    import numpy as np
-
     dev = next(model.parameters()).device
     model.eval()
     probs, labels = [], []

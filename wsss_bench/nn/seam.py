@@ -46,17 +46,17 @@ Importing this module imports neither torch nor timm.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
-import contextlib
 
+from wsss_bench._compat import import_timm
 from wsss_bench.errors import PluginError
 from wsss_bench.lazy import F, np, torch
-from wsss_bench._compat import import_timm
-from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
 from wsss_bench.maps import minmax
+from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch

@@ -18,14 +18,14 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
-import hashlib
 
-from wsss_bench.lazy import np, torch
 from wsss_bench.cache import atomic_path, atomic_write_json
+from wsss_bench.lazy import np, torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_bench import __version__
+from wsss_bench.lazy import torch
 
 _PACKAGES = ("torch", "monai", "timm", "numpy", "scipy", "scikit-image", "nibabel", "pandas",
              "scikit-learn", "pluggy", "safetensors")
@@ -43,8 +44,6 @@ def cpu_model() -> str:
 
 
 def environment(device: str) -> dict[str, Any]:
-    import torch
-
     env: dict[str, Any] = {
         "harness_version": __version__,
         "git_sha": git_sha(),

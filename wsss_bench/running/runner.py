@@ -11,6 +11,7 @@ skips a finished cell only when the identity matches; otherwise it recomputes it
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,23 +20,22 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-import itertools
 
 from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
 from wsss_bench.data import taskdata
 from wsss_bench.errors import PluginError, UserError, disk_problem
-from wsss_bench.profiles import load_profile
+from wsss_bench.lazy import torch
+from wsss_bench.plugins import load_plugins, show_problem
+from wsss_bench.profiles import apply_overrides, load_profile
 from wsss_bench.progress import say
 from wsss_bench.running import stages
+from wsss_bench.running.rundir import save_predictions
 from wsss_bench.running.stages import (  # noqa: F401  (re-exported: bench and tests import them from here)
     CELL_STAGES, GATES, CellState, check_scorable, classifier_p1, gate_stats, stage_gate, stage_maps,
     stage_prepare_refiner, stage_prepare_sources, stage_refine, stage_score)
-from wsss_bench.spec import format_spec, parse_sources, parse_specs
-from wsss_bench.running.rundir import save_predictions
-from wsss_bench.profiles import apply_overrides
-from wsss_bench.plugins import load_plugins, show_problem
 from wsss_bench.seeding import set_determinism
+from wsss_bench.spec import format_spec, parse_sources, parse_specs
 
 RUN_FILE = "run.json"
 #: the runner's modules whose code computes a cell (with what they import): the stages, and the
@@ -143,8 +143,6 @@ class RunConfig:
 
 
 def _cuda() -> bool:
-    import torch
-
     return bool(torch.cuda.is_available())
 
 

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from wsss_bench.cache import stable_hash
 from wsss_bench.context import RunContext
 from wsss_bench.errors import PluginError, UserError
-from wsss_bench.metrics import apply_gate
-from wsss_bench.metrics import dice_iou
+from wsss_bench.lazy import pd, torch
+from wsss_bench.metrics import apply_gate, dice_iou
 from wsss_bench.nn.classifier import get_classifier, predict_p1
 
 GATES = ("label", "classifier", "none")
@@ -64,9 +66,6 @@ def stage_prepare_refiner(st: CellState) -> None:
 
 def stage_refine(st: CellState) -> None:
     """Masks for every test slice (before any gate)."""
-    import numpy as np
-    import torch
-
     ctx, refiner = st.ctx, st.refiner
     size = int(ctx.data.image_size)
     bs = int(st.profile.classifier.batch)
@@ -95,9 +94,6 @@ def stage_gate(st: CellState) -> None:
 
 def stage_score(st: CellState) -> None:
     """Dice and IoU per test slice and gate, against the test masks (read here only)."""
-    import numpy as np
-    import pandas as pd
-
     ctx, cell, test = st.ctx, st.cell, st.test
     data = ctx.task_data
     gt = data.masks(test)
@@ -162,8 +158,6 @@ def compute_cell(ctx: RunContext, cell: Any, profile: Any) -> tuple[CellState, d
 
 def classifier_p1(ctx: RunContext, idx) -> Any:
     """softmax p(1) of the task's CAM classifier on slices ``idx`` (gate=classifier), cached."""
-    import numpy as np
-
     model = get_classifier(ctx)
     key = ctx.shared_model_key("classifier")
     rows = np.asarray(idx)
@@ -181,7 +175,6 @@ def classifier_p1(ctx: RunContext, idx) -> Any:
 
 def gate_stats(labels, p1) -> dict[str, float | None]:
     """Test AUC, sensitivity and specificity of gate=classifier (reported next to the tables)."""
-    import numpy as np
     from sklearn.metrics import roc_auc_score
 
     labels = np.asarray(labels).astype(int)
