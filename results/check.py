@@ -110,7 +110,7 @@ def readme_tables(folder: Path) -> str:
     """The README's compact tables: our Dice [case-level 95% CI] beside the paper's Dice, per
     task, for every table of the bench in ``folder`` (gate label); recomputed from its rows."""
     from wsss_bench.reporting import paper
-    from wsss_bench.metrics import bootstrap_ci, bootstrap_seed
+    from wsss_bench.reporting.stats import bootstrap_ci, bootstrap_seed
 
     b = bench_inputs(folder)
     manifest, tables, planned, resamples = b["manifest"], b["tables"], b["planned"], b["resamples"]

@@ -6,15 +6,8 @@ import pandas as pd
 import pytest
 
 from wsss_bench.errors import UserError
-from wsss_bench.metrics import (
-    aggregate,
-    apply_gate,
-    bootstrap_ci,
-    classifier_gate_stats,
-    compare_to,
-    dice_iou,
-    holm,
-)
+from wsss_bench.metrics import apply_gate, dice_iou
+from wsss_bench.reporting.stats import aggregate, bootstrap_ci, classifier_gate_stats, compare_to, holm
 
 
 def masks(*pixel_sets, shape=(4, 4)):

@@ -210,7 +210,8 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 
 from wsss_bench.reporting import paper  # noqa: E402
-from wsss_bench.metrics import aggregate_volumes, bootstrap_ci, dice_iou, volume_scores  # noqa: E402
+from wsss_bench.metrics import dice_iou  # noqa: E402
+from wsss_bench.reporting.stats import aggregate_volumes, bootstrap_ci, volume_scores  # noqa: E402
 from wsss_bench.reporting.report import (  # noqa: E402
     build_tables,
     cldf_references,

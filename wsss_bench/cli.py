@@ -235,7 +235,7 @@ def summary_markdown(frame) -> str:
 
 def summary_rows(frame) -> tuple[list[str], list[list[str]]]:
     """Header and formatted rows of the end-of-run table, from the aggregate view."""
-    from wsss_bench.metrics import aggregate
+    from wsss_bench.reporting.stats import aggregate
 
     agg = aggregate(frame)
     header = ["task", "method", "gate", "Dice (all)", "IoU (all)", "Dice (pos)", "IoU (pos)", "slices pos/neg"]

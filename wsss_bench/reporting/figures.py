@@ -259,7 +259,7 @@ def ablation_points(df: "pd.DataFrame", gate: str = "label", resamples: int = 0)
     """
     import pandas as pd
 
-    from wsss_bench.metrics import aggregate
+    from wsss_bench.reporting.stats import aggregate
     from wsss_bench.reporting.report import _available
 
     sel = df[df["gate"] == gate]

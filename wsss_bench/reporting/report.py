@@ -33,9 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from wsss_bench.reporting import paper
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import Exporter, ReportTable
-from wsss_bench.metrics import (
-    GATES,
-    MIN_CASES_FOR_TEST,
+from wsss_bench.metrics import GATES, MIN_CASES_FOR_TEST
+from wsss_bench.reporting.stats import (
     aggregate,
     aggregate_volumes,
     check_unique_slices,

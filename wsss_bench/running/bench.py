@@ -367,7 +367,7 @@ def table_summary(frame, planned: list[PlannedRow], table: Table, gate: str = "l
     """A Markdown table: rows x tasks, Dice mean ± std with its case-level bootstrap 95% CI
     (``resamples`` draws, seeded with seed(base, task, "bootstrap")); rows with a ``note`` for
     ``profile`` get a numbered caveat under the table."""
-    from wsss_bench.metrics import bootstrap_ci, bootstrap_seed
+    from wsss_bench.reporting.stats import bootstrap_ci, bootstrap_seed
 
     lines = [f"### {table.name}: {table.caption}", "",
              "| method | " + " | ".join(f"{t} Dice" for t in table.tasks) + " |",

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from wsss_bench.cache import ArtifactCache, atomic_path, atomic_write_json, closure_hash, stable_hash
+from wsss_bench.cache import ArtifactCache, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
 from wsss_bench.data import taskdata
 from wsss_bench.errors import PluginError, UserError, disk_problem
@@ -30,6 +28,7 @@ from wsss_bench.plugins import load_plugins, show_problem
 from wsss_bench.profiles import apply_overrides, load_profile
 from wsss_bench.progress import say
 from wsss_bench.running import stages
+from wsss_bench.running import rundir
 from wsss_bench.running.rundir import save_predictions
 from wsss_bench.running.stages import (  # noqa: F401  (re-exported: bench and tests import them from here)
     CELL_STAGES, GATES, CellState, check_scorable, classifier_p1, gate_stats, stage_gate, stage_maps,
@@ -37,7 +36,6 @@ from wsss_bench.running.stages import (  # noqa: F401  (re-exported: bench and t
 from wsss_bench.seeding import set_determinism
 from wsss_bench.spec import format_spec, parse_sources, parse_specs
 
-RUN_FILE = "run.json"
 #: the runner's modules whose code computes a cell (with what they import): the stages, and the
 #: data layer that loads and splits the task's slices.  Part of every cell's identity.
 COMPUTING_MODULES = (stages, taskdata)
@@ -257,39 +255,7 @@ def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = N
 def check_out_dir(cfg: RunConfig) -> None:
     """Before any compute: the run folder is writable, and holds no results of another
     configuration (those would be relabelled); ``--force`` clears it instead."""
-    out = Path(cfg.out)
-    probe_parent = out
-    while not probe_parent.exists():
-        probe_parent = probe_parent.parent
-    if not probe_parent.is_dir():
-        raise UserError(f"--out {out}: {probe_parent} is a file, not a folder; choose another --out")
-    try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable folder") from None
-    mine = cfg.identity()
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        try:
-            theirs = json.loads(run_file.read_text()).get("identity", {})
-        except (OSError, ValueError):
-            theirs = {}
-        finished = any((out / "cells").glob("*.parquet"))
-        if theirs and theirs != mine and finished:
-            if cfg.force:
-                shutil.rmtree(out / "cells", ignore_errors=True)
-                (out / "cells").mkdir(parents=True, exist_ok=True)
-                for name in ("results.parquet", "manifest.json", "summary.md"):
-                    (out / name).unlink(missing_ok=True)
-            else:
-                diff = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(mine)
-                                 if theirs.get(k) != mine.get(k))
-                raise UserError(f"--out {out} holds results made with another configuration ({diff}); "
-                                f"choose a new --out, or pass --force to replace them")
-    atomic_write_json(run_file, {"identity": mine})
+    rundir.prepare(cfg.out, cfg.identity(), force=cfg.force)
 
 
 # ============================================================================ execution
@@ -330,19 +296,15 @@ class Session:
 
     def run_cell(self, cell: Cell) -> CellOutcome:
         out = Path(self.cfg.out)
-        done = out / "cells" / f"{cell.key}.parquet"
-        meta = out / "cells" / f"{cell.key}.json"
         ctx = self.context(cell.task, cell.seed)
         identity = cell_identity(self.cfg, ctx, self.host, cell)
-        if done.is_file() and meta.is_file() and not self.cfg.force:
-            try:
-                stored = json.loads(meta.read_text()).get("identity")
-            except (OSError, ValueError):
-                stored = None
-            if stored == identity:
+        if not self.cfg.force:
+            stored = rundir.stored_identity(out, cell.key)
+            if stored is not None and stored == identity:
                 return CellOutcome(cell, "resumed")
-            say(f"  {cell.task} {cell.method} seed {cell.seed}: the data or the code changed since it was "
-                f"computed; recomputing")
+            if stored is not None:
+                say(f"  {cell.task} {cell.method} seed {cell.seed}: the data or the code changed since it was "
+                    f"computed; recomputing")
         t0 = time.perf_counter()
 
         ctx.begin_cell(f"{cell.task} {cell.method} seed {cell.seed}")
@@ -352,13 +314,10 @@ class Session:
         frame, info = compute_cell(ctx, cell, self.profile, out=out)
         frame["profile"] = self.profile.name
         frame["data"] = "phantom" if ctx.task_data.is_phantom else "real"
-        with atomic_path(done) as tmp:
-            frame.to_parquet(tmp, index=False)
         info["stages"] = list(ctx.stages)
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        atomic_write_json(meta, {"cell": asdict(cell), "method": cell.method, "status": "done",
-                                 "identity": identity, **info})
-        (out / "cells" / f"{cell.key}.failed.json").unlink(missing_ok=True)
+        rundir.write_cell(out, cell.key, frame, {"cell": asdict(cell), "method": cell.method, "status": "done",
+                                                 "identity": identity, **info})
         return CellOutcome(cell, "done", info["seconds"], info=info)
 
 
@@ -382,9 +341,9 @@ class CellJob:
 
     def _record_failure(self, cell: Cell, error: str, user_error: bool) -> None:
         try:
-            atomic_write_json(Path(self.cfg.out) / "cells" / f"{cell.key}.failed.json",
-                              {"cell": asdict(cell), "method": cell.method, "status": "failed", "error": error,
-                               "user_error": user_error})
+            rundir.write_failure(self.cfg.out, cell.key, {"cell": asdict(cell), "method": cell.method,
+                                                          "status": "failed", "error": error,
+                                                          "user_error": user_error})
         except OSError:  # a full disk cannot take the record either; the message still reaches the user
             pass
 
@@ -401,10 +360,8 @@ class CellJob:
                 self._record_failure(cell, disk, True)
                 return CellOutcome(cell, "failed", time.perf_counter() - t0, disk, user_error=True)
             tb = traceback.format_exc()
-            path = Path(self.cfg.out) / "cells" / f"{cell.key}.error.txt"
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(tb)
+                path = rundir.write_traceback(self.cfg.out, cell.key, tb)
             except OSError:
                 path = Path("(traceback not written: the run folder refused it)")
             message = f"{type(err).__name__}: {err} (traceback in {path})"
