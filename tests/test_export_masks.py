@@ -12,13 +12,11 @@ from wsss_bench.data import phantom_abdomen, phantom_brain
 from wsss_bench.data.preprocess import preprocess_volume, resize_masks
 from wsss_bench.data.readers import BratsDataset, Flare21Dataset, read_ras
 from wsss_bench.errors import UserError
+from wsss_bench.running.rundir import load_predictions, read_predictions, save_predictions
 from wsss_bench.reporting.export_masks import (
     export_masks,
     label_file,
-    load_predictions,
-    read_predictions,
     save_nifti,
-    save_predictions,
     to_source_space,
     unresize_slices,
 )

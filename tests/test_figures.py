@@ -7,8 +7,9 @@ import pytest
 
 from report_fixtures import build_run
 from wsss_bench.reporting import figures as figs
-from wsss_bench.reporting.export_masks import gated, load_predictions
-from wsss_bench.reporting.report import load_manifests, load_results
+from wsss_bench.reporting.export_masks import gated
+from wsss_bench.reporting.load import load_manifests, load_results
+from wsss_bench.running.rundir import load_predictions
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from report_fixtures import build_run
-from wsss_bench.reporting.report import html_report
+from wsss_bench.reporting.html import html_report
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 

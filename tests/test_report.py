@@ -14,15 +14,9 @@ import pytest
 
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import ReportTable
-from wsss_bench.reporting.report import (
-    fmt_mean_std,
-    load_results,
-    paper_table,
-    render,
-    significance_table,
-    summary_table,
-    write_report,
-)
+from wsss_bench.reporting.format import fmt_mean_std
+from wsss_bench.reporting.load import load_results
+from wsss_bench.reporting.tables import paper_table, render, significance_table, summary_table, write_report
 
 PLUGIN_FILE = Path(__file__).resolve().parents[1] / "plugins" / "exporters.py"
 
@@ -212,14 +206,9 @@ import shutil  # noqa: E402
 from wsss_bench.reporting import paper  # noqa: E402
 from wsss_bench.metrics import dice_iou  # noqa: E402
 from wsss_bench.reporting.stats import aggregate_volumes, bootstrap_ci, volume_scores  # noqa: E402
-from wsss_bench.reporting.report import (  # noqa: E402
-    build_tables,
-    cldf_references,
-    failed_cells,
-    per_case_table,
-    reference_table,
-    render_many,
-)
+from wsss_bench.reporting.layout import cldf_references  # noqa: E402
+from wsss_bench.reporting.tables import build_tables, per_case_table, reference_table, render_many  # noqa: E402
+from wsss_bench.running.rundir import FailedCell, failed_cells  # noqa: E402
 from wsss_bench.seeding import derive_seed  # noqa: E402
 
 BASE = [0.62, 0.71, 0.80, 0.55, 0.90, 0.67, 0.75, 0.83]
@@ -420,8 +409,8 @@ def test_latex_compiles_for_every_table_and_gate(tmp_path):
     df = pd.concat([df, df.assign(gate="none")])
     for name in ("summary", "table1", "table2", "table3"):
         tables = build_tables(df, name, "all", with_paper=True, per_volume=True, resamples=20,
-                              failed=[{"task": "brats", "method": "seam+threshold", "seed": 0,
-                                       "error": "PluginError: out of memory_ & 100%"}])
+                              failed=[FailedCell(task="brats", method="seam+threshold", seed=0,
+                                                  error="PluginError: out of memory_ & 100%")])
         assert [t.title.split("gate=")[1][:-1] for t in tables] == ["label", "none"]
         text = render_many(tables, ex.LatexExporter())
         assert text.count("\\begin{table}") == 2
@@ -510,8 +499,8 @@ def test_failed_cells_show_as_rows():
                              "error": "PluginError: seam: out of memory (traceback in x)"},
                             {"cell": {"task": "brats", "seed": 0}, "method": "fsl", "status": "done"}]}]
     failed = failed_cells(manifests)
-    assert failed == [{"task": "brats", "method": "seam+threshold", "seed": 0,
-                       "error": "PluginError: seam: out of memory (traceback in x)"}]
+    assert failed == [FailedCell(task="brats", method="seam+threshold", seed=0,
+                                 error="PluginError: seam: out of memory (traceback in x)")]
     t = summary_table(stat_frame(), failed=failed, blocks=["all"])
     row = t.rows[[r[0] for r in t.rows].index("seam+threshold")]
     assert row[1:] == ["failed: PluginError"] * 2

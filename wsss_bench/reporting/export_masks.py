@@ -26,14 +26,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from wsss_bench.errors import UserError
-
-from wsss_bench.running.rundir import (  # noqa: F401  (re-exported for the figures)
-    PREDICTIONS_DIR, Predictions, load_predictions, read_predictions, save_predictions)
+from wsss_bench.reporting.load import load_manifests, load_results
+from wsss_bench.running.rundir import PREDICTIONS_DIR, Predictions, load_predictions
 
 
 def gated(pred: Predictions, results: "Any", gate: str) -> np.ndarray:
@@ -258,7 +257,6 @@ def export_masks(run_dirs: str | Path | Sequence[str | Path], method: str, out: 
     same path instead (to check the geometry in a viewer).  Returns the written files.
     """
     from wsss_bench.cache import atomic_write_json
-    from wsss_bench.reporting.report import load_manifests, load_results
 
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     frame = load_results(dirs)

@@ -33,6 +33,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from wsss_bench.reporting import paper
+from wsss_bench.reporting.export_masks import RunSlices, gated
+from wsss_bench.reporting.layout import DEFAULT_TASK_LABELS, available
+from wsss_bench.reporting.load import bootstrap_resamples, load_manifests, load_results
+from wsss_bench.reporting.stats import aggregate
+from wsss_bench.running.rundir import load_predictions
 from wsss_bench.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,7 +92,6 @@ def _figure(width: float, height: float):
 
 
 def _task_label(task: str) -> str:
-    from wsss_bench.reporting.report import DEFAULT_TASK_LABELS
 
     return DEFAULT_TASK_LABELS.get(task, task)
 
@@ -97,9 +101,8 @@ def _order_tasks(tasks) -> list[str]:
 
 
 def _is_fsl(df: "pd.DataFrame", method: str) -> bool:
-    from wsss_bench.reporting.report import _available
 
-    p = _available(df[df["method"] == method]).get(method)
+    p = available(df[df["method"] == method]).get(method)
     return p is not None and p.refiner == "fsl"
 
 
@@ -161,9 +164,8 @@ def radiological(a: np.ndarray) -> np.ndarray:
 
 def grid_methods(df: "pd.DataFrame", task: str, methods: Sequence[str], limit: int = 8) -> list[str]:
     """The grid's columns: methods that fill a paper row (paper order) first, then the rest."""
-    from wsss_bench.reporting.report import _available
 
-    avail = _available(df[(df["task"] == task) & df["method"].isin(list(methods))])
+    avail = available(df[(df["task"] == task) & df["method"].isin(list(methods))])
     order = [*paper.ROWS["table1"], *paper.SUPPLEMENTARY["table1"], *paper.ROWS["table3"]]
     ranked = []
     for m in methods:
@@ -193,7 +195,6 @@ def _overlay(ax, image: np.ndarray, mask: np.ndarray | None, color, gt: np.ndarr
 def qualitative_grid(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], gate: str = "label",
                      rows: int = 2, max_methods: int = 8, predictions: Mapping | None = None) -> Fig | None:
     """Fig. 3: image | ground truth | each method's mask, per chosen slice (module docstring)."""
-    from wsss_bench.reporting.export_masks import RunSlices, gated, load_predictions
 
     if predictions is None:
         dirs = sorted({str(m["_run_dir"]) for m in manifests if "_run_dir" in m})
@@ -259,11 +260,9 @@ def ablation_points(df: "pd.DataFrame", gate: str = "label", resamples: int = 0)
     """
     import pandas as pd
 
-    from wsss_bench.reporting.stats import aggregate
-    from wsss_bench.reporting.report import _available
 
     sel = df[df["gate"] == gate]
-    avail = _available(sel)
+    avail = available(sel)
     rows = []
     for method, p in avail.items():
         if p.refiner != "cldf":
@@ -364,7 +363,6 @@ def dice_boxplots(df: "pd.DataFrame", gate: str = "label") -> Fig | None:
 def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], gate: str = "label",
                   resamples: int | None = None) -> tuple[list[Fig], list[str]]:
     """Every figure the run supports, and one line per figure it could not make (and why)."""
-    from wsss_bench.reporting.report import bootstrap_resamples
 
     if gate not in set(map(str, df["gate"].unique())):
         raise UserError(f"no results for gate={gate}; the results hold gate(s) "
@@ -393,7 +391,6 @@ def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], ga
 def write_figures(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path | None = None,
                   gate: str = "label", formats: Sequence[str] = FORMATS) -> tuple[list[Path], list[str]]:
     """Write every figure of the runs as PNG and PDF into ``out_dir`` (default RUN_DIR/figures)."""
-    from wsss_bench.reporting.report import load_manifests, load_results
 
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     for fmt in formats:

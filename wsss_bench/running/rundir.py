@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -149,7 +149,12 @@ class FailedCell:
     method: str
     seed: Any
     error: str
-    key: str = ""
+    key: str = field(default="", compare=False)
+
+    @property
+    def flat(self) -> str:
+        """The error on one line (whitespace runs collapsed), as report notes show it."""
+        return " ".join(self.error.split())
 
     @property
     def reason(self) -> str:
