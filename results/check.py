@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 def check_run(folder: Path) -> list[str]:
     import pandas as pd
 
-    from wsss_bench.cli import summary_markdown
+    from wsss_bench.reporting.summary import summary_markdown
 
     frame = pd.read_parquet(folder / "results.parquet")
     want = (folder / "summary.md").read_text()
@@ -55,13 +55,12 @@ def bench_inputs(folder: Path) -> dict:
 
 
 def check_bench(folder: Path) -> list[str]:
-    from wsss_bench.running import bench as bn
+    from wsss_bench.reporting.summary import bench_markdown
+    from wsss_bench.running.rundir import failed_cells
 
     b = bench_inputs(folder)
-    frame, planned, tables, resamples, profile = b["frame"], b["planned"], b["tables"], b["resamples"], b["profile"]
-    got = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=bn.failure_reasons(folder),
-                                     profile=profile)
-                    for t in tables)
+    got = bench_markdown(b["frame"], b["planned"], b["tables"], resamples=b["resamples"],
+                         failures=failed_cells(folder), profile=b["profile"])
     want = (folder / "tables.md").read_text()
     diff = [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
                                                               "committed tables.md", "recomputed", lineterm=""))
@@ -78,7 +77,8 @@ def check_paper_tables(folder: Path) -> list[str]:
     """Re-render every committed ``latex/tableN.tex`` and ``tableN.md`` from the per-slice rows
     (what ``wsss-bench report DIR --format F --table tableN --with-paper --gate label`` writes)."""
     from wsss_bench.plugins import load_plugins
-    from wsss_bench.reporting.report import bootstrap_resamples, build_tables, failed_cells, load_manifests, load_results, render_many
+    from wsss_bench.reporting.load import bootstrap_resamples, failed_cells, load_manifests, load_results
+    from wsss_bench.reporting.tables import build_tables, render_many
 
     out: list[str] = []
     wanted = [(folder / (stem + (".tex" if fmt == "latex" else ".md")), fmt, table)

@@ -13,6 +13,7 @@ from wsss_bench.running import bench as bn
 from wsss_bench import cli
 from wsss_bench.errors import UserError
 from wsss_bench.plugins import load_plugins
+from wsss_bench.reporting.summary import bench_table, to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = sorted((ROOT / "benchmarks").glob("*.toml"))
@@ -135,9 +136,9 @@ def test_a_row_note_for_the_profile_is_a_numbered_caveat_under_the_table(tmp_pat
     rows = ROWS_A.replace('name = "MG"\n', 'name = "MG"\nnote = { cpu = "MG caveat [cpu]" }\n')
     table = bn.load_table(_toml(tmp_path, "t", rows), host)
     _, planned = bn.plan(host, [table])
-    cpu = bn.table_summary(None, planned, table, resamples=10, profile="cpu")
+    cpu = to_markdown(bench_table(None, planned, table, resamples=10, profile="cpu"))
     assert "| MG [1] |" in cpu and "\n[1] MG caveat [cpu]" in cpu and "GradCAM [" not in cpu
-    smoke = bn.table_summary(None, planned, table, resamples=10, profile="smoke")
+    smoke = to_markdown(bench_table(None, planned, table, resamples=10, profile="smoke"))
     assert "caveat" not in smoke and "| MG |" in smoke
 
 

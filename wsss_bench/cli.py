@@ -98,7 +98,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_")[:80]
 
 
-# ---------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------- run / bench
+# The options run and bench share, declared once (typer option objects are only defaults).
+PROFILE_OPT = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md).")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto | cpu | cuda[:N].")
+BF16_OPT = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction.")
+FORCE_OPT = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells.")
+CACHE_OPT = typer.Option(None, "--cache-dir", help=CACHE_HELP)
+PHANTOM_SEED_OPT = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantom(s) (the data, not the training).")
+EXECUTOR_OPT = typer.Option("local", "--executor", help=escape(
+    "Executor spec: local, local[jobs=2], slurm[partition=gpu,gpus=1] or slurm[config=cluster.yaml]."))
+PLUGINS_DIR_OPT = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable).")
+SET_OPT = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable).")
+NONFINITE_OPT = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero "
+                             "(read as background, counted in the manifest).")
+
+
+def _common(profile: str, device: str, bf16: bool, force: bool, cache_dir: Optional[Path], phantom_seed: int,
+            executor: str, plugins_dir: List[Path], set_: List[str], nonfinite: str):
+    """The shared options as one object (plugin folders: the global ones, then the command's)."""
+    from wsss_bench.running.execute import CommonOptions
+
+    return CommonOptions(profile=profile, device=device, bf16=bf16, force=force,
+                         cache_dir=Path(cache_dir or default_cache()), phantom_seed=phantom_seed, executor=executor,
+                         plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
+                         strict=bool(_STATE["strict"]), overrides=tuple(set_), nonfinite=nonfinite)
+
+
 @app.command()
 @user_errors
 def run(
@@ -107,51 +133,62 @@ def run(
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Feature backbone of the refiner (its 'backbone' parameter): cdm, resnet18, '[cdm,resnet18]' (a grid)."),
     task: List[str] = typer.Option(["brats"], "--task", "-t", help="brats, flare21-kidney, flare21-spleen, flare21-liver (repeatable / comma list)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Real dataset folder (BraTS21 or FLARE21 layout). Default: the embedded synthetic phantom."),
-    profile: str = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md)."),
+    profile: str = PROFILE_OPT,
     seed: List[str] = typer.Option(["0"], "--seed", help="Base seed(s); several form a grid axis."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<task>_<cam>_<method>_<profile>_s<seed>)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction."),
+    device: str = DEVICE_OPT,
+    bf16: bool = BF16_OPT,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write cached artifacts."),
-    force: bool = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-    phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantom (the data, not the training)."),
-    executor: str = typer.Option("local", "--executor", help=escape("Executor spec: local, local[jobs=2] or slurm[partition=gpu,gpus=1].")),
-    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
-    set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
-    nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero (read as background, counted in the manifest)."),
+    force: bool = FORCE_OPT,
+    cache_dir: Optional[Path] = CACHE_OPT,
+    phantom_seed: int = PHANTOM_SEED_OPT,
+    executor: str = EXECUTOR_OPT,
+    plugins_dir: List[Path] = PLUGINS_DIR_OPT,
+    set_: List[str] = SET_OPT,
+    nonfinite: str = NONFINITE_OPT,
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
-    from wsss_bench.profiles import apply_overrides, load_profile
-    from wsss_bench.running.runner import CellJob, RunConfig, check_out_dir, plan_cells
-    from wsss_bench.spec import parse_specs
+    from wsss_bench.context import resolve_device
+    from wsss_bench.running.execute import execute_run, make_config, make_executor
+    from wsss_bench.running.runner import check_out_dir, plan_cells
 
     host = get_host([str(p) for p in plugins_dir])
-    apply_overrides(load_profile(profile), set_)
+    opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite)
+    tasks, seeds = _split_csv(task), _seeds(seed)
+    if out is None:
+        out = Path("runs") / _slug(f"{'+'.join(tasks)}_{cam or 'nocam'}_{method}_{profile}_s{'-'.join(map(str, seeds))}")
+    cfg = make_config(opts, out, data_root=data_root, use_cache=not no_cache)
     if data_root is not None and not Path(data_root).is_dir():
         raise UserError(f"--data-root {data_root}: no such directory; give the folder holding the "
                         f"BraTS2021_* case folders or the FLARE21 TrainingImg/TrainingMask (or imagesTr/labelsTr) folders")
-    tasks, seeds = _split_csv(task), _seeds(seed)
     cells = plan_cells(host, tasks, cam, method, seeds, backbones=backbone)
-    from wsss_bench.context import resolve_device
-
     resolve_device(device)  # before any compute, and one message (not one per cell)
-    if out is None:
-        out = Path("runs") / _slug(f"{'+'.join(tasks)}_{cam or 'nocam'}_{method}_{profile}_s{'-'.join(map(str, seeds))}")
-    ex_spec = parse_specs(executor)[0]
-    ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
-    cfg = RunConfig(profile=profile, out=Path(out), data_root=data_root, device=device,
-                    cache_dir=Path(cache_dir or default_cache()), bf16=bf16, use_cache=not no_cache, force=force,
-                    phantom_seed=phantom_seed, plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_),
-                    nonfinite=_nonfinite(nonfinite))
+    ex = make_executor(host, executor)
     check_out_dir(cfg)  # before any compute: writable, and not another configuration's results
     say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {escape(profile)}, "
         f"data {'phantom' if data_root is None else escape(str(data_root))}, out {escape(str(out))}")
-    t0 = time.perf_counter()
-    job = CellJob(cfg, host=host)
-    outcomes = ex.map(job, cells)
-    _finish_run(cfg, host, cells, outcomes, time.perf_counter() - t0, job)
+    result = execute_run(cfg, host, ex, cells)
+    seen: set[str] = set()
+    for oc in result.outcomes:
+        cell = oc.cell
+        if oc.status == "failed":
+            _print_failure(cell, oc.error, seen)
+        elif oc.status == "resumed":
+            say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: already done, reused (use --force to redo)")
+        else:
+            say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: done in {oc.seconds:.1f}s")
+    if result.summary is not None:
+        print_table(result.summary)
+    from wsss_bench.running import rundir
+
+    if result.has_results:
+        say(f"results: {escape(str(rundir.results_path(out)))}  manifest: {escape(str(rundir.manifest_path(out)))}  "
+            f"({result.seconds:.1f}s)")
+    else:
+        say(f"no results were written ({len(result.failures)} of {len(cells)} cell(s) failed); manifest: "
+            f"{escape(str(rundir.manifest_path(out)))}  ({result.seconds:.1f}s)")
+    if result.exit_code():
+        raise typer.Exit(result.exit_code())
 
 
 def _print_failure(cell, error: Any, seen: set[str]) -> None:
@@ -166,95 +203,26 @@ def _print_failure(cell, error: Any, seen: set[str]) -> None:
     err_console.print(head + escape(text), soft_wrap=True, highlight=False)
 
 
-def _finish_run(cfg, host, cells, outcomes, seconds: float, job) -> None:
-    from wsss_bench.running import rundir as results
-    from wsss_bench.running.manifest import environment, plugin_distributions
-    from wsss_bench.running.runner import CellOutcome
-
-    failed = 0
-    user_fail = True
-    seen: set[str] = set()
-    for cell, oc in zip(cells, outcomes):
-        if isinstance(oc, BaseException):
-            oc = CellOutcome(cell, "failed", error=f"{type(oc).__name__}: {oc}")
-        if oc.status == "failed":
-            failed += 1
-            user_fail = user_fail and oc.user_error
-            _print_failure(cell, oc.error, seen)
-        elif oc.status == "resumed":
-            say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: already done, reused (use --force to redo)")
-        else:
-            say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: done in {oc.seconds:.1f}s")
-    frame = results.collect(cfg.out)
-    session = job.session()
-    manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
-                "config": cfg.to_json(), "wall_seconds": round(seconds, 2),
-                "environment": environment(session.device), "plugins": plugin_distributions(host),
-                "profile": dict(session.profile),
-                "data": {f"{t}/seed{s}": ctx.data.summary() for (t, s), ctx in session._contexts.items()},
-                "cache_events": session.cache.events}
-    results.write_manifest(cfg.out, manifest)
-    if frame is not None:
-        keys = {(c.task, c.method, c.seed) for c in cells}
-        mine = frame[[k in keys for k in zip(frame["task"], frame["method"], frame["seed"])]]
-        if len(mine):
-            print_summary(mine, cfg.out)
-    where = Path(cfg.out)
-    if (where / "results.parquet").is_file():
-        say(f"results: {escape(str(where / 'results.parquet'))}  manifest: {escape(str(where / 'manifest.json'))}  "
-            f"({seconds:.1f}s)")
-    else:
-        say(f"no results were written ({failed} of {len(cells)} cell(s) failed); manifest: "
-            f"{escape(str(where / 'manifest.json'))}  ({seconds:.1f}s)")
-    if failed:
-        raise typer.Exit(2 if user_fail else 1)
-
-
-def print_summary(frame, out: Path) -> None:
-    """Rich table: Dice and IoU mean ± std (all slices, positive slices) per method and gate."""
+def print_table(table) -> None:
+    """A ReportTable (the end-of-run summary) as a rich table; cells are escaped (method labels
+    hold brackets: gradcam[layer=layer3])."""
     from rich.table import Table
 
-    from wsss_bench.cache import atomic_write_text
-    header, rows = summary_rows(frame)
-    table = Table(title="Dice / IoU per gate (mean ± std over test slices)")
-    for h in header:
-        table.add_column(h, justify="left" if h in ("task", "method", "gate") else "right",
-                         overflow="fold", no_wrap=h not in ("method",))
-    for row in rows:
-        table.add_row(*[escape(c) for c in row])  # method labels hold brackets: gradcam[layer=layer3]
-    console.print(table)
-    atomic_write_text(Path(out) / "summary.md", summary_markdown(frame))
-
-
-def summary_markdown(frame) -> str:
-    """The end-of-run table as Markdown (``summary.md``; results/check.py recomputes it)."""
-    header, rows = summary_rows(frame)
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(md) + "\n"
-
-
-def summary_rows(frame) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted rows of the end-of-run table, from the aggregate view."""
-    from wsss_bench.reporting.stats import aggregate
-
-    agg = aggregate(frame)
-    header = ["task", "method", "gate", "Dice (all)", "IoU (all)", "Dice (pos)", "IoU (pos)", "slices pos/neg"]
-    rows = []
-    for _, r in agg.iterrows():
-        rows.append([str(r["task"]), str(r["method"]), str(r["gate"]),
-                     f"{r['dice_mean']:.3f} ± {r['dice_std']:.2f}", f"{r['iou_mean']:.3f} ± {r['iou_std']:.2f}",
-                     f"{r['dice_pos_mean']:.3f} ± {r['dice_pos_std']:.2f}", f"{r['iou_pos_mean']:.3f} ± {r['iou_pos_std']:.2f}",
-                     f"{int(r['n_pos'])}/{int(r['n_neg'])}"])
-    return header, rows
+    out = Table(title=table.title)
+    for h in table.header:
+        out.add_column(h, justify="left" if h in ("task", "method", "gate") else "right",
+                       overflow="fold", no_wrap=h not in ("method",))
+    for row in table.rows:
+        out.add_row(*[escape(c) for c in row])
+    console.print(out)
 
 
 def _nonfinite(value: str) -> str:
-    if value not in ("error", "zero"):
-        raise UserError(f"--nonfinite {value}: choose error (stop at NaN/inf voxels) or zero (read them as background)")
-    return value
+    from wsss_bench.running.execute import check_nonfinite
+
+    return check_nonfinite(value)
 
 
-# ---------------------------------------------------------------------------- bench
 def _data_roots(values: list[str]) -> tuple[tuple[str, str], ...]:
     roots = []
     for item in _split_csv(values):
@@ -271,89 +239,48 @@ def _data_roots(values: list[str]) -> tuple[tuple[str, str], ...]:
 @user_errors
 def bench(
     tables: List[Path] = typer.Argument(..., help="Benchmark table files, e.g. benchmarks/table1.toml benchmarks/table3.toml."),
-    profile: str = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md)."),
+    profile: str = PROFILE_OPT,
     data_root: List[str] = typer.Option([], "--data-root", help="Real data per dataset: brats=DIR,flare=DIR. Default: the embedded phantoms."),
-    executor: str = typer.Option("local", "--executor", help=escape("local, local[jobs=2], slurm[partition=gpu,gpus=1] or slurm[config=cluster.yaml].")),
+    executor: str = EXECUTOR_OPT,
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds for every table (default: each table's own), e.g. 0,1,2."),
     task: List[str] = typer.Option([], "--task", "-t", help="Only these tasks (default: each table's)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bench directory (default runs/bench_<profile>)."),
     failed: bool = typer.Option(False, "--failed", help="Re-run only the cells recorded as failed."),
     collect: bool = typer.Option(False, "--collect", help="Run nothing: gather the finished cells and print the tables."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction."),
-    force: bool = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-    phantom_seed: int = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantoms."),
-    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
-    set_: List[str] = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable)."),
-    nonfinite: str = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero."),
+    device: str = DEVICE_OPT,
+    bf16: bool = BF16_OPT,
+    force: bool = FORCE_OPT,
+    cache_dir: Optional[Path] = CACHE_OPT,
+    phantom_seed: int = PHANTOM_SEED_OPT,
+    plugins_dir: List[Path] = PLUGINS_DIR_OPT,
+    set_: List[str] = SET_OPT,
+    nonfinite: str = NONFINITE_OPT,
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
-    from wsss_bench.running import bench as bn
-    from wsss_bench.running import rundir as results
-    from wsss_bench.context import resolve_device
-    from wsss_bench.running.manifest import environment, plugin_distributions
-    from wsss_bench.profiles import load_profile
-    from wsss_bench.running.runner import RunConfig, check_out_dir
-    from wsss_bench.spec import parse_specs
-
-    from wsss_bench.profiles import apply_overrides
+    from wsss_bench.running import rundir
+    from wsss_bench.running.execute import execute_bench, make_config, make_executor, plan_bench
+    from wsss_bench.running.runner import check_out_dir
 
     host = get_host([str(p) for p in plugins_dir])
-    apply_overrides(load_profile(profile), set_)
-    specs = [bn.load_table(p, host) for p in tables]
-    seed_list = _seeds([seeds]) if seeds else None
-    cells, planned = bn.plan(host, specs, seed_list, _split_csv(task) or None)
-    if not cells and not collect:
-        raise UserError("the benchmark files expand to no cell (check their tasks and --task)")
+    opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite)
     out = Path(out or Path("runs") / f"bench_{profile}")
-    ex_spec = parse_specs(executor)[0]
-    ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
-    cfg = RunConfig(profile=profile, out=out, data_root=None, device=device, cache_dir=Path(cache_dir or default_cache()), bf16=bf16,
-                    force=force, phantom_seed=phantom_seed, data_roots=_data_roots(data_root),
-                    plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                    strict=bool(_STATE["strict"]), executor=executor, overrides=tuple(set_),
-                    nonfinite=_nonfinite(nonfinite))
+    cfg = make_config(opts, out, data_roots=_data_roots(data_root))
+    seed_list = _seeds([seeds]) if seeds else None
+    specs, cells, planned = plan_bench(host, tables, seed_list, _split_csv(task) or None, collect_only=collect)
+    ex = make_executor(host, executor)
     check_out_dir(cfg)
     unavailable = [p for p in planned if p.error]
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
         f"{escape(profile)}, out {escape(str(out))}" + (f"; {len(unavailable)} row(s) not available" if unavailable else ""))
-    t0 = time.perf_counter()
-    rep = bn.run_bench(cfg, host, ex, cells, failed_only=failed, collect_only=collect)
-    seconds = time.perf_counter() - t0
-    failures = [oc for oc in rep["cells"] if oc.status == "failed"]
+    result = execute_bench(cfg, host, ex, specs, cells, planned, tables=tables, only_tasks=_split_csv(task) or None,
+                           seeds=seed_list, failed_only=failed, collect_only=collect)
     seen: set[str] = set()
-    for oc in failures:
+    for oc in result.failures:
         _print_failure(oc.cell, oc.error, seen)
-    frame = results.collect(out)
-    old = {}
-    if (out / "manifest.json").is_file():
-        import json
-
-        try:
-            old = json.loads((out / "manifest.json").read_text())
-        except ValueError:
-            old = {}
-    manifest = {"command": " ".join(["wsss-bench"] + sys.argv[1:]) if sys.argv else "",
-                "config": cfg.to_json(), "wall_seconds": round(seconds, 2), "tables": [str(p) for p in tables],
-                "only_tasks": _split_csv(task) or None, "seeds": seed_list,
-                "environment": environment(resolve_device(device)),
-                "plugins": plugin_distributions(host), "profile": dict(cfg.load_profile()),
-                "data": {**old.get("data", {}), **rep["data"]}, "phases": rep["phases"], "units": rep["units"],
-                "cache_events": rep["cache_events"],
-                "training_builds": bn.training_builds(rep["cache_events"]),
-                "not_available": [{"table": p.table, "row": p.row, "task": p.task, "why": p.error} for p in unavailable]}
-    results.write_manifest(out, manifest)
-    resamples = int(load_profile(profile).bootstrap.resamples)
-    reasons = bn.failure_reasons(out)
-    text = "\n".join(bn.table_summary(frame, planned, t, resamples=resamples, failures=reasons, profile=profile)
-                     for t in specs)
-    from wsss_bench.cache import atomic_write_text
-
-    atomic_write_text(out / "tables.md", text)
-    console.print(text, markup=False, highlight=False)
-    say(f"tables: {escape(str(out / 'tables.md'))}  manifest: {escape(str(out / 'manifest.json'))}  ({seconds:.1f}s)")
-    if failures:
+    console.print(result.text, markup=False, highlight=False)
+    say(f"tables: {escape(str(rundir.tables_path(out)))}  manifest: {escape(str(rundir.manifest_path(out)))}  "
+        f"({result.seconds:.1f}s)")
+    if result.failures:
         raise typer.Exit(1)
 
 
@@ -430,8 +357,9 @@ def report(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Tables of a run with bootstrap CIs and Wilcoxon marks (LaTeX booktabs, Markdown, CSV, HTML page)."""
-    from wsss_bench.reporting.report import (bootstrap_resamples, build_tables, failed_cells, html_report,
-                                   load_manifests, load_results, render_many, write_text)
+    from wsss_bench.reporting.html import html_report
+    from wsss_bench.reporting.load import bootstrap_resamples, failed_cells, load_manifests, load_results
+    from wsss_bench.reporting.tables import build_tables, render_many, write_text
 
     if gate not in ("label", "classifier", "none", "all"):
         raise UserError(f"--gate {gate}: choose label, classifier, none or all")

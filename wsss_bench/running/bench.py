@@ -21,7 +21,6 @@ cells recorded as failed; ``collect`` runs nothing and only gathers what is ther
 """
 from __future__ import annotations
 
-import json
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_bench.errors import UserError
+from wsss_bench.running import rundir
 from wsss_bench.running.runner import Cell, CellJob, CellOutcome, RunConfig, Session, classifier_p1, plan_cells
 
 TABLE_KEYS = {"name", "caption", "label", "tasks", "seeds", "paper"}
@@ -292,17 +292,13 @@ class CellJobWithEvents(CellJob):
         outcome = super().__call__(cell)
         outcome.info = dict(outcome.info)
         outcome.info["cache_events"] = list(session.cache.events[before:])
-        ctx = session._contexts.get((cell.task, cell.seed))
+        ctx = session.loaded(cell.task, cell.seed)
         if ctx is not None:
             outcome.info["data_summary"] = ctx.task_data.summary()
         return outcome
 
 
 # ============================================================================ the bench
-def failed_cells(out: Path) -> set[str]:
-    return {p.name[: -len(".failed.json")] for p in (Path(out) / "cells").glob("*.failed.json")}
-
-
 def run_bench(cfg: RunConfig, host, executor, cells: list[Cell], failed_only: bool = False,
               collect_only: bool = False) -> dict[str, Any]:
     """Both phases; returns the manifest parts (outcomes, cache events, timings)."""
@@ -310,7 +306,7 @@ def run_bench(cfg: RunConfig, host, executor, cells: list[Cell], failed_only: bo
 
     todo = cells
     if failed_only:
-        failed = failed_cells(cfg.out)
+        failed = {f.key for f in rundir.failed_cells(cfg.out)}
         todo = [c for c in cells if c.key in failed]
         say(f"--failed: {len(todo)} of {len(cells)} cell(s) are recorded as failed")
     report: dict[str, Any] = {"phases": [], "units": [], "cells": [], "cache_events": [], "data": {}}
@@ -351,66 +347,3 @@ def training_builds(events: list[dict[str, Any]], stages: set[str] | None = None
             continue
         counts[f"{e['stage']}/{e['key'][:12]}"] = counts.get(f"{e['stage']}/{e['key'][:12]}", 0) + 1
     return counts
-
-
-def failure_reasons(out: Path) -> dict[str, str]:
-    """method label per (task, method, seed) -> the first line of its recorded error."""
-    reasons = {}
-    for p in (Path(out) / "cells").glob("*.failed.json"):
-        rec = json.loads(p.read_text())
-        reasons[(rec["cell"]["task"], rec["method"])] = str(rec.get("error", "")).splitlines()[0][:120]
-    return reasons
-
-
-def table_summary(frame, planned: list[PlannedRow], table: Table, gate: str = "label", resamples: int = 1000,
-                  failures: dict | None = None, profile: str | None = None) -> str:
-    """A Markdown table: rows x tasks, Dice mean ± std with its case-level bootstrap 95% CI
-    (``resamples`` draws, seeded with seed(base, task, "bootstrap")); rows with a ``note`` for
-    ``profile`` get a numbered caveat under the table."""
-    from wsss_bench.reporting.stats import bootstrap_ci, bootstrap_seed
-
-    lines = [f"### {table.name}: {table.caption}", "",
-             "| method | " + " | ".join(f"{t} Dice" for t in table.tasks) + " |",
-             "|---|" + "---|" * len(table.tasks)]
-    notes: list[str] = []
-    for row in table.rows:
-        cells = []
-        for task in table.tasks:
-            pr = next((p for p in planned if p.table == table.name and p.row == row.name and p.task == task), None)
-            if pr is None:
-                cells.append("")
-                continue
-            if pr.error:
-                cells.append(pr.error.split(":")[0])
-                continue
-            methods = {c.method for c in pr.cells}
-            sub = frame[(frame.task == task) & (frame.method.isin(methods)) & (frame.gate == gate)] \
-                if frame is not None and len(frame) else None
-            failures = failures or {}
-            parts = []
-            for method in sorted(methods):
-                m = sub[sub.method == method] if sub is not None and len(sub) else []
-                if not len(m):
-                    why = failures.get((task, method))
-                    parts.append(f"failed: {why}" if why else "not run")
-                    continue
-                lo, hi = bootstrap_ci(m, resamples, bootstrap_seed(m, task), column="dice")
-                parts.append(f"{m.dice.mean():.3f} ± {m.dice.std(ddof=0):.2f} [{lo:.3f}, {hi:.3f}]")
-            cells.append("; ".join(parts))
-        tag = " (upper bound)" if row.upper_bound else (" (suppl.)" if row.supplementary else "")
-        note = row.note_for(profile)
-        if note:
-            notes.append(note)
-            tag += f" [{len(notes)}]"
-        if len(cells) and all(c.startswith("not available") for c in cells if c):
-            cells = [c or "" for c in cells]
-        lines.append(f"| {row.name}{tag} | " + " | ".join(cells) + " |")
-    lines += ["", f"gate={gate}; Dice mean ± std over test slices [case-level bootstrap 95% CI]", ""]
-    lines += [f"[{i}] {text}" for i, text in enumerate(notes, 1)] + ([""] if notes else [])
-    return "\n".join(lines)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from wsss_bench.cache import atomic_write_json
-
-    atomic_write_json(path, json.loads(json.dumps(obj, default=str)))

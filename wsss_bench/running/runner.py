@@ -271,6 +271,14 @@ class Session:
         self._contexts: dict[tuple[str, int], RunContext] = {}
         self._data_errors: dict[tuple[str, int], UserError] = {}
 
+    def loaded(self, task_id: str, seed: int) -> RunContext | None:
+        """The context of (task, seed) if this process has loaded it, else None (loads nothing)."""
+        return self._contexts.get((task_id, seed))
+
+    def data_summaries(self) -> dict[str, dict[str, Any]]:
+        """"<task>/seed<seed>" -> the data summary of every task this process loaded (for the manifest)."""
+        return {f"{t}/seed{s}": ctx.task_data.summary() for (t, s), ctx in self._contexts.items()}
+
     def context(self, task_id: str, seed: int) -> RunContext:
         if (task_id, seed) in self._data_errors:  # bad data: the same error for every cell, read once
             raise self._data_errors[(task_id, seed)]

@@ -1,0 +1,108 @@
+"""The plain-text tables a run and a bench print: the end-of-run summary (``summary.md``) and
+one table per benchmark file (``tables.md``).
+
+Both are :class:`~wsss_bench.interfaces.ReportTable` objects, the same model of header, rows
+and footer the report's exporters take; numbers are written by
+:func:`wsss_bench.reporting.format.fmt_stat` (spaced "0.392 ± 0.29 [lo, hi]").  The command
+line prints a table with rich and :func:`to_markdown` writes it; ``results/check.py``
+recomputes both files from ``results.parquet`` with these functions.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from wsss_bench.interfaces import ReportTable
+from wsss_bench.reporting.format import fmt_stat, markdown_grid
+from wsss_bench.reporting.stats import aggregate, bootstrap_ci, bootstrap_seed
+from wsss_bench.running.rundir import FailedCell
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+SUMMARY_TITLE = "Dice / IoU per gate (mean ± std over test slices)"
+SUMMARY_HEADER = ["task", "method", "gate", "Dice (all)", "IoU (all)", "Dice (pos)", "IoU (pos)", "slices pos/neg"]
+
+
+def to_markdown(table: ReportTable, *, with_title: bool = True) -> str:
+    """``### title``, the Markdown grid, then the footer, each block separated by a blank line."""
+    lines = ([f"### {table.title}", ""] if with_title and table.title else []) + markdown_grid(table.header, table.rows)
+    if table.footer:
+        lines += ["", table.footer]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- end of a run
+def run_summary(frame: "pd.DataFrame") -> ReportTable:
+    """Per task, method and gate: Dice and IoU mean ± std over all and over positive slices."""
+    rows = []
+    for _, r in aggregate(frame).iterrows():
+        rows.append([str(r["task"]), str(r["method"]), str(r["gate"]),
+                     *(fmt_stat(r[f"{m}_mean"], r[f"{m}_std"], compact=False)
+                       for m in ("dice", "iou", "dice_pos", "iou_pos")),
+                     f"{int(r['n_pos'])}/{int(r['n_neg'])}"])
+    return ReportTable(title=SUMMARY_TITLE, header=list(SUMMARY_HEADER), rows=rows)
+
+
+def summary_markdown(frame: "pd.DataFrame") -> str:
+    """The end-of-run table as Markdown (``summary.md``), without a title."""
+    return to_markdown(run_summary(frame), with_title=False)
+
+
+# --------------------------------------------------------------------------- a bench table
+def _cell_text(frame: "pd.DataFrame | None", task: str, methods: set[str], gate: str, resamples: int,
+               failures: dict[tuple[str, str], str]) -> str:
+    sub = frame[(frame.task == task) & (frame.method.isin(methods)) & (frame.gate == gate)] \
+        if frame is not None and len(frame) else None
+    parts = []
+    for method in sorted(methods):
+        m = sub[sub.method == method] if sub is not None and len(sub) else []
+        if not len(m):
+            why = failures.get((task, method))
+            parts.append(f"failed: {why}" if why else "not run")
+            continue
+        lo, hi = bootstrap_ci(m, resamples, bootstrap_seed(m, task), column="dice")
+        parts.append(fmt_stat(m.dice.mean(), m.dice.std(ddof=0), (lo, hi), compact=False))
+    return "; ".join(parts)
+
+
+def bench_table(frame: "pd.DataFrame | None", planned: Sequence[Any], table: Any, gate: str = "label",
+                resamples: int = 1000, failures: Sequence[FailedCell] = (), profile: str | None = None
+                ) -> ReportTable:
+    """One benchmark file's table: its rows x tasks, Dice mean ± std with the case-level bootstrap
+    95% CI (``resamples`` draws, seeded with seed(base, task, "bootstrap")).
+
+    ``planned`` are the bench's planned rows (table, row, task, cells, error); a row with a
+    ``note`` for ``profile`` gets a numbered caveat in the footer; a failed cell shows the first
+    line of its recorded error.
+    """
+    reasons = {(f.task, f.method): f.reason for f in failures}
+    rows: list[list[str]] = []
+    notes: list[str] = []
+    for row in table.rows:
+        cells = []
+        for task in table.tasks:
+            pr = next((p for p in planned if p.table == table.name and p.row == row.name and p.task == task), None)
+            if pr is None:
+                cells.append("")
+            elif pr.error:
+                cells.append(pr.error.split(":")[0])
+            else:
+                cells.append(_cell_text(frame, task, {c.method for c in pr.cells}, gate, resamples, reasons))
+        tag = " (upper bound)" if row.upper_bound else (" (suppl.)" if row.supplementary else "")
+        note = row.note_for(profile)
+        if note:
+            notes.append(note)
+            tag += f" [{len(notes)}]"
+        rows.append([f"{row.name}{tag}", *cells])
+    footer = f"gate={gate}; Dice mean ± std over test slices [case-level bootstrap 95% CI]"
+    if notes:
+        footer += "\n\n" + "\n".join(f"[{i}] {text}" for i, text in enumerate(notes, 1))
+    return ReportTable(title=f"{table.name}: {table.caption}", header=["method", *(f"{t} Dice" for t in table.tasks)],
+                       rows=rows, footer=footer)
+
+
+def bench_markdown(frame: "pd.DataFrame | None", planned: Sequence[Any], tables: Sequence[Any], *,
+                   resamples: int, failures: Sequence[FailedCell] = (), profile: str | None = None) -> str:
+    """Every benchmark file's table as Markdown (``tables.md``)."""
+    return "\n".join(to_markdown(bench_table(frame, planned, t, resamples=resamples, failures=failures,
+                                             profile=profile)) for t in tables)
