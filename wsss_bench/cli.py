@@ -167,9 +167,9 @@ def run(
     check_out_dir(cfg)  # before any compute: writable, and not another configuration's results
     say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {escape(profile)}, "
         f"data {'phantom' if data_root is None else escape(str(data_root))}, out {escape(str(out))}")
-    result = execute_run(cfg, host, ex, cells)
     seen: set[str] = set()
-    for oc in result.outcomes:
+
+    def show(oc) -> None:
         cell = oc.cell
         if oc.status == "failed":
             _print_failure(cell, oc.error, seen)
@@ -177,6 +177,8 @@ def run(
             say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: already done, reused (use --force to redo)")
         else:
             say(f"  {escape(cell.task)} {escape(cell.method)} seed {cell.seed}: done in {oc.seconds:.1f}s")
+
+    result = execute_run(cfg, host, ex, cells, on_outcome=show)
     if result.summary is not None:
         print_table(result.summary)
     from wsss_bench.running import rundir

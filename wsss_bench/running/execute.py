@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from wsss_bench.context import resolve_device
 from wsss_bench.errors import UserError
@@ -104,12 +104,18 @@ class RunResult:
         return 2 if all(oc.user_error for oc in self.failures) else 1
 
 
-def execute_run(cfg: RunConfig, host, executor, cells: list[Cell]) -> RunResult:
-    """Run ``cells`` into ``cfg.out``; writes results.parquet, manifest.json and summary.md."""
+def execute_run(cfg: RunConfig, host, executor, cells: list[Cell],
+                on_outcome: Callable[[CellOutcome], None] | None = None) -> RunResult:
+    """Run ``cells`` into ``cfg.out``; writes results.parquet, manifest.json and summary.md.
+
+    ``on_outcome`` sees each cell's outcome before anything is gathered, so the user learns
+    which cells finished even when writing the results then fails (a full disk)."""
     t0 = time.perf_counter()
     job = CellJob(cfg, host=host)
     outcomes = [_as_outcome(c, oc) for c, oc in zip(cells, executor.map(job, cells))]
     seconds = time.perf_counter() - t0
+    for oc in outcomes if on_outcome is not None else ():
+        on_outcome(oc)
     frame = rundir.collect(cfg.out)
     session = job.session()
     rundir.write_manifest(cfg.out, {
