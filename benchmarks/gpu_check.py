@@ -1,8 +1,10 @@
 """Device check: every method's paper-profile cell on CUDA, with training cut short.
 
-Run it whenever a GPU is at hand (nothing depends on it):
+Run it whenever a GPU is at hand (nothing depends on it); the prepared command, which ends
+within 10 minutes on one H100/H200-class GPU (cells not started by ``--budget-s`` are listed
+as not run, so the file is always written):
 
-    python benchmarks/gpu_check.py [--out benchmarks/results/gpu.md] [--iterations 300]
+    timeout 600 python benchmarks/gpu_check.py --iterations 50
 
 Each method runs once on the paper profile (256 px, paper-width networks) with `--device cuda`,
 its trainings cut to a few hundred iterations (or one epoch) through `--set`, and small paper-size
@@ -37,7 +39,9 @@ CELLS = [
     ("brats", "dig", "threshold", None),
     ("brats", "amecam+mg", "cldf", None),
     ("brats", "amecam+mg", "cldf", "resnet18"),
+    ("brats", "amecam+mg", "cldf", "resnet50"),
     ("brats", "amecam+mg", "cldf", "unet-encoder"),
+    ("brats", "amecam", "cldf[use_mg=false]", None),
     ("brats", None, "fsl", None),
     ("flare21-kidney", "layercam+mg", "cldf", None),
 ]
@@ -50,11 +54,23 @@ def overrides(iterations: int) -> list[str]:
             "brain_phantom.cases=8", "abdomen_phantom.cases=8"]
 
 
+def results_finite(path: Path) -> bool:
+    """True when every numeric column of a run's results.parquet is finite (no NaN/inf Dice)."""
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.read_parquet(path).select_dtypes("number")
+    return bool(len(frame)) and bool(np.isfinite(frame.to_numpy(dtype=float)).all())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.md"))
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--runs", default="/tmp/wsss-gpu-check")
+    ap.add_argument("--cache-dir", default="/tmp/wsss-gpu-check/cache")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="start no cell after this many seconds (the file is written either way)")
     ap.add_argument("--only", default="", help="comma list of --cam/--method names to run")
     args = ap.parse_args(argv)
 
@@ -72,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and not ({cam, method} & set(args.only.split(","))):
             continue
         label = f"{task} {cam or '-'} {method}" + (f" [{backbone}]" if backbone else "")
+        if time.perf_counter() - t_all > args.budget_s:
+            rows.append(f"| {label} | not run (time budget of {args.budget_s:.0f} s spent) | | | |")
+            continue
         out = Path(args.runs) / label.replace(" ", "_").replace("[", "").replace("]", "")
         cmd = [sys.executable, "-m", "wsss_bench.cli", "run", "--profile", "paper", "--device", "cuda",
-               "--task", task, "--method", method, "--out", str(out)]
+               "--task", task, "--method", method, "--out", str(out), "--cache-dir", args.cache_dir]
         cmd += ["--cam", cam] if cam else []
         cmd += ["--backbone", backbone] if backbone else []
         for o in overrides(args.iterations):
@@ -94,11 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         for s in cell["stages"]:
             rate = f", {n_test / s['seconds']:.0f} slices/s" if s["stage"].startswith(("maps/", "refine/")) and s["seconds"] > 0 else ""
             stages.append(f"{s['stage']} {s['seconds']:.1f}s{rate}, {s.get('peak_gpu_mb', 0):.0f} MiB")
-        rows.append(f"| {label} | ok | {wall:.0f} | {n_test} | {'; '.join(stages)} |")
+        finite = results_finite(out / "results.parquet")
+        if not finite:
+            failures += 1
+        rows.append(f"| {label} | {'ok' if finite else 'NON-FINITE results'} | {wall:.0f} | {n_test} | "
+                    f"{'; '.join(stages)} |")
         print(label, "ok", f"{wall:.0f}s", flush=True)
     text = [
         "# Device check: every method's paper-profile cell on CUDA (short trainings)", "",
-        f"- command: `python benchmarks/gpu_check.py --iterations {args.iterations}`",
+        f"- command: `python benchmarks/gpu_check.py --iterations {args.iterations} --budget-s {args.budget_s:g}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall {time.perf_counter() - t_all:.0f} s",
         f"- device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}",
         f"- git SHA: {git_sha()}",
