@@ -142,6 +142,12 @@ def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: li
     state: dict = {"provenance": provenance(command_line(), profile="paper (with the overrides below)",
                                             note_phantom="brain-2, abdomen-2 (small paper-size phantoms)"),
                    "overrides": OVERRIDES, "reduced": REDUCED, "seed": SEED, "cells": {}, "started": time.time()}
+    if only and JSON_OUT.exists():  # a second pass over some cells: keep the others' rows
+        before = json.loads(JSON_OUT.read_text())
+        before.setdefault("passes", []).append({"command": command_line(), "cells": only,
+                                                "date": time.strftime("%Y-%m-%d %H:%M %Z")})
+        before["wall_s_before"] = before.get("wall_s", 0.0) + before.get("wall_s_before", 0.0)
+        state = before
     lock = threading.Lock()
     finished: set[str] = set()
     t_start = time.perf_counter()
@@ -186,6 +192,49 @@ def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: li
     return state
 
 
+API_OUT = RESULTS / "paper_dryrun_api.json"
+
+
+def api_checks() -> dict[str, str]:
+    """Paper-size checks of DiG through the Python API, one slice: the network at patch 16 /
+    depth 12 (one forward + backward with a random diffusion input of the real shape) and the
+    shape of the diffusion input the paper CDM gives it (meta device, nothing computed).
+    Run where the end-to-end DiG cell is too slow for a shared CPU."""
+    import resource
+
+    import torch
+
+    from wsss_bench.nn import dig as D
+    from wsss_bench.nn.diffusion import build_cdm
+    from wsss_bench.profiles import load_profile
+
+    prof = load_profile("paper")
+    spec, s, c = dict(prof.dig), int(prof.image_size), 4
+    feat_in = len(D.FEATURE_T) * D.feature_dim(prof.cdm_unet)
+    out: dict[str, str] = {}
+    with torch.device("meta"):
+        unet = build_cdm(dict(prof.cdm_unet), c)
+    feats = D.diffusion_features(unet, torch.rand(1, c, s, s, device="meta"),
+                                 torch.randn(1, len(D.FEATURE_T), c, s, s, device="meta"), int(spec["grid"]),
+                                 profile=prof)
+    out["DiG diffusion input from the paper CDM (meta)"] = f"{tuple(feats.shape)} (expected (1, {feat_in}, 16, 16))"
+    torch.manual_seed(0)
+    model = D.DiG(c, s, spec, feat_in)
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    res = model(torch.rand(1, c, s, s), torch.rand(1, feat_in, int(spec["grid"]), int(spec["grid"])))
+    loss = sum(v.float().sum() for v in res.values() if isinstance(v, torch.Tensor) and v.requires_grad)
+    loss.backward()
+    wall = time.perf_counter() - t0
+    finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in res.items() if isinstance(v, torch.Tensor))
+    out["DiG ViT patch 16 / depth 12 + LFCA, one slice forward + backward (CPU)"] = (
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters, {wall:.1f} s at 1-min load "
+        f"{load0:.1f}, gradients finite: {finite}, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB; "
+        f"outputs {shapes}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan-only", action="store_true", help="re-render the result file and docs/scale.md "
@@ -195,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-min", type=float, default=55.0, help="start no cell after this many minutes")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="", help="comma list of cell names (default: all)")
+    ap.add_argument("--api-only", action="store_true", help="run only the Python-API checks (DiG at paper size)")
     args = ap.parse_args(argv)
-    if not args.plan_only:
+    if args.api_only:
+        _write_json(API_OUT, api_checks())
+    elif not args.plan_only:
+        _write_json(API_OUT, api_checks())
         only = [s.strip() for s in args.only.split(",") if s.strip()]
         run_cells(Path(args.runs), Path(args.cache_dir), args.budget_min, args.workers, only)
     if not JSON_OUT.exists():
@@ -204,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import paper_plan
 
-    paper_plan.render(json.loads(JSON_OUT.read_text()))
+    dry = json.loads(JSON_OUT.read_text())
+    if API_OUT.exists():
+        dry["api"] = json.loads(API_OUT.read_text())
+    paper_plan.render(dry)
     return 0
 
 

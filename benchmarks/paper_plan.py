@@ -416,9 +416,12 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "that model's file lock in the shared cache: the first trains it, the others **wait holding their GPU**. "
         f"The longest chain is the `dig` job of a task: CDM ({_h(cdm_row['per_task']['brats'] / rate / 3600)} h) "
         f"then DiG ({_h(dig_row['per_task']['brats'] / rate / 3600)} h on BraTS).",
-        f"2. **Phase 1.2, {len(levels[1])} jobs**: one per CLDF decoder (refiner x its seed sources x task). They "
-        "start only after phase 1.1 has ended, reuse its cached maps and models, and each trains one decoder "
-        "(feature passes over the positive training slices) and refines the test slices.",
+        f"2. **Phase 1.2, {len(levels[1])} jobs**: one per refiner and its seed sources per task: "
+        f"{sum(u.spec.startswith('cldf') for u in levels[1])} CLDF decoders (each trains one decoder with feature "
+        f"passes over the positive training slices and refines the test slices), "
+        f"{sum(u.spec.startswith('fsl') for u in levels[1])} FSL UNets and "
+        f"{sum(u.spec.startswith('threshold') for u in levels[1])} threshold units (seconds). They start only "
+        "after phase 1.1 has ended and reuse its cached maps and models.",
         f"3. **Phase 2, {n_cells} jobs**: the cells; everything expensive is a cache hit by now (minutes each).",
         "",
         "Consequences for a cluster run:",
@@ -429,9 +432,8 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "last checkpoint when resubmitted (`bench --failed`).",
         "- The cache directory must be on a file system shared by all nodes whose `flock` works across nodes "
         "(NFSv4, Lustre with `flock`, GPFS); otherwise two nodes train the same model at once.",
-        "- Waiting jobs hold GPUs idle. To avoid that, run the CDM-dependent sources of each task after a first "
-        "bench of the cheap ones (`bench` skips finished units), or give `parallelism` a value near the number "
-        "of independent models (about 10 per task).",
+        "- Waiting jobs hold their GPU idle: per task, the `cdm` and `dig` jobs both need the CDM, so one of them "
+        "waits up to the CDM's hours; count that in the allocation.",
         f"- Wall time with enough GPUs is the critical path: phase 1.1's longest chain, then the longest "
         "decoder, then phase 2; on one GPU it is the total GPU-hours.",
         "",
@@ -459,7 +461,9 @@ def render_result(dry: dict, net: dict) -> str:
     L = ["# CPU dry run of the paper profile at full image size (trainings cut to a few steps)", "",
          f"- command: `{p['command']}`", f"- git: `{p.get('git_sha')}`",
          f"- phantom generator: {p['phantom_generator']}", f"- profile: paper, with every cell's `--set` below",
-         f"- machine: {p['machine']}; run {p['date']}; wall {dry.get('wall_s', 0) / 60:.0f} min",
+         f"- machine: {p['machine']}; run {p['date']}; wall "
+         f"{(dry.get('wall_s', 0) + dry.get('wall_s_before', 0)) / 60:.0f} min"
+         + "".join(f"; second pass `{q['command']}` at {q['date']}" for q in dry.get("passes", [])),
          "- **the machine was shared** with other developers' jobs; the dry run ran at `nice -n 10` and the 1-minute "
          "load average at each cell's start and end is recorded next to its time: every wall time and per-step time "
          "below is an **upper bound measured under contention**, not this CPU's speed",
