@@ -8,15 +8,20 @@ matrix products and convolutions are counted (the element-wise rest is a few per
 
 Memory for backward is the sum of the bytes of every tensor autograd saves (a saved-tensor
 hook sees each one; a tensor saved twice counts twice), an upper bound on the activation
-memory a training step holds at its peak.  :mod:`paper_plan` turns these into GPU-hours,
+memory a training step holds at its peak.  Memory of a forward without autograd is the peak
+of the operator outputs alive at once (a dispatch mode adds each output's bytes and a weak
+reference subtracts them when Python frees it).  :mod:`paper_plan` turns these into GPU-hours,
 GPU memory and the plan in docs/scale.md.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator
+
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 B = 2  # meta batch: counts are per sample (divided by B); FLOPs are linear in the batch
@@ -28,6 +33,16 @@ _AUTOCAST = torch.autocast
 class _MetaAutocast(_AUTOCAST):
     def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
         super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
+@contextmanager
+def _meta_autocast() -> Iterator[None]:
+    """autocast has no meta device type: while counting, a meta autocast acts as the CPU's."""
+    torch.autocast = _MetaAutocast
+    try:
+        yield
+    finally:
+        torch.autocast = _AUTOCAST
 
 
 def count(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module], torch.Tensor],
@@ -49,15 +64,45 @@ def count(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module],
     counter = FlopCounterMode(display=False)
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if backward else nullcontext()
     grad = nullcontext() if backward else torch.no_grad()
-    torch.autocast = _MetaAutocast  # autocast has no meta device type: count as on the CPU
-    try:
-        with counter, hooks, grad, torch.device("meta"):
-            out = run(model)
-            if backward:
-                out.float().sum().backward()
-    finally:
-        torch.autocast = _AUTOCAST
+    with _meta_autocast(), counter, hooks, grad, torch.device("meta"):
+        out = run(model)
+        if backward:
+            out.float().sum().backward()
     return {"params": float(params), "flops": counter.get_total_flops() / B, "saved_bytes": sum(saved) / B}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of live (not yet freed) operator outputs during a forward: what a forward
+    without autograd holds at its worst moment (views share their base's memory: not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t._base is None:
+                n = t.numel() * t.element_size()
+                self.live += n
+                weakref.finalize(t, self._free, n)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_live_bytes(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module], torch.Tensor]) -> float:
+    """Per-sample peak bytes of live activations of ``run(build())`` without autograd (meta device)."""
+    with torch.device("meta"):
+        model = build()
+    mode = _LiveBytes()
+    with _meta_autocast(), torch.no_grad(), mode:
+        out = run(model)
+        del out
+    return mode.peak / B
 
 
 def _x(c: int = 4, s: int = 256) -> torch.Tensor:
@@ -85,7 +130,7 @@ def network_costs(profile: Any) -> dict[str, dict[str, Any]]:
         fwd = count(build, run, backward=False)
         train = count(build, run, backward=True)
         out[name] = {"params": fwd["params"], "fwd": fwd["flops"], "train": train["flops"],
-                     "saved_bytes": train["saved_bytes"], "note": note}
+                     "saved_bytes": train["saved_bytes"], "live_bytes": peak_live_bytes(build, run), "note": note}
 
     def logits(m):
         r = m(_x(c, s))
@@ -118,7 +163,10 @@ def network_costs(profile: Any) -> dict[str, dict[str, Any]]:
     fwd = count(lambda: build_cdm(unet, c),
                 lambda m: torch.cat([a.flatten(1).sum(1, keepdim=True) for a in
                                      dfeat.block_activations(m, _x(c, s), t(), y(), blocks)], 1), backward=False)
+    live = peak_live_bytes(lambda: build_cdm(unet, c),
+                           lambda m: dfeat.block_activations(m, _x(c, s), t(), y(), blocks)[0])
     out["cdm-features"] = {"params": fwd["params"], "fwd": fwd["flops"], "train": float("nan"), "saved_bytes": 0.0,
+                           "live_bytes": live,
                            "note": f"CLDF features: up blocks {blocks} at {[res[i] for i in blocks]} px, D = {dim}"}
     add("noisy-classifier", lambda: build_noisy_classifier(unet, c, s), lambda m: m(_x(c, s), t()),
         f"the CDM's encoder widths, D(unet-encoder) = {enc_dim(unet)}")
@@ -134,7 +182,7 @@ def network_costs(profile: Any) -> dict[str, dict[str, Any]]:
     npix = int(profile.cldf.fg_cap) + int(profile.cldf.bg_per_batch)
     dec = count(lambda: PixelDecoder(dim), lambda m: m(torch.rand(npix * B, dim, device="meta")), backward=True)
     out["cldf-decoder"] = {"params": dec["params"], "fwd": float("nan"), "train": dec["flops"],
-                           "saved_bytes": dec["saved_bytes"],
+                           "saved_bytes": dec["saved_bytes"], "live_bytes": 0.0,
                            "note": f"pixel MLP {dim} -> 16 x 3 -> 16 on <= {npix} sampled pixels per batch"}
     out["_meta"] = {"cldf_dim": dim, "dig_feat_in": feat_in, "enc_dim": enc_dim(unet)}
     return out

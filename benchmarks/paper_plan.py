@@ -44,10 +44,23 @@ def counts(task: str) -> dict[str, float]:
     pos = POS_SHARE[task]
     return {"train": n_tr * d["slices"], "train_pos": n_tr * d["slices"] * pos,
             "val_pos": n_va * d["slices"] * pos, "test": n_te * d["slices"] * pos * (1 + NEG_PER_POS),
-            "all": d["cases"] * d["slices"], "channels": d["channels"]}
+            "all": d["cases"] * d["slices"], "channels": d["channels"], "task": task}
 
 
-def stages(net: dict, prof: Any) -> list[dict[str, Any]]:
+def seed_sets(levels: list[list[Any]]) -> dict[tuple[str, str], int]:
+    """(task, source) -> how many distinct CLDF seed sets use that source's maps on the training
+    positives (decoders that differ only in backbone share one seed set; ``use_mg`` adds MG)."""
+    sets: dict[tuple[str, str], set] = {}
+    for u in levels[1]:
+        if not u.spec.startswith("cldf"):
+            continue
+        used = set(u.sources) | ({"mg"} if "use_mg=false" not in u.spec else set())
+        for src in used:
+            sets.setdefault((u.task, src), set()).add((tuple(sorted(used)),))
+    return {k: len(v) for k, v in sets.items()}
+
+
+def stages(net: dict, prof: Any, sets: dict[tuple[str, str], int] | None = None) -> list[dict[str, Any]]:
     """Every stage of Tables 1-3 at paper scale: FLOPs per task, the tasks it runs for, the
     network and batch that set its GPU memory, and how its work was counted."""
     f = lambda name, kind: net[name][kind]  # noqa: E731
@@ -97,24 +110,25 @@ def stages(net: dict, prof: Any) -> list[dict[str, Any]]:
         lambda c: ce * (c["train_pos"] + c["val_pos"]) * (f("resnet18-os32", "fwd") + f("resnet50-os32", "fwd")
                                                          + 4 * f("noisy-classifier", "fwd")),
         ("noisy-classifier", int(prof.common.cldf_batch), 0), "Table 2's three other backbones, one decoder each")
-    seeds = lambda c: c["test"] + c["train_pos"] + c["val_pos"]  # noqa: E731
+    sets = sets or {}
+    seeds = lambda c, src: c["test"] + (c["train_pos"] + c["val_pos"]) * sets.get((c["task"], src), 0)  # noqa: E731
     mb = int(prof.classifier.batch)
     add("maps/gradcam", T1, lambda c: c["test"] * f("resnet50-os32", "train"), ("resnet50-os32", mb, 4),
         "test slices x fwd+bwd", "maps")
     add("maps/scorecam", T1, lambda c: c["test"] * 2049 * f("resnet50-os32", "fwd"),
         ("resnet50-os32", int(prof.scorecam.chunk), 4), "1 + 2048 layer4 channels x fwd; chunk 64", "maps")
-    add("maps/layercam", T1, lambda c: seeds(c) * f("resnet50-os32", "train"), ("resnet50-os32", mb, 4),
-        "test + train/val positives (CLDF seeds) x fwd+bwd", "maps")
+    add("maps/layercam", T1, lambda c: seeds(c, "layercam") * f("resnet50-os32", "train"), ("resnet50-os32", mb, 4),
+        "(test + train/val positives x CLDF seed sets using it) x fwd+bwd", "maps")
     tta = sum(float(v) ** 2 for v in prof.seam.tta_scales) * 2
     add("maps/seam", T1, lambda c: c["test"] * tta * f("seam", "fwd"), ("seam", mb, 4),
         f"TTA: sum of scale^2 x 2 flips = {tta:g} x fwd", "maps")
-    add("maps/amecam", T1, lambda c: seeds(c) * f("amecam-stage1", "fwd"), ("amecam-stage1", mb, 4),
-        "test + CLDF seed slices x fwd", "maps")
+    add("maps/amecam", T1, lambda c: seeds(c, "amecam") * f("amecam-stage1", "fwd"), ("amecam-stage1", mb, 4),
+        "(test + train/val positives x CLDF seed sets using it) x fwd", "maps")
     steps = 10
     add("maps/cdm", T1, lambda c: c["test"] * 2 * steps * cdm_fwd, ("cdm-unet", mb, 4),
         f"{steps} DDIM steps x 2 branches x fwd", "maps")
-    add("maps/mg", T1, lambda c: seeds(c) * n_t * f("noisy-classifier", "train"),
-        ("noisy-classifier", 128, 4), f"{n_t} t x fwd + input-gradient bwd (counted as fwd+bwd); "
+    add("maps/mg", T1, lambda c: seeds(c, "mg") * n_t * f("noisy-classifier", "train"),
+        ("noisy-classifier", 128, 4), f"(test + train/val positives x seed sets using MG) x {n_t} t x fwd + input-gradient bwd (counted as fwd+bwd); "
         "2 t per pass at map batch 64 = 128 images with autograd", "maps")
     add("maps/dig", T1, lambda c: c["test"] * (6 * cdm_fwd + f("dig-vit", "fwd")), ("cdm-unet", mb, 4),
         "6 CDM passes + ViT per test slice", "maps")
@@ -124,15 +138,20 @@ def stages(net: dict, prof: Any) -> list[dict[str, Any]]:
     return rows
 
 
+#: stages that keep autograd's saved tensors (training with gradients, gradient-based maps)
+AUTOGRAD = {"train/classifier (ResNet-50, OS 32)", "train/table2-resnet18", "train/seam", "train/amecam-simclr (stage 0)",
+            "train/amecam-stage1", "train/cdm", "train/noisy-classifier", "train/dig", "train/fsl",
+            "maps/gradcam", "maps/layercam", "maps/mg"}
+
 def gpu_rate() -> float:
     """Effective FLOP/s assumed for one GPU."""
     return GPU["peak_bf16_tflops"] * 1e12 * GPU["utilisation"]
 
 
-def stage_table(net: dict, prof: Any) -> list[dict[str, Any]]:
+def stage_table(net: dict, prof: Any, sets: dict[tuple[str, str], int] | None = None) -> list[dict[str, Any]]:
     """Per stage: FLOPs and GPU-hours per task, tasks, total GPU-hours, memory estimate (GiB)."""
     out = []
-    for row in stages(net, prof):
+    for row in stages(net, prof, sets):
         per_task = {}
         for task in row["tasks"]:
             c = counts(task)
@@ -141,22 +160,21 @@ def stage_table(net: dict, prof: Any) -> list[dict[str, Any]]:
             per_task[task] = row["work"](c) * mult
         flops = sum(per_task.values())
         name, batch, bytes_per_param = row["mem"]
-        n = net[name]
+        n = net["cdm-unet" if name == "cdm-features" else name]
         weights = n["params"] * (bytes_per_param or 4)
-        if name in ("cdm-features",) or row["stage"].startswith(("train/dig", "maps/dig", "train/cldf")):
-            weights += net["cdm-unet"]["params"] * 4  # the frozen CDM behind the features
-        act = n["saved_bytes"] * batch
-        if row["kind"] == "maps" and name not in ("noisy-classifier", "resnet50-os32") or name == "cdm-features":
-            act = 0.0 if name == "cdm-features" else act * 0.25  # no autograd: activations are freed as it goes
+        if row["stage"].startswith("train/dig"):
+            weights += net["cdm-unet"]["params"] * 4  # the frozen CDM that makes DiG's diffusion input
+        n_act = net[name]
+        act = (n_act["saved_bytes"] if row["stage"] in AUTOGRAD else n_act["live_bytes"]) * batch
         if row["stage"].startswith(("train/dig", "maps/dig")):
-            act += int(prof.dig.batch) * net["_meta"]["dig_feat_in"] * int(prof.dig.grid) ** 2 * 4
+            act += batch * net["_meta"]["dig_feat_in"] * int(prof.dig.grid) ** 2 * 4
         gib = (weights + act) / 2**30 + CONTEXT_GIB
         out.append({**row, "flops": flops, "per_task": per_task, "gpu_h": flops / gpu_rate() / 3600,
                     "mem_gib": gib, "batch": batch})
     return out
 
 
-def storage(prof: Any, net: dict) -> list[tuple[str, str, str]]:
+def storage(prof: Any, net: dict, levels: list[list[Any]]) -> list[tuple[str, str, str]]:
     """(what, size, how) rows for the full datasets."""
     s = int(prof.image_size)
     b, fl = DATA["brats"], DATA["flare"]
@@ -164,9 +182,9 @@ def storage(prof: Any, net: dict) -> list[tuple[str, str, str]]:
     gb = lambda x: f"{x / 1e9:,.1f} GB"  # noqa: E731
     store_b = nb * (b["channels"] * s * s + s * s // 2)
     store_f = nf * (fl["channels"] * s * s + s * s // 2)
-    maps_one = {t: (counts(t)["test"] + counts(t)["train_pos"] + counts(t)["val_pos"]) * s * s * 4 for t in T1}
-    n_src = 9  # gradcam, scorecam, layercam, seam, amecam, cdm, mg, dig, + library/supplementary variants ~1
-    maps = sum(maps_one.values()) * n_src
+    test_maps = sum(counts(u.task)["test"] for u in levels[0] if u.kind == "source")
+    maps = test_maps * s * s * 4
+    n_src = sum(u.kind == "source" for u in levels[0])
     weights = sum(net[k]["params"] * 4 for k in ("resnet50-os32", "seam", "amecam-stage1", "cdm-unet",
                                                   "noisy-classifier", "dig-vit", "fsl-unet")) * 4
     ckpt = net["cdm-unet"]["params"] * 20
@@ -175,8 +193,8 @@ def storage(prof: Any, net: dict) -> list[tuple[str, str, str]]:
         ("slice store, BraTS21 (uint8 images + packed labels)", gb(store_b),
          f"{nb:,} slices x ({b['channels']} x {s}^2 + {s}^2/2) B"),
         ("slice store, FLARE21 (shared by its three tasks)", gb(store_f), f"{nf:,} slices x (1 x {s}^2 + {s}^2/2) B"),
-        ("maps cache (float32, test + CLDF seed slices, ~9 sources, 4 tasks)", gb(maps),
-         "slices x 256^2 x 4 B per source"),
+        (f"test maps cache (float32, {n_src} (task, source) units)", gb(maps),
+         "test slices x 256^2 x 4 B per unit; CLDF's training seeds are stored as bit masks (small)"),
         ("trained weights (4 tasks, float32)", gb(weights), "parameters x 4 B; CLDF decoders are tiny"),
         ("one CDM training checkpoint (weights, AdamW, EMA)", gb(ckpt), "169 M params x 20 B; one per CDM in training"),
         ("DiG feature cache if turned on (BraTS train split)", gb(dig_cache),
@@ -222,14 +240,14 @@ def cell_lines(dry: dict) -> list[str]:
 
 
 def network_lines(net: dict) -> list[str]:
-    lines = ["| network | parameters | fwd GFLOP / slice | fwd+bwd GFLOP / slice | saved for backward / slice | shapes |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| network | parameters | fwd GFLOP / slice | fwd+bwd GFLOP / slice | saved for backward / slice | "
+             "peak live, no autograd / slice | shapes |", "|---|---:|---:|---:|---:|---:|---|"]
     for name, n in net.items():
         if name.startswith("_"):
             continue
         g = lambda v: "-" if not math.isfinite(v) else f"{v / 1e9:,.1f}"  # noqa: E731
         lines.append(f"| {name} | {n['params'] / 1e6:,.1f} M | {g(n['fwd'])} | {g(n['train'])} | "
-                     f"{n['saved_bytes'] / 2**30:.2f} GiB | {n['note']} |")
+                     f"{n['saved_bytes'] / 2**30:.2f} GiB | {n['live_bytes'] / 2**30:.3f} GiB | {n['note']} |")
     return lines
 
 
@@ -370,8 +388,9 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "Estimated, not measured (the device check will measure it): weights + gradients + AdamW moments = "
         "16 bytes per parameter for a trained network (20 with the CDM's EMA copy, 4 for a frozen one); "
         "activations = the bytes autograd saves for backward per slice (counted on the meta device, fp32, a "
-        "tensor saved twice counted twice: an upper bound) times the batch; stages without autograd keep a "
-        "quarter of that (activations are freed as the forward goes); DiG adds its diffusion input "
+        "tensor saved twice counted twice: an upper bound) times the batch; for stages without autograd, the "
+        "peak bytes of activations alive at once in one forward (meta device, outputs tracked until freed) "
+        "times the batch; DiG adds its diffusion input "
         f"({net['_meta']['dig_feat_in']} x {prof.dig.grid} x {prof.dig.grid} floats per slice); plus "
         f"{CONTEXT_GIB} GiB for the CUDA context and library workspaces. `--bf16` roughly halves the activation "
         "part. Map stages run in batches of the classifier batch (64 slices).",
@@ -394,7 +413,7 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "| what | size | how |",
         "|---|---:|---|",
     ]
-    for what, size, how in storage(prof, net):
+    for what, size, how in storage(prof, net, levels):
         L.append(f"| {what} | {size} | {how} |")
     L += [
         "",
@@ -501,8 +520,8 @@ def render(dry: dict) -> None:
             row["status"] = "stopped"
             row["why"] = row.get("why") or f"killed at the dry run's time limit (signal {-row['exit']})"
     net = paper_costs.network_costs(prof)
-    rows = stage_table(net, prof)
     n_cells, levels = slurm_units()
+    rows = stage_table(net, prof, seed_sets(levels))
     root = Path(__file__).resolve().parents[1]
     for path, text in ((root / "benchmarks" / "results" / "paper_dryrun.md", render_result(dry, net)),
                        (root / "docs" / "scale.md", render_scale(dry, net, prof, rows, n_cells, levels, dry.get("api")))):

@@ -40,6 +40,22 @@ def test_flop_count_matches_the_naive_convolution_count():
     assert torch.autocast is paper_costs._AUTOCAST  # the meta workaround is undone
 
 
+def test_peak_live_bytes_of_a_forward_without_autograd():
+    """Input (3 ch), conv1 output (8 ch) and conv2 output (4 ch) are all alive at the end of the
+    forward (the Sequential still holds conv1's output when conv2 writes), fp32, 16 x 16."""
+    net = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 3, padding=1))  # noqa: E731
+    run = lambda m: m(torch.rand(paper_costs.B, 3, 16, 16, device="meta"))  # noqa: E731
+    assert paper_costs.peak_live_bytes(net, run) == 4 * 16 * 16 * (3 + 8 + 4)
+
+    def chain(m):  # a freed intermediate no longer counts: only two 8-channel maps at a time
+        x = torch.rand(paper_costs.B, 8, 16, 16, device="meta")
+        for _ in range(5):
+            x = m(x)
+        return x
+
+    assert paper_costs.peak_live_bytes(lambda: torch.nn.Conv2d(8, 8, 3, padding=1), chain) == 4 * 16 * 16 * 8 * 2
+
+
 def test_flop_count_restores_autocast_when_the_network_fails():
     def boom(m):
         raise RuntimeError("boom")
