@@ -4,7 +4,7 @@ Run it whenever a GPU is at hand (nothing depends on it); the prepared command, 
 within 10 minutes on one H100/H200-class GPU (cells not started by ``--budget-s`` are listed
 as not run, so the file is always written):
 
-    timeout 600 python benchmarks/gpu_check.py --iterations 50
+    timeout 600 python benchmarks/gpu_check.py --iterations 50 --bf16
 
 Each method runs once on the paper profile (256 px, paper-width networks) with `--device cuda`,
 its trainings cut to a few hundred iterations (or one epoch) through `--set`, and small paper-size
@@ -48,6 +48,7 @@ CELLS = [
 
 
 def overrides(iterations: int) -> list[str]:
+    """The ``--set`` values of every cell: trainings cut to ``iterations`` steps or one epoch."""
     return [f"cdm.iterations={iterations}", f"noisy_classifier.iterations={iterations}",
             f"fsl.iterations={iterations}", "classifier.epochs=1", "seam.epochs=1", "amecam.simclr_epochs=1",
             "amecam.stage1_epochs=1", "amecam.stage2_epochs=1", "dig.epochs=1", "cldf.epochs=1",
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default="/tmp/wsss-gpu-check/cache")
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no cell after this many seconds (the file is written either way)")
+    ap.add_argument("--limit-s", type=float, default=570.0,
+                    help="stop a cell still running at this many seconds, then write the file")
+    ap.add_argument("--bf16", action="store_true", help="pass --bf16 to every cell (what docs/scale.md assumes)")
     ap.add_argument("--only", default="", help="comma list of --cam/--method names to run")
     args = ap.parse_args(argv)
 
@@ -99,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         for o in overrides(args.iterations):
             cmd += ["--set", o]
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WSSS_BENCH_NO_PROGRESS": "1"})
+        cmd += ["--bf16"] if args.bf16 else []
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "WSSS_BENCH_NO_PROGRESS": "1"},
+                                  timeout=max(1.0, args.limit_s - (time.perf_counter() - t_all)))
+        except subprocess.TimeoutExpired:
+            failures += 1
+            rows.append(f"| {label} | stopped at the {args.limit_s:.0f} s limit | {time.perf_counter() - t0:.0f} | | |")
+            print(label, "stopped at the time limit", flush=True)
+            continue
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             failures += 1
@@ -121,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print(label, "ok", f"{wall:.0f}s", flush=True)
     text = [
         "# Device check: every method's paper-profile cell on CUDA (short trainings)", "",
-        f"- command: `python benchmarks/gpu_check.py --iterations {args.iterations} --budget-s {args.budget_s:g}`",
+        f"- command: `python benchmarks/gpu_check.py --iterations {args.iterations} --budget-s {args.budget_s:g} "
+        f"--limit-s {args.limit_s:g}{' --bf16' if args.bf16 else ''}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, wall {time.perf_counter() - t_all:.0f} s",
         f"- device: {device}; torch {torch.__version__}, CUDA {torch.version.cuda}",
         f"- git SHA: {git_sha()}",

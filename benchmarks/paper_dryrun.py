@@ -133,7 +133,8 @@ def run_cell(spec: tuple, runs: Path, cache: Path) -> dict:
     return row
 
 
-def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: list[str]) -> dict:
+def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: list[str],
+              json_out: Path = JSON_OUT) -> dict:
     """Run :data:`CELLS` on ``workers`` threads in list order, each cell after its prerequisite;
     a cell not started within ``budget_min`` minutes is recorded as not run."""
     runs.mkdir(parents=True, exist_ok=True)
@@ -142,8 +143,8 @@ def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: li
     state: dict = {"provenance": provenance(command_line(), profile="paper (with the overrides below)",
                                             note_phantom="brain-2, abdomen-2 (small paper-size phantoms)"),
                    "overrides": OVERRIDES, "reduced": REDUCED, "seed": SEED, "cells": {}, "started": time.time()}
-    if only and JSON_OUT.exists():  # a second pass over some cells: keep the others' rows
-        before = json.loads(JSON_OUT.read_text())
+    if only and json_out.exists():  # a second pass over some cells: keep the others' rows
+        before = json.loads(json_out.read_text())
         before.setdefault("passes", []).append({"command": command_line(), "cells": only,
                                                 "date": time.strftime("%Y-%m-%d %H:%M %Z")})
         before["wall_s_before"] = before.get("wall_s", 0.0) + before.get("wall_s_before", 0.0)
@@ -180,7 +181,7 @@ def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: li
                 finished.add(spec[0])
                 state["cells"][spec[0]] = row
                 state["wall_s"] = round(time.perf_counter() - t_start, 1)
-                _write_json(JSON_OUT, state)
+                _write_json(json_out, state)
 
     threads = [threading.Thread(target=worker) for _ in range(workers)]
     for t in threads:
@@ -188,7 +189,7 @@ def run_cells(runs: Path, cache: Path, budget_min: float, workers: int, only: li
     for t in threads:
         t.join()
     state["wall_s"] = round(time.perf_counter() - t_start, 1)
-    _write_json(JSON_OUT, state)
+    _write_json(json_out, state)
     return state
 
 
@@ -243,21 +244,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default="/tmp/paperscale-cache")
     ap.add_argument("--budget-min", type=float, default=55.0, help="start no cell after this many minutes")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", default="", help="comma list of cell names (default: all)")
+    ap.add_argument("--only", default="", help="cell names joined by ';' (default: all)")
     ap.add_argument("--api-only", action="store_true", help="run only the Python-API checks (DiG at paper size)")
+    ap.add_argument("--pass-name", default="", help="write this run's cells to paper_dryrun_pass-NAME.json, run "
+                    "beside the main dry run; --plan-only merges them (their rows replace 'not run' rows)")
     args = ap.parse_args(argv)
     if args.api_only:
         _write_json(API_OUT, api_checks())
     elif not args.plan_only:
-        _write_json(API_OUT, api_checks())
-        only = [s.strip() for s in args.only.split(",") if s.strip()]
-        run_cells(Path(args.runs), Path(args.cache_dir), args.budget_min, args.workers, only)
+        if not args.pass_name:
+            _write_json(API_OUT, api_checks())
+        only = [s.strip() for s in args.only.split(";") if s.strip()]
+        out = RESULTS / f"paper_dryrun_pass-{args.pass_name}.json" if args.pass_name else JSON_OUT
+        run_cells(Path(args.runs), Path(args.cache_dir), args.budget_min, args.workers, only, out)
     if not JSON_OUT.exists():
         print(f"{JSON_OUT} is missing: run the dry run first (without --plan-only)")
         return 2
     import paper_plan
 
     dry = json.loads(JSON_OUT.read_text())
+    for extra in sorted(RESULTS.glob("paper_dryrun_pass-*.json")):
+        other = json.loads(extra.read_text())
+        dry.setdefault("passes", []).append({"command": other["provenance"]["command"],
+                                             "date": other["provenance"]["date"], "cells": sorted(other["cells"])})
+        for name, row in other["cells"].items():
+            have = dry["cells"].get(name, {})
+            # a cell run in two passes: keep the run that did the work (the other found it cached)
+            if have.get("status") in (None, "not run") or (have.get("from_pass") and row.get("status") == "done"
+                                                           and row.get("wall_s", 0) > have.get("wall_s", 0)):
+                dry["cells"][name] = {**row, "from_pass": extra.name}
     if API_OUT.exists():
         dry["api"] = json.loads(API_OUT.read_text())
     paper_plan.render(dry)

@@ -12,6 +12,7 @@ Every number comes from one of three places, and the tables say which:
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -299,6 +300,8 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
     rate = gpu_rate()
     total = sum(r["gpu_h"] for r in rows)
     by = lambda pred: sum(r["gpu_h"] for r in rows if pred(r))  # noqa: E731
+    loads = [r[k][0] for r in cells.values() for k in ("load_start", "load_end") if r.get(k)]
+    lo, hi = (min(loads), max(loads)) if loads else (float("nan"), float("nan"))
     cdm_row = next(r for r in rows if r["stage"] == "train/cdm")
     dig_row = next(r for r in rows if r["stage"] == "train/dig")
     L = [
@@ -314,17 +317,19 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "",
         f"- **CPU dry run** (`benchmarks/results/paper_dryrun.md`): {len(done)} of {len(cells)} cells finished "
         f"on {p['date']}, commit `{(p.get('git_sha') or 'unknown')[:12]}`, {p['machine']}. The machine was "
-        "shared with other developers' jobs (1-minute load average 10-15 on 2 cores, our processes at nice 10): "
+        f"shared with other developers' jobs (1-minute load average {lo:.0f}-{hi:.0f} on 2 cores at the cells' "
+        "starts and ends, our processes at nice 10): "
         "its times are upper bounds, and they are not used for the GPU projection below.",
         "- **Device check: has not run yet.** No GPU has been available to this project. When one is, run",
         "",
         "  ```bash",
         "  pip install -e '.[dev]'            # CUDA build of torch, no constraints-cpu.txt",
-        "  timeout 600 python benchmarks/gpu_check.py --iterations 50",
+        "  timeout 600 python benchmarks/gpu_check.py --iterations 50 --bf16",
         "  ```",
         "",
         "  It runs every method's paper-profile cell on CUDA with trainings cut short and writes "
-        "`benchmarks/results/gpu.md` (per stage: wall time, slices/s, peak GPU memory; finite results). "
+        "`benchmarks/results/gpu.md` (per stage: wall time, slices/s, peak GPU memory; finite results). It starts "
+        "no cell after 480 s and stops a running one at 570 s, so the file is written within the 10 minutes. "
         "Its measured throughput then replaces the assumed utilisation below.",
         "",
         "## Assumptions",
@@ -494,6 +499,11 @@ def render_result(dry: dict, net: dict) -> str:
          "Map stages run a stated fraction of their per-slice paper work (the cost model counts the full work):", ""]
     L += [f"- `{k}`: {v}" for k, v in dry["reduced"].items()]
     L += ["", "## Cells", ""] + cell_lines(dry)
+    shapes = [f"- {name}: `{key}` {json.dumps(v, sort_keys=True)}" for name, row in dry["cells"].items()
+              for key, v in sorted((row.get("records") or {}).items()) if key.startswith("features/")]
+    L += ["", "Every map source writes (slices, 256, 256) float32 maps; native resolutions and feature sizes "
+          "are in the network table below. Feature sizes the cells recorded (`D` = channels per pixel):", ""]
+    L += shapes or ["- none recorded (no CLDF cell finished)"]
     if dry.get("api"):
         L += ["", "## Network-level checks (Python API, paper size)", ""]
         L += [f"- {k}: {v}" for k, v in dry["api"].items()]
