@@ -35,6 +35,16 @@ class _MetaAutocast(_AUTOCAST):
         super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
 
+def _build_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` on the meta device; a constructor that reads a tensor's values is built on
+    the CPU and moved."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:
+        return build().to("meta")
+
+
 @contextmanager
 def _meta_autocast() -> Iterator[None]:
     """autocast has no meta device type: while counting, a meta autocast acts as the CPU's."""
@@ -49,11 +59,7 @@ def count(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module],
           backward: bool) -> dict[str, float]:
     """Per-sample FLOPs (forward, or forward + backward) and saved-for-backward bytes of
     ``run(build())`` on the meta device; ``run`` returns a tensor to sum for the backward."""
-    try:
-        with torch.device("meta"):
-            model = build()
-    except NotImplementedError:  # a constructor that reads a tensor's values: build on the CPU
-        model = build().to("meta")
+    model = _build_meta(build)
     params = sum(p.numel() for p in model.parameters())
     saved: list[int] = []
 
@@ -96,8 +102,7 @@ class _LiveBytes(TorchDispatchMode):
 
 def peak_live_bytes(build: Callable[[], torch.nn.Module], run: Callable[[torch.nn.Module], torch.Tensor]) -> float:
     """Per-sample peak bytes of live activations of ``run(build())`` without autograd (meta device)."""
-    with torch.device("meta"):
-        model = build()
+    model = _build_meta(build)
     mode = _LiveBytes()
     with _meta_autocast(), torch.no_grad(), mode:
         out = run(model)
