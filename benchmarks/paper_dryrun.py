@@ -246,9 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="", help="cell names joined by ';' (default: all)")
     ap.add_argument("--api-only", action="store_true", help="run only the Python-API checks (DiG at paper size)")
+    ap.add_argument("--note", action="append", default=[], metavar="CELL=TEXT",
+                    help="record an observation about a cell (e.g. the kernel log line of a kill) in the stored run")
     ap.add_argument("--pass-name", default="", help="write this run's cells to paper_dryrun_pass-NAME.json, run "
                     "beside the main dry run; --plan-only merges them (their rows replace 'not run' rows)")
     args = ap.parse_args(argv)
+    for note in args.note:
+        cell, _, text = note.partition("=")
+        if cell not in {c[0] for c in CELLS} or not text:
+            print(f"--note {note!r}: expected CELL=TEXT with CELL one of the dry run's cell names")
+            return 2
+        stored = json.loads(JSON_OUT.read_text())
+        stored.setdefault("notes", {})[cell] = {"text": text, "command": command_line()}
+        _write_json(JSON_OUT, stored)
     if args.api_only:
         _write_json(API_OUT, api_checks())
     elif not args.plan_only:

@@ -232,7 +232,10 @@ def cell_lines(dry: dict) -> list[str]:
             continue
         rss = max((s["peak_rss_mb"] for s in row.get("stages") or []), default=0.0) / 1024
         status = row.get("status", "?")
-        if status != "done":
+        note = (dry.get("notes") or {}).get(name)
+        if note:
+            status = f"{status}: {note['text']}".replace("|", "/")
+        elif status != "done":
             err = row.get("error") or " ".join(row.get("stderr_tail") or [])
             status = f"{status}: {str(err)[:300]}".replace("|", "/")
         lines.append(f"| {name} | {status} | {row.get('wall_s', 0):.0f} | {row['load_start'][0]:.1f} -> "
@@ -300,6 +303,8 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
     rate = gpu_rate()
     total = sum(r["gpu_h"] for r in rows)
     by = lambda pred: sum(r["gpu_h"] for r in rows if pred(r))  # noqa: E731
+    ep, c6, vit = int(prof.dig.epochs), 6 * net["cdm-unet"]["fwd"], net["dig-vit"]["train"]
+    cache_share = (c6 + ep * vit) / (ep * (c6 + vit))
     loads = [r[k][0] for r in cells.values() for k in ("load_start", "load_end") if r.get(k)]
     lo, hi = (min(loads), max(loads)) if loads else (float("nan"), float("nan"))
     cdm_row = next(r for r in rows if r["stage"] == "train/cdm")
@@ -381,9 +386,10 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         f"(about {2 * total:,.0f} in fp32), or {total / 24:,.1f} GPU-days. Trainings are "
         f"{by(lambda r: r['kind'] == 'train') / total:.0%} of it, maps and refinement the rest.",
         f"- **DiG dominates** ({_h(dig_row['gpu_h'])} GPU-h): with the feature cache off (the paper profile's "
-        "setting), every DiG training step recomputes 6 CDM passes per slice, for 60 epochs. The cache would cut "
-        "that to one pass per slice but needs the storage in the table below; a cache in bf16 on local scratch "
-        "is the lever if DiG's hours matter.",
+        f"setting), every DiG training step recomputes 6 CDM passes per slice, in each of the {prof.dig.epochs} epochs. "
+        f"`--set dig.feature_cache=true` computes them once per slice ({cache_share:.0%} of those hours remain: "
+        "the ViT's own training) but needs "
+        "the storage in the table below; that trade is the lever if DiG's hours matter.",
         f"- **The CDM** costs {_h(cdm_row['per_task']['brats'] / rate / 3600)} GPU-h per task "
         f"({_h(cdm_row['gpu_h'])} for four) and is the longest single job that everything diffusion-based "
         "waits for (see the layout below).",
@@ -525,10 +531,12 @@ def render(dry: dict) -> None:
     from wsss_bench.profiles import load_profile
 
     prof = load_profile("paper")
-    for row in dry["cells"].values():  # a cell killed at the time limit is not a failure of the code
+    notes = dry.get("notes") or {}
+    for name, row in dry["cells"].items():  # a killed cell is not a failure of the code
         if row.get("exit") is not None and row["exit"] < 0:
             row["status"] = "stopped"
-            row["why"] = row.get("why") or f"killed at the dry run's time limit (signal {-row['exit']})"
+            row["why"] = (notes.get(name) or {}).get("text") or \
+                f"killed at the dry run's time limit (signal {-row['exit']})"
     net = paper_costs.network_costs(prof)
     n_cells, levels = slurm_units()
     rows = stage_table(net, prof, seed_sets(levels))
