@@ -108,8 +108,8 @@ def run_cell(spec: tuple, runs: Path, cache: Path) -> dict:
     cmd = cell_command(task, cam, method, backbone, out, cache)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "WSSS_BENCH_NO_PROGRESS": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "WSSS_BENCH_NO_PROGRESS"}  # stage lines on stderr
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t0
     row = {"name": name, "task": task, "cam": cam, "method": method, "backbone": backbone,
            "wall_s": round(wall, 1), "load_start": [round(v, 2) for v in load0],
@@ -129,7 +129,9 @@ def run_cell(spec: tuple, runs: Path, cache: Path) -> dict:
                        for k, v in (m.get("data") or {}).items()}
     if done.returncode != 0:
         row["status"] = "failed"
-        row["stderr_tail"] = done.stderr.strip().splitlines()[-6:]
+        lines = done.stderr.strip().splitlines()
+        row["stages_done"] = [ln for ln in lines if ": done in " in ln and ln.split()[1:2] == ["stage"]][-12:]
+        row["stderr_tail"] = [ln for ln in lines if " stage " not in ln][-6:]
     return row
 
 
