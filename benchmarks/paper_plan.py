@@ -238,8 +238,9 @@ def cell_lines(dry: dict) -> list[str]:
         elif status != "done":
             err = row.get("error") or " ".join(row.get("stderr_tail") or [])
             status = f"{status}: {str(err)[:300]}".replace("|", "/")
+        stages = _stage_cells(row) or "; ".join(ln.split(" ", 2)[2] for ln in row.get("stages_done") or [])
         lines.append(f"| {name} | {status} | {row.get('wall_s', 0):.0f} | {row['load_start'][0]:.1f} -> "
-                     f"{row['load_end'][0]:.1f} | {rss:.1f} | {_stage_cells(row)} |")
+                     f"{row['load_end'][0]:.1f} | {rss:.1f} | {stages} |")
     return lines
 
 
