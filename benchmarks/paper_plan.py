@@ -408,6 +408,16 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "part. Map stages run in batches of the classifier batch (64 slices).",
         "",
     ]
+    ov = dict(o.split("=", 1) for o in dry["overrides"])
+    measured = [st["peak_rss_mb"] / 1024 for r in cells.values() for st in r.get("stages") or []
+                if st["stage"] == "train/cdm"]
+    if measured:
+        b = int(ov.get("cdm.batch", prof.cdm.batch))
+        u = net["cdm-unet"]
+        L.append(f"- Check on the CPU: the dry run's CDM training (batch {b}) peaked at {max(measured):.1f} GiB RSS; "
+                 f"the same rule predicts {(u['params'] * 20 + u['saved_bytes'] * b) / 2**30:.1f} GiB "
+                 f"({u['params'] / 1e6:.0f} M x 20 B + {b} x {u['saved_bytes'] / 2**30:.2f} GiB saved), without the "
+                 "process's own baseline.")
     over40 = [r for r in rows if r["mem_gib"] * 2**30 > 40e9]
     over80 = [r for r in rows if r["mem_gib"] * 2**30 > 80e9]
     L.append("- Over 40 GB: " + (", ".join(f"{r['stage']} ({r['mem_gib']:.0f} GiB at batch {r['batch']})"
