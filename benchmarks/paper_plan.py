@@ -236,7 +236,7 @@ def cell_lines(dry: dict) -> list[str]:
         if note:
             status = f"{status}: {note['text']}".replace("|", "/")
         elif status != "done":
-            err = row.get("error") or " ".join(row.get("stderr_tail") or [])
+            err = row.get("why") or row.get("error") or " ".join(row.get("stderr_tail") or [])
             status = f"{status}: {str(err)[:300]}".replace("|", "/")
         stages = _stage_cells(row) or "; ".join(ln.split(" ", 2)[2] for ln in row.get("stages_done") or [])
         lines.append(f"| {name} | {status} | {row.get('wall_s', 0):.0f} | {row['load_start'][0]:.1f} -> "
