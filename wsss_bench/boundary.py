@@ -1,0 +1,187 @@
+"""Boundary metrics in millimetres: HD95 and ASSD per slice (2D) and per case volume (3D).
+
+HD95 is the 95th percentile of the symmetric surface distances (the larger of the two directed
+95th percentiles), ASSD the mean of all surface distances in both directions; surfaces are the
+masks' boundary pixels (the mask minus its erosion).  Both are computed by MONAI
+(``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``)
+with the voxel spacing in mm, so a 2 mm grid gives twice the distances of a 1 mm grid.
+
+Empty masks are decided here, before MONAI sees anything (MONAI returns inf, NaN or 0
+depending on which side is empty):
+
+- both empty: 0 mm (nothing to miss);
+- exactly one empty: **undefined**, stored as NaN.  Tables apply an :data:`EMPTY_RULES` rule:
+  ``undefined`` leaves it out of the mean and counts it ("over n of N"); ``diagonal`` scores it
+  the image diagonal in mm (the BraTS challenge convention), which :func:`image_diagonal` gives.
+
+The per-slice store keeps the raw values (NaN for one-empty) and the diagonal, so either rule
+can be applied to stored results.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from wsss_bench.errors import UserError
+
+#: how a slice (or volume) with exactly one empty mask enters a mean
+EMPTY_RULES = ("undefined", "diagonal")
+DEFAULT_EMPTY_RULE = "undefined"
+#: the boundary metrics: column name -> label in tables
+BOUNDARY_METRICS = {"hd95": "HD95", "assd": "ASSD"}
+#: every per-slice metric a table can show; the boundary ones are distances (lower is better)
+ALL_METRICS = ("dice", "iou", "hd95", "assd")
+LOWER_IS_BETTER = frozenset(BOUNDARY_METRICS)
+#: per-slice store columns: the raw values, the slice diagonal; per-case volume values
+SLICE_COLUMNS = ("hd95", "assd", "diag_mm")
+VOLUME_COLUMNS = ("hd95_3d", "assd_3d", "diag3d_mm")
+
+
+def check_rule(rule: str) -> str:
+    """The rule, or a UserError naming ``--empty-distance`` and the choices."""
+    if rule not in EMPTY_RULES:
+        raise UserError(f"--empty-distance {rule!r}: choose one of {', '.join(EMPTY_RULES)}")
+    return rule
+
+
+def parse_metrics(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--metrics dice,iou,hd95,assd`` -> ('dice', ...) in the given order; UserError on unknown names."""
+    if text is None:
+        return ALL_METRICS
+    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    bad = [t for t in items if t not in ALL_METRICS]
+    if bad or not items:
+        raise UserError(f"--metrics {','.join(items) or text!r}: unknown metric(s) {', '.join(bad) or '(none given)'}; "
+                        f"choose from {','.join(ALL_METRICS)}")
+    return tuple(dict.fromkeys(items))
+
+
+def rule_line(rule: str) -> str:
+    """The sentence printed under every table that shows a boundary metric."""
+    check_rule(rule)
+    head = ("HD95/ASSD in mm (lower is better; surface distances with the source voxel spacing); "
+            "both masks empty: 0 mm; ")
+    if rule == "undefined":
+        return head + ("exactly one mask empty: undefined, left out of the mean and counted "
+                       "(\"over n of N\" = defined slices of all slices); --empty-distance diagonal scores it "
+                       "the image diagonal instead")
+    return head + "exactly one mask empty: the image diagonal in mm (--empty-distance diagonal, the BraTS convention)"
+
+
+def image_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal of an image of ``shape`` pixels at ``spacing`` mm per pixel, in mm."""
+    return float(np.sqrt(sum((float(n) * float(s)) ** 2 for n, s in zip(shape, spacing))))
+
+
+def _as_bool(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+    if a.dtype.kind == "f":
+        raise TypeError(f"{name}: boundary metrics take binary masks (bool or integer), got {a.dtype}")
+    return a.astype(bool, copy=False)
+
+
+def surface_distances(pred: Any, gt: Any, spacing: Sequence[float] | Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(HD95, ASSD) in mm, float64 (B,), of B pairs of 2D (B, H, W) or 3D (B, D, H, W) masks.
+
+    ``spacing``: one spacing per spatial axis for all pairs, or one such sequence per pair.
+    Both empty: 0; exactly one empty: NaN (undefined; see :data:`EMPTY_RULES`).
+    """
+    p, g = _as_bool(pred, "pred"), _as_bool(gt, "gt")
+    if p.shape != g.shape or p.ndim not in (3, 4):
+        raise ValueError(f"pred {p.shape} and gt {g.shape}: expected equal (B, H, W) or (B, D, H, W) shapes")
+    b, dims = p.shape[0], p.ndim - 1
+    sp = np.asarray(spacing, dtype=np.float64)
+    sp = np.broadcast_to(sp, (b, dims)) if sp.ndim == 1 else sp
+    if sp.shape != (b, dims) or not np.all(sp > 0):
+        raise ValueError(f"spacing {np.asarray(spacing).tolist()}: expected {dims} positive values (or one row per pair)")
+    hd = np.zeros(b, dtype=np.float64)
+    asd = np.zeros(b, dtype=np.float64)
+    p_any = p.reshape(b, -1).any(1)
+    g_any = g.reshape(b, -1).any(1)
+    one = p_any != g_any
+    hd[one] = asd[one] = np.nan
+    both = np.flatnonzero(p_any & g_any)
+    if len(both):
+        from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+        yp, yt = p[both][:, None], g[both][:, None]  # (n, 1, ...): one foreground channel
+        spacing_list = [tuple(float(v) for v in row) for row in sp[both]]
+        with warnings.catch_warnings():  # no empty mask reaches MONAI, its empty warnings are moot
+            warnings.simplefilter("ignore")
+            hd[both] = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95,
+                                                  spacing=spacing_list).numpy()[:, 0]
+            asd[both] = compute_average_surface_distance(yp, yt, include_background=True, symmetric=True,
+                                                         spacing=spacing_list).numpy()[:, 0]
+    return hd, asd
+
+
+def apply_empty_rule(values: np.ndarray, pred_empty: np.ndarray, gt_empty: np.ndarray,
+                     diagonal: np.ndarray, rule: str) -> np.ndarray:
+    """Raw stored distances -> the values a table averages under ``rule`` (float64 copy).
+
+    ``undefined`` keeps the one-empty entries NaN; ``diagonal`` puts the image diagonal there.
+    A NaN where not exactly one mask is empty (or a number where one is) means the stored
+    columns disagree: UserError.
+    """
+    check_rule(rule)
+    v = np.array(values, dtype=np.float64)
+    one = np.asarray(pred_empty, bool) != np.asarray(gt_empty, bool)
+    if np.any(np.isnan(v) != one):
+        raise UserError("results rows disagree: a boundary distance is undefined where the prediction and the "
+                        "ground truth are not exactly one empty (or the reverse); the per-slice table is corrupt or was edited")
+    if rule == "diagonal":
+        v[one] = np.asarray(diagonal, dtype=np.float64)[one]
+    return v
+
+
+def score_cell(pred: np.ndarray, gt: np.ndarray, passed: dict[str, np.ndarray], case_ids: np.ndarray,
+               z: np.ndarray, spacing: np.ndarray, depth: dict[str, int]) -> dict[str, dict[str, np.ndarray]]:
+    """The boundary columns of a cell's per-slice rows, for every gate.
+
+    ``pred``/``gt`` (N, S, S) are the ungated predictions and ground truth of the N test slices;
+    ``passed[gate]`` (N,) which slices keep their prediction under that gate (a blanked slice
+    has an empty prediction); ``spacing`` (N, 3) each slice's (row, column, slice) spacing in mm;
+    ``depth[case]`` the case's slice count in the store (for the volume diagonal).
+
+    Returns gate -> {hd95, assd, diag_mm (per slice), hd95_3d, assd_3d, diag3d_mm (the case
+    volume's values, repeated on each of its rows)}.  The volume is the case's test slices
+    restacked at their z on the S x S grid, slices outside the test set empty in both masks
+    (as the per-volume Dice).  Each distinct (slice or volume) mask pair goes to MONAI once.
+    """
+    pred = np.asarray(pred, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    n, size = pred.shape[0], pred.shape[-1]
+    spacing = np.asarray(spacing, dtype=np.float64).reshape(n, 3)
+    case_ids = np.asarray(case_ids).astype(str)
+    z = np.asarray(z, dtype=np.int64)
+    hd_all, asd_all = surface_distances(pred, gt, spacing[:, :2])
+    gt_any = gt.reshape(n, -1).any(1)
+    pred_any = pred.reshape(n, -1).any(1)
+    blank = np.where(gt_any, np.nan, 0.0)  # a blanked slice: one-empty if G has foreground, else both empty
+    diag = np.sqrt((size * spacing[:, 0]) ** 2 + (size * spacing[:, 1]) ** 2)
+    cases = {c: np.flatnonzero(case_ids == c) for c in dict.fromkeys(case_ids.tolist())}
+    volumes: dict[tuple, tuple[float, float]] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for gate, keep in passed.items():
+        keep = np.asarray(keep, dtype=bool).reshape(n)
+        cols = {"hd95": np.where(keep, hd_all, blank), "assd": np.where(keep, asd_all, blank), "diag_mm": diag,
+                "hd95_3d": np.empty(n), "assd_3d": np.empty(n), "diag3d_mm": np.empty(n)}
+        for case, rows in cases.items():
+            kept = rows[keep[rows] & pred_any[rows]]  # the slices whose prediction the volume holds
+            key = (case, tuple(kept.tolist()))
+            if key not in volumes:
+                z0 = int(z[rows].min())
+                vol_p = np.zeros((1, int(z[rows].max()) - z0 + 1, size, size), dtype=bool)
+                vol_g = np.zeros_like(vol_p)
+                vol_p[0, z[kept] - z0] = pred[kept]
+                vol_g[0, z[rows] - z0] = gt[rows]
+                sr, sc, sz = spacing[rows[0]]
+                h, a = surface_distances(vol_p, vol_g, (sz, sr, sc))
+                volumes[key] = (float(h[0]), float(a[0]))
+            cols["hd95_3d"][rows], cols["assd_3d"][rows] = volumes[key]
+            sr, sc, sz = spacing[rows[0]]
+            cols["diag3d_mm"][rows] = image_diagonal((depth.get(case, int(z[rows].max()) + 1), size, size), (sz, sr, sc))
+        out[gate] = cols
+    return out
