@@ -214,16 +214,16 @@ def test_real_layout_flare_case_with_anisotropic_voxels(tmp_path):
     from wsss_bench.data.taskdata import case_spacing
     from wsss_bench.data.store import prepare_slices
 
-    zz, xx, yy = np.mgrid[:12, :40, :60]  # RAS (x=40, y=60, z=12) after the transposes below
-    kidney = (((xx - 20) / 8.0) ** 2 + ((yy - 30) / 14.0) ** 2 + ((zz - 6) / 4.0) ** 2 <= 1)
+    zz, xx, yy = np.mgrid[:12, :40, :56]  # RAS (x=40, y=56, z=12) after the transposes below
+    kidney = (((xx - 20) / 8.0) ** 2 + ((yy - 28) / 14.0) ** 2 + ((zz - 6) / 4.0) ** 2 <= 1)
     lab = np.transpose(kidney, (1, 2, 0)).astype(np.uint8) * 2  # (x, y, z), kidney = 2
     voxel = (0.8, 1.6, 2.5)
     _write_flare_case(tmp_path / "flare", "train_000", lab, voxel, swap_xy=True)
     source = Flare21Dataset()
     assert source.voxel_size(tmp_path / "flare", "train_000") == pytest.approx(voxel)
     store = prepare_slices(source, tmp_path / "flare", 32, tmp_path / "cache", jobs=1)
-    # in-plane 40 x 60 -> 32 x 48 (shorter side to 32), cropped to 32 x 32: 40/32 and 60/48 voxels a pixel
-    expected = [0.8 * 40 / 32, 1.6 * 60 / 48, 2.5]
+    # in-plane 40 x 56 -> 32 x 45 (shorter side to 32), cropped to 32 x 32: 40/32 and 56/45 voxels a pixel
+    expected = [0.8 * 40 / 32, 1.6 * 56 / 45, 2.5]
     assert store.meta["spacing"]["cases"]["train_000"] == pytest.approx(expected)
     legacy = type(store)(path=store.path, meta={k: v for k, v in store.meta.items() if k != "spacing"},
                          index=store.index)
