@@ -255,3 +255,25 @@ def test_smoke_phantom_task_data_carries_the_header_spacing(smoke_task_data, fla
     shape = lab.shape
     expected = [zooms[0] * shape[0] / 32, zooms[1] * shape[1] / 32, zooms[2]]  # smoke: 64 -> S = 32
     np.testing.assert_allclose(data.spacing[data.case_ids == case], [expected] * int((data.case_ids == case).sum()))
+
+
+def test_one_pass_equals_monais_public_functions():
+    """Not the reference (that is scipy, above): the one-pass use of MONAI's edge and distance
+    functions gives what its compute_hausdorff_distance / compute_average_surface_distance give."""
+    import warnings
+
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    rng = np.random.default_rng(5)
+    g = np.stack([disc((36, 40), rng.uniform(10, 26, 2), rng.uniform(3, 9)) for _ in range(5)])
+    p = np.stack([ndi.binary_dilation(m, iterations=k) ^ (rng.random(m.shape) > 0.98) for k, m in enumerate(g)])
+    spacing = (1.3, 0.6)
+    hd, asd = surface_distances(p, g, spacing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m_hd = compute_hausdorff_distance(p[:, None], g[:, None], include_background=True, percentile=95,
+                                          spacing=spacing).numpy()[:, 0]
+        m_asd = compute_average_surface_distance(p[:, None], g[:, None], include_background=True, symmetric=True,
+                                                 spacing=spacing).numpy()[:, 0]
+    np.testing.assert_allclose(hd, m_hd, rtol=1e-5)
+    np.testing.assert_allclose(asd, m_asd, rtol=1e-5)

@@ -2,9 +2,16 @@
 
 HD95 is the 95th percentile of the symmetric surface distances (the larger of the two directed
 95th percentiles), ASSD the mean of all surface distances in both directions; surfaces are the
-masks' boundary pixels (the mask minus its erosion).  Both are computed by MONAI
-(``compute_hausdorff_distance(percentile=95)``, ``compute_average_surface_distance(symmetric=True)``)
-with the voxel spacing in mm, so a 2 mm grid gives twice the distances of a 1 mm grid.
+masks' boundary pixels (the mask minus its erosion), distances Euclidean with the voxel spacing
+in mm, so a 2 mm grid gives twice the distances of a 1 mm grid.
+
+The boundaries and the distances come from MONAI's surface-distance code
+(``monai.metrics.utils.get_mask_edges`` and ``get_surface_distance``, the functions behind
+``compute_hausdorff_distance(percentile=95)`` and ``compute_average_surface_distance(symmetric=True)``);
+one pass per mask pair feeds both metrics, after cropping the pair to its bounding box here.
+Calling the two public functions instead gives the same numbers (tests/test_boundary.py checks
+it) at 3-8x the time: each crops the pair again through MONAI's transform machinery, which
+dominates at these image sizes (benchmarks/results/perf_boundary.md).
 
 Empty masks are decided here, before MONAI sees anything (MONAI returns inf, NaN or 0
 depending on which side is empty):
@@ -19,7 +26,6 @@ can be applied to stored results.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -82,6 +88,18 @@ def _as_bool(x: Any, name: str) -> np.ndarray:
     return a.astype(bool, copy=False)
 
 
+def _crop_pair(p: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the bounding box of their union plus one background pixel on every side
+    (what MONAI's own crop does, without its transform machinery: 3-8x faster per pair)."""
+    union = p | g
+    box = []
+    for axis in range(union.ndim):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    box = tuple(box)
+    return np.pad(p[box], 1), np.pad(g[box], 1)
+
+
 def surface_distances(pred: Any, gt: Any, spacing: Sequence[float] | Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
     """(HD95, ASSD) in mm, float64 (B,), of B pairs of 2D (B, H, W) or 3D (B, D, H, W) masks.
 
@@ -104,16 +122,16 @@ def surface_distances(pred: Any, gt: Any, spacing: Sequence[float] | Sequence[Se
     hd[one] = asd[one] = np.nan
     both = np.flatnonzero(p_any & g_any)
     if len(both):
-        from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+        from monai.metrics.utils import get_mask_edges, get_surface_distance
 
-        yp, yt = p[both][:, None], g[both][:, None]  # (n, 1, ...): one foreground channel
-        spacing_list = [tuple(float(v) for v in row) for row in sp[both]]
-        with warnings.catch_warnings():  # no empty mask reaches MONAI, its empty warnings are moot
-            warnings.simplefilter("ignore")
-            hd[both] = compute_hausdorff_distance(yp, yt, include_background=True, percentile=95,
-                                                  spacing=spacing_list).numpy()[:, 0]
-            asd[both] = compute_average_surface_distance(yp, yt, include_background=True, symmetric=True,
-                                                         spacing=spacing_list).numpy()[:, 0]
+        for i in both:
+            cp, cg = _crop_pair(p[i], g[i])
+            edges_p, edges_g = get_mask_edges(cp, cg, crop=False)
+            spacing_i = tuple(float(v) for v in sp[i])
+            to_g = np.asarray(get_surface_distance(edges_p, edges_g, "euclidean", spacing_i), dtype=np.float64)
+            to_p = np.asarray(get_surface_distance(edges_g, edges_p, "euclidean", spacing_i), dtype=np.float64)
+            hd[i] = max(np.percentile(to_g, 95), np.percentile(to_p, 95))
+            asd[i] = np.concatenate([to_g, to_p]).mean()
     return hd, asd
 
 
