@@ -277,3 +277,29 @@ def test_one_pass_equals_monais_public_functions():
                                                  spacing=spacing).numpy()[:, 0]
     np.testing.assert_allclose(hd, m_hd, rtol=1e-5)
     np.testing.assert_allclose(asd, m_asd, rtol=1e-5)
+
+
+def test_stored_rows_under_both_rules():
+    import pandas as pd
+
+    from wsss_bench.boundary import apply_rule_to_rows, volume_boundary
+
+    rows = pd.DataFrame({
+        "task": "t", "method": "m", "gate": "label", "seed": 0, "case_id": ["a", "a", "b", "b"],
+        "pred_area": [3, 0, 0, 0], "gt_area": [4, 5, 0, 0],
+        "hd95": [2.0, np.nan, 0.0, 0.0], "assd": [1.0, np.nan, 0.0, 0.0], "diag_mm": [10.0, 10.0, 20.0, 20.0],
+        "hd95_3d": [7.0, 7.0, 0.0, 0.0], "assd_3d": [3.0, 3.0, 0.0, 0.0], "diag3d_mm": [50.0] * 4})
+    und = apply_rule_to_rows(rows, "undefined")
+    np.testing.assert_array_equal(und["hd95"], [2.0, np.nan, 0.0, 0.0])
+    dia = apply_rule_to_rows(rows, "diagonal")
+    np.testing.assert_array_equal(dia["hd95"], [2.0, 10.0, 0.0, 0.0])
+    assert rows["hd95"].isna().sum() == 1  # the input is not changed
+    vol = volume_boundary(rows, ["task", "method", "gate", "seed", "case_id"], "diagonal")
+    assert vol["hd95_3d"].tolist() == [7.0, 0.0]
+    missed = rows.assign(pred_area=0, hd95_3d=[np.nan, np.nan, 0.0, 0.0],
+                          assd_3d=[np.nan, np.nan, 0.0, 0.0])  # case a: nothing predicted
+    vol = volume_boundary(missed, ["task", "method", "gate", "seed", "case_id"], "diagonal")
+    assert vol["hd95_3d"].tolist() == [50.0, 0.0]
+    assert np.isnan(volume_boundary(missed, ["case_id"], "undefined")["hd95_3d"][0])
+    with pytest.raises(UserError, match="different hd95_3d"):
+        volume_boundary(rows.assign(hd95_3d=[7.0, 8.0, 0.0, 0.0]), ["case_id"], "undefined")

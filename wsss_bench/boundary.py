@@ -26,11 +26,14 @@ can be applied to stored results.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from wsss_bench.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 #: how a slice (or volume) with exactly one empty mask enters a mean
 EMPTY_RULES = ("undefined", "diagonal")
@@ -203,3 +206,58 @@ def score_cell(pred: np.ndarray, gt: np.ndarray, passed: dict[str, np.ndarray], 
             cols["diag3d_mm"][rows] = image_diagonal((depth.get(case, int(z[rows].max()) + 1), size, size), (sz, sr, sc))
         out[gate] = cols
     return out
+
+
+# --------------------------------------------------------------------------- stored rows -> table values
+def has_boundary(df: "pd.DataFrame") -> bool:
+    """Whether per-slice rows carry the boundary columns (runs made before them do not)."""
+    return all(c in df.columns for c in SLICE_COLUMNS)
+
+
+def apply_rule_to_rows(df: "pd.DataFrame", rule: str) -> "pd.DataFrame":
+    """A copy of the per-slice rows whose ``hd95``/``assd`` are the values a table averages
+    under ``rule`` (NaN = undefined, left out of means and counted).  Rows without the
+    boundary columns are returned unchanged."""
+    check_rule(rule)
+    if not has_boundary(df):
+        return df
+    out = df.copy()
+    pred_empty = df["pred_area"].to_numpy() == 0
+    gt_empty = df["gt_area"].to_numpy() == 0
+    for col in BOUNDARY_METRICS:
+        out[col] = apply_empty_rule(df[col].to_numpy(np.float64), pred_empty, gt_empty,
+                                    df["diag_mm"].to_numpy(np.float64), rule)
+    return out
+
+
+def volume_boundary(df: "pd.DataFrame", keys: Sequence[str], rule: str) -> "pd.DataFrame":
+    """Per case volume (one row per ``keys`` group, e.g. task, method, gate, seed, case_id):
+    ``hd95_3d`` and ``assd_3d`` under ``rule``.  The volume is empty on a side when all its
+    slices are (sums of ``pred_area`` / ``gt_area``).  A group whose rows disagree on the stored
+    volume value raises UserError."""
+    import pandas as pd
+
+    check_rule(rule)
+    keys = list(keys)
+    g = df.groupby(keys, sort=False)
+    vol = g[["pred_area", "gt_area"]].sum()
+    first = g[list(VOLUME_COLUMNS)].first()
+    spread = g[list(VOLUME_COLUMNS)].agg(lambda s: s.nunique(dropna=False))
+    if (spread > 1).any().any():
+        raise UserError("results rows disagree: the slices of one case volume carry different hd95_3d/assd_3d; "
+                        "the per-slice table is corrupt or was edited")
+    out = pd.DataFrame(index=vol.index)
+    for col in BOUNDARY_METRICS:
+        out[f"{col}_3d"] = apply_empty_rule(first[f"{col}_3d"].to_numpy(np.float64),
+                                            vol["pred_area"].to_numpy() == 0, vol["gt_area"].to_numpy() == 0,
+                                            first["diag3d_mm"].to_numpy(np.float64), rule)
+    return out.reset_index()
+
+
+def defined_stats(values: np.ndarray) -> tuple[float, float, int, int]:
+    """(mean, population std, n defined, N) of values whose NaN entries are undefined."""
+    v = np.asarray(values, dtype=np.float64)
+    ok = v[~np.isnan(v)]
+    if len(ok) == 0:
+        return float("nan"), float("nan"), 0, len(v)
+    return float(ok.mean()), float(ok.std(ddof=0)), len(ok), len(v)
