@@ -3,7 +3,7 @@
 The committed cold cpu bench (``results/cpu``) stores every cell's ungated test-slice masks.
 For each of ``--cells`` of those cells (spread over the tasks), this script rebuilds the cell's
 scoring inputs on the cpu profile's phantoms (test masks, labels, classifier p(1) from the
-committed rows, the three gates) and times the runner's real ``stage_score`` twice:
+committed rows, the three gates) and times the real ``stage_score`` (``wsss_bench.running.stages``) twice:
 
 - ``dice``: with the boundary metrics switched off (``score_cell`` replaced by NaN columns),
   i.e. the scoring stage as it was (Dice, IoU, the row frame);
@@ -32,14 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _meta import command_line, provenance_lines  # noqa: E402
 
-SOURCES = ["benchmarks/perf_boundary.py", "wsss_bench/boundary.py", "wsss_bench/running/runner.py",
+SOURCES = ["benchmarks/perf_boundary.py", "wsss_bench/boundary.py", "wsss_bench/running/stages.py",
            "wsss_bench/metrics.py"]
 
 
 def _inputs(session, pred, rows):
     """A CellState-like object for ``stage_score`` from stored predictions and committed rows."""
     from wsss_bench.metrics import apply_gate
-    from wsss_bench.running.runner import GATES, Cell
+    from wsss_bench.running.runner import Cell
+    from wsss_bench.running.stages import GATES
 
     ctx = session.context(pred.task, pred.seed)
     data = ctx.task_data
@@ -51,9 +52,8 @@ def _inputs(session, pred, rows):
     p1 = np.array([one.loc[(str(c), int(z)), "classifier_p1"] for c, z in zip(data.case_ids[test], data.z[test])])
     labels = data.labels[test].astype(int)
     gated = {g: apply_gate(masks, g, labels, p1) for g in GATES}
-    gated["_p1"] = (p1, None)
     cell = Cell(pred.task, "threshold", (), (), pred.seed)
-    return SimpleNamespace(ctx=ctx, cell=cell, test=test, pred=masks, gated=gated, frame=None), len(test)
+    return SimpleNamespace(ctx=ctx, cell=cell, test=test, pred=masks, gated=gated, p1=p1, frame=None), len(test)
 
 
 def _time(fn, repeats: int) -> float:
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
     import wsss_bench.boundary as boundary
     from wsss_bench.running.rundir import load_predictions
-    from wsss_bench.running.runner import RunConfig, Session, stage_score
+    from wsss_bench.running import stages
+    from wsss_bench.running.runner import RunConfig, Session
 
     res = Path(args.results)
     frame = pd.read_parquet(res / "results.parquet")
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
         i += 1
 
     session = Session(RunConfig(profile="cpu", device="cpu", cache_dir=Path(args.cache_dir), out=Path("/tmp/perf-boundary")))
-    real = boundary.score_cell
+    real = stages.score_cell
+    stage_score = stages.stage_score
 
     def off(pred, gt, passed, *a, **k):
         n = len(pred)
@@ -108,9 +110,9 @@ def main(argv=None) -> int:
         pred = preds[key]
         rows = frame[(frame.task == key[0]) & (frame.method == key[1]) & (frame.seed == key[2])]
         st, n = _inputs(session, pred, rows)
-        boundary.score_cell = off
+        stages.score_cell = off
         t_dice = _time(lambda: stage_score(st), args.repeats)
-        boundary.score_cell = real
+        stages.score_cell = real
         t_full = _time(lambda: stage_score(st), args.repeats)
         total_dice += t_dice
         total_full += t_full

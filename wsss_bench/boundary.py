@@ -26,14 +26,15 @@ can be applied to stored results.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from wsss_bench.errors import UserError
+from wsss_bench.lazy import LazyModule, pd
 
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+#: MONAI's surface-distance code, imported on first use (the import takes seconds)
+monai_utils = LazyModule("monai.metrics.utils")
 
 #: how a slice (or volume) with exactly one empty mask enters a mean
 EMPTY_RULES = ("undefined", "diagonal")
@@ -125,14 +126,12 @@ def surface_distances(pred: Any, gt: Any, spacing: Sequence[float] | Sequence[Se
     hd[one] = asd[one] = np.nan
     both = np.flatnonzero(p_any & g_any)
     if len(both):
-        from monai.metrics.utils import get_mask_edges, get_surface_distance
-
         for i in both:
             cp, cg = _crop_pair(p[i], g[i])
-            edges_p, edges_g = get_mask_edges(cp, cg, crop=False)
+            edges_p, edges_g = monai_utils.get_mask_edges(cp, cg, crop=False)
             spacing_i = tuple(float(v) for v in sp[i])
-            to_g = np.asarray(get_surface_distance(edges_p, edges_g, "euclidean", spacing_i), dtype=np.float64)
-            to_p = np.asarray(get_surface_distance(edges_g, edges_p, "euclidean", spacing_i), dtype=np.float64)
+            to_g = np.asarray(monai_utils.get_surface_distance(edges_p, edges_g, "euclidean", spacing_i), dtype=np.float64)
+            to_p = np.asarray(monai_utils.get_surface_distance(edges_g, edges_p, "euclidean", spacing_i), dtype=np.float64)
             hd[i] = max(np.percentile(to_g, 95), np.percentile(to_p, 95))
             asd[i] = np.concatenate([to_g, to_p]).mean()
     return hd, asd
@@ -235,8 +234,6 @@ def volume_boundary(df: "pd.DataFrame", keys: Sequence[str], rule: str) -> "pd.D
     ``hd95_3d`` and ``assd_3d`` under ``rule``.  The volume is empty on a side when all its
     slices are (sums of ``pred_area`` / ``gt_area``).  A group whose rows disagree on the stored
     volume value raises UserError."""
-    import pandas as pd
-
     check_rule(rule)
     keys = list(keys)
     g = df.groupby(keys, sort=False)
