@@ -71,13 +71,12 @@ def parse_metrics(text: str | Sequence[str] | None) -> tuple[str, ...]:
 def rule_line(rule: str) -> str:
     """The sentence printed under every table that shows a boundary metric."""
     check_rule(rule)
-    head = ("HD95/ASSD in mm (lower is better; surface distances with the source voxel spacing); "
-            "both masks empty: 0 mm; ")
+    head = ("HD95/ASSD: mm with the source voxel spacing, lower is better; both masks empty: 0 mm; "
+            "exactly one mask empty: ")
     if rule == "undefined":
-        return head + ("exactly one mask empty: undefined, left out of the mean and counted "
-                       "(\"over n of N\" = defined slices of all slices); --empty-distance diagonal scores it "
-                       "the image diagonal instead")
-    return head + "exactly one mask empty: the image diagonal in mm (--empty-distance diagonal, the BraTS convention)"
+        return head + ("undefined, left out of mean, std and CI and counted (\"n=45 of 50\": defined of all "
+                       "slices or volumes); --empty-distance diagonal scores it the image diagonal.")
+    return head + "the image diagonal in mm (--empty-distance diagonal, the BraTS convention)."
 
 
 def image_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:

@@ -6,15 +6,14 @@ empty rule in force), and the slice counts.  Everything comes from the per-slice
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from wsss_bench.boundary import BOUNDARY_METRICS, apply_rule_to_rows, has_boundary, rule_line, volume_boundary
 from wsss_bench.interfaces import ReportTable
-
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
+from wsss_bench.lazy import pd
+from wsss_bench.reporting.stats import volume_scores
 
 CASE_KEYS = ["task", "method", "gate", "seed", "case_id"]
 
@@ -28,10 +27,6 @@ def case_frame(df: "pd.DataFrame", rule: str = "undefined", metrics: Sequence[st
     the mean of its per-slice values over the case's defined slices and ``<m>_n`` how many
     were defined.  Boundary columns appear only when the rows carry them.
     """
-    import pandas as pd
-
-    from wsss_bench.metrics import volume_scores
-
     sel = df if gates is None else df[df["gate"].isin(list(gates))]
     keys = [k for k in CASE_KEYS if k in sel.columns]
     vol = volume_scores(sel)
