@@ -249,6 +249,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bench directory (default runs/bench_<profile>)."),
     failed: bool = typer.Option(False, "--failed", help="Re-run only the cells recorded as failed."),
     collect: bool = typer.Option(False, "--collect", help="Run nothing: gather the finished cells and print the tables."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Metric columns per task, e.g. dice,hd95 (default: Dice, plus HD95 and ASSD in mm when the results hold them)."),
+    empty_distance: str = typer.Option("undefined", "--empty-distance", help="HD95/ASSD where exactly one mask is empty: undefined (left out of the mean and counted) | diagonal (the image diagonal in mm, the BraTS convention)."),
     device: str = DEVICE_OPT,
     bf16: bool = BF16_OPT,
     force: bool = FORCE_OPT,
@@ -259,10 +261,13 @@ def bench(
     nonfinite: str = NONFINITE_OPT,
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
+    from wsss_bench.boundary import check_rule, parse_metrics
     from wsss_bench.running import rundir
     from wsss_bench.running.execute import execute_bench, make_config, make_executor, plan_bench
     from wsss_bench.running.runner import check_out_dir
 
+    check_rule(empty_distance)
+    chosen = ",".join(parse_metrics(metrics)) if metrics is not None else None
     host = get_host([str(p) for p in plugins_dir])
     opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite)
     out = Path(out or Path("runs") / f"bench_{profile}")
@@ -275,7 +280,8 @@ def bench(
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
         f"{escape(profile)}, out {escape(str(out))}" + (f"; {len(unavailable)} row(s) not available" if unavailable else ""))
     result = execute_bench(cfg, host, ex, specs, cells, planned, tables=tables, only_tasks=_split_csv(task) or None,
-                           seeds=seed_list, failed_only=failed, collect_only=collect)
+                           seeds=seed_list, failed_only=failed, collect_only=collect, metrics=chosen,
+                           empty_distance=empty_distance)
     seen: set[str] = set()
     for oc in result.failures:
         _print_failure(oc.cell, oc.error, seen)
