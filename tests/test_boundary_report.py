@@ -48,6 +48,7 @@ def test_every_format_shows_the_columns_and_the_rule(run_dir):
     csv = pd.read_csv(io.StringIO(res.output))
     for col in ("hd95_mean", "hd95_std", "hd95_n", "hd95_ci_lo", "assd_mean", "assd_ci_hi", "hd95_p_holm"):
         assert col in csv.columns, col
+    assert set(csv["empty_distance"]) == {"undefined"}  # CSV has no footer: the rule is a column
     res = _report(run_dir, "--format", "markdown", "--gate", "label", "--empty-distance", "diagonal")
     assert res.exit_code == 0 and "the image diagonal in mm (--empty-distance diagonal" in res.output
 

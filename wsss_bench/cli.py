@@ -217,6 +217,8 @@ def print_table(table) -> None:
     for row in table.rows:
         out.add_row(*[escape(c) for c in row])
     console.print(out)
+    if table.footer:  # e.g. the empty-mask rule of the HD95/ASSD columns
+        console.print(table.footer, markup=False, highlight=False)
 
 
 def _nonfinite(value: str) -> str:

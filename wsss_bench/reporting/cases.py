@@ -46,6 +46,7 @@ def case_frame(df: "pd.DataFrame", rule: str = "undefined", metrics: Sequence[st
             out = out.merge(b[keys + [f"{m}_3d"]], on=keys, how="left")
             add = per[m].reset_index().rename(columns={"mean": f"{m}_slices", "count": f"{m}_n"})
             out = out.merge(add, on=keys, how="left")
+        out["empty_distance"] = rule  # the rule the boundary numbers follow
     return pd.DataFrame(out)
 
 

@@ -280,6 +280,8 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
             if test is not None:
                 rec.update({"reference": test["reference"], "p": test["p"], "p_holm": test["p_holm"],
                             "test_cases": test["n_cases"], "test_note": test["note"]})
+            if boundary_shown:  # the rule the boundary numbers were averaged under
+                rec["empty_distance"] = empty_distance
             for metric in boundary_shown:
                 test = tests.get((method, t, metric))
                 if test is not None:
