@@ -170,3 +170,16 @@ def test_run_summary_and_bench_table_gain_the_columns(frame):
     assert RULE_UNDEFINED in bt.footer
     assert bench_table(old, planned, table, resamples=30).header == ["method", "brats Dice"]
     assert bench_table(frame, planned, table, resamples=30, metrics="dice").header == ["method", "brats Dice"]
+
+
+def test_wilcoxon_drops_cases_whose_mean_is_undefined():
+    rng = np.random.default_rng(0)
+    cases = [f"c{i}" for i in range(8)]
+    ref = pd.DataFrame({"task": "t", "method": "ref", "gate": "label", "case_id": cases, "hd95": rng.random(8)})
+    other = ref.assign(method="m", hd95=ref.hd95 + 1.0)
+    other.loc[0, "hd95"] = np.nan  # case c0 undefined for m: the pair drops out, 7 remain
+    res = compare_to(pd.concat([ref, other]), "ref", column="hd95").iloc[0]
+    assert res["n_cases"] == 7 and np.isfinite(res["p"])
+    other.loc[1:2, "hd95"] = np.nan  # 5 common cases left: below the minimum, not tested
+    res = compare_to(pd.concat([ref, other]), "ref", column="hd95").iloc[0]
+    assert res["n_cases"] == 5 and res["note"].startswith("n/a")
