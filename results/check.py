@@ -8,6 +8,8 @@
   recomputed from the per-slice rows and the table files named in the manifest, and so are
   the paper tables rendered beside them (``latex/tableN.tex``, ``tableN.md``: gate label,
   with the paper's numbers, as results/cpu/collect.sh writes them).
+- HD95/ASSD columns, where the rows carry them, are recomputed the same way (the bench's
+  --metrics and --empty-distance are read from its manifest).
 
 Nothing is re-trained: this checks that the committed numbers are what their per-slice data
 says, not that a new run reproduces them (for that, rerun the command in results/README.md).
@@ -60,7 +62,9 @@ def check_bench(folder: Path) -> list[str]:
 
     b = bench_inputs(folder)
     got = bench_markdown(b["frame"], b["planned"], b["tables"], resamples=b["resamples"],
-                         failures=failed_cells(folder), profile=b["profile"])
+                         failures=failed_cells(folder), profile=b["profile"],
+                         metrics=b["manifest"].get("table_metrics"),
+                         empty_distance=b["manifest"].get("empty_distance") or "undefined")
     want = (folder / "tables.md").read_text()
     diff = [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
                                                               "committed tables.md", "recomputed", lineterm=""))

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from wsss_bench.boundary import score_cell
 from wsss_bench.data import phantom_abdomen, phantom_brain
 from wsss_bench.data.readers import BratsDataset, Flare21Dataset
 from wsss_bench.data.store import prepare_slices
@@ -63,8 +64,11 @@ def _methods(task: str) -> dict[str, tuple[str, str, callable]]:
     return out
 
 
-def build_run(root: Path, tasks=("brats", "flare21-kidney")) -> Path:
-    """Write phantoms, a slice store and a run directory under ``root``; return the run dir."""
+def build_run(root: Path, tasks=("brats", "flare21-kidney"), boundary: bool = False) -> Path:
+    """Write phantoms, a slice store and a run directory under ``root``; return the run dir.
+
+    ``boundary``: also the HD95/ASSD columns (per slice and per case volume), scored by the
+    runner's own function with the store's spacing."""
     profile = load_profile("smoke")
     cache = root / "cache"
     run = root / "run"
@@ -95,9 +99,13 @@ def build_run(root: Path, tasks=("brats", "flare21-kidney")) -> Path:
         p1 = np.clip(label * 0.7 + rng.normal(0.15, 0.2, len(rows)), 0, 1)
         data_entries[f"{task}/seed0"] = {"task": task, "dataset": src.name, "data": "phantom",
                                          "data_root": str(folder), "image_size": SIZE, "store_key": store.key}
+        spacing = np.array([store.meta["spacing"]["cases"][c] for c in case_ids])
+        depth = store.index.groupby("case_id").size().to_dict()
         for k, (method, (cam, refiner, fn)) in enumerate(_methods(task).items()):
             pred = fn(gt, np.random.default_rng(100 + k)).astype(bool)
             save_predictions(run, f"{task}-{k:02d}", case_ids, z, pred, task=task, method=method, seed=0)
+            passes = {gate: apply_gate(pred, gate, label, p1)[1] for gate in GATES}
+            extra = score_cell(pred, gt, passes, case_ids, z, spacing, depth) if boundary else {}
             for gate in GATES:
                 gated, passed = apply_gate(pred, gate, label, p1)
                 d, i = dice_iou(gated, gt)
@@ -106,7 +114,7 @@ def build_run(root: Path, tasks=("brats", "flare21-kidney")) -> Path:
                     "case_id": case_ids, "z": z, "split": "test", "label": label, "fg_fraction": frac[rows],
                     "gt_area": gt.reshape(len(gt), -1).sum(1), "pred_area": gated.reshape(len(gt), -1).sum(1),
                     "gate_pass": passed, "classifier_p1": p1, "dice": d, "iou": i, "seed": 0,
-                    "params": "{}", "profile": "smoke", "data": "phantom"}))
+                    "params": "{}", "profile": "smoke", "data": "phantom", **extra.get(gate, {})}))
     pd.concat(frames, ignore_index=True).to_parquet(run / "results.parquet", index=False)
     manifest = {"command": "wsss-bench run (synthetic fixture)", "config": {"cache_dir": str(cache)},
                 "profile": dict(profile), "data": data_entries, "cells": [FAILED]}

@@ -217,6 +217,8 @@ def print_table(table) -> None:
     for row in table.rows:
         out.add_row(*[escape(c) for c in row])
     console.print(out)
+    if table.footer:  # e.g. the empty-mask rule of the HD95/ASSD columns
+        console.print(table.footer, markup=False, highlight=False)
 
 
 def _nonfinite(value: str) -> str:
@@ -249,6 +251,8 @@ def bench(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bench directory (default runs/bench_<profile>)."),
     failed: bool = typer.Option(False, "--failed", help="Re-run only the cells recorded as failed."),
     collect: bool = typer.Option(False, "--collect", help="Run nothing: gather the finished cells and print the tables."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Metric columns per task, e.g. dice,hd95 (default: Dice, plus HD95 and ASSD in mm when the results hold them)."),
+    empty_distance: str = typer.Option("undefined", "--empty-distance", help="HD95/ASSD where exactly one mask is empty: undefined (left out of the mean and counted) | diagonal (the image diagonal in mm, the BraTS convention)."),
     device: str = DEVICE_OPT,
     bf16: bool = BF16_OPT,
     force: bool = FORCE_OPT,
@@ -259,10 +263,13 @@ def bench(
     nonfinite: str = NONFINITE_OPT,
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
+    from wsss_bench.boundary import check_rule, parse_metrics
     from wsss_bench.running import rundir
     from wsss_bench.running.execute import execute_bench, make_config, make_executor, plan_bench
     from wsss_bench.running.runner import check_out_dir
 
+    check_rule(empty_distance)
+    chosen = ",".join(parse_metrics(metrics)) if metrics is not None else None
     host = get_host([str(p) for p in plugins_dir])
     opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite)
     out = Path(out or Path("runs") / f"bench_{profile}")
@@ -275,7 +282,8 @@ def bench(
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
         f"{escape(profile)}, out {escape(str(out))}" + (f"; {len(unavailable)} row(s) not available" if unavailable else ""))
     result = execute_bench(cfg, host, ex, specs, cells, planned, tables=tables, only_tasks=_split_csv(task) or None,
-                           seeds=seed_list, failed_only=failed, collect_only=collect)
+                           seeds=seed_list, failed_only=failed, collect_only=collect, metrics=chosen,
+                           empty_distance=empty_distance)
     seen: set[str] = set()
     for oc in result.failures:
         _print_failure(oc.cell, oc.error, seen)
@@ -350,15 +358,18 @@ def list_(
 def report(
     run_dir: List[Path] = typer.Argument(..., help="Run directory (or several, or a folder of runs)."),
     fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, html (a whole page), ..."),
-    table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows)."),
+    table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows) | cases (one row per case x method x gate: per-volume Dice, IoU, HD95, ASSD; csv or markdown)."),
     gate: str = typer.Option("all", "--gate", help="label | classifier | none | all (default: all, one table per gate held)."),
     with_paper: bool = typer.Option(False, "--with-paper", help="Put the paper's numbers (PROTOCOL 13) beside ours."),
     per_volume: bool = typer.Option(False, "--per-volume", help="Add a per-volume (3D) Dice column per task (docs/metrics.md)."),
     resamples: Optional[int] = typer.Option(None, "--resamples", help="Bootstrap resamples for the 95% CIs (default: the run's profile; 0 = no CIs and no tests)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Method label the significance test compares against (default: CLDF of each task)."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Metric columns, e.g. dice,iou,hd95,assd (default: Dice and IoU, plus HD95 and ASSD in mm when the results hold them)."),
+    empty_distance: str = typer.Option("undefined", "--empty-distance", help="HD95/ASSD where exactly one mask is empty: undefined (left out of the mean and counted) | diagonal (the image diagonal in mm, the BraTS convention)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Tables of a run with bootstrap CIs and Wilcoxon marks (LaTeX booktabs, Markdown, CSV, HTML page)."""
+    from wsss_bench.boundary import check_rule, parse_metrics
     from wsss_bench.reporting.html import html_report
     from wsss_bench.reporting.load import bootstrap_resamples, failed_cells, load_manifests, load_results
     from wsss_bench.reporting.tables import build_tables, render_many, write_text
@@ -367,17 +378,23 @@ def report(
         raise UserError(f"--gate {gate}: choose label, classifier, none or all")
     if resamples is not None and resamples < 0:
         raise UserError(f"--resamples {resamples}: give 0 (no CIs) or a positive count")
+    check_rule(empty_distance)
+    chosen = parse_metrics(metrics) if metrics is not None else None
+    if table == "cases" and fmt not in ("csv", "markdown"):
+        raise UserError(f"--table cases --format {fmt}: the per-case table is written as csv or markdown")
     host = get_host()
     exporter = host.get("exporters", fmt)()
     if fmt == "html":
         text = html_report(run_dir, exporter, table=table, gate=gate, with_paper=with_paper,
-                           per_volume=per_volume, resamples=resamples, reference=reference)
+                           per_volume=per_volume, resamples=resamples, reference=reference,
+                           metrics=chosen, empty_distance=empty_distance)
     else:
         frame = load_results(run_dir)
         manifests = load_manifests(run_dir)
         r = bootstrap_resamples(frame, manifests) if resamples is None else resamples
         tables = build_tables(frame, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
-                              reference=reference, failed=failed_cells(manifests))
+                              reference=reference, failed=failed_cells(manifests), metrics=chosen,
+                              empty_distance=empty_distance)
         text = render_many(tables, exporter)
     if output:
         write_text(output, text)

@@ -65,6 +65,22 @@ def read_header(path: Path) -> tuple[Any, tuple[int, ...], tuple[int, int, int]]
     return img, disk_shape, (ras[0], ras[1], ras[2])
 
 
+def ras_voxel_size(img: Any) -> tuple[float, float, float]:
+    """Voxel size in mm along the RAS axes of ``img`` (from its affine; no voxel is decoded).
+
+    The affine's column norms are the on-disk axes' voxel sizes; ``as_closest_canonical``
+    permutes those axes, so they are permuted the same way.
+    """
+    import nibabel as nib
+
+    sizes = nib.affines.voxel_sizes(img.affine)
+    ornt = nib.io_orientation(img.affine)
+    ras = [1.0, 1.0, 1.0]
+    for axis, (target, _flip) in enumerate(ornt):
+        ras[int(target)] = float(sizes[axis])
+    return ras[0], ras[1], ras[2]
+
+
 def read_ras(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
     """(data reoriented to RAS, on-disk shape); UserError if the file cannot be read."""
     img, disk_shape, _ = read_header(path)
@@ -218,6 +234,10 @@ class BratsDataset(DatasetSource):
                 raise _orientation_error(case, files[m], files["seg"])
         return len(self.modalities), seg_ras
 
+    def voxel_size(self, root: Path, case: str) -> tuple[float, float, float]:
+        """RAS voxel size in mm of the case's segmentation file (header only)."""
+        return ras_voxel_size(read_header(self._files(root, case)["seg"])[0])
+
     def load(self, root: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
         image, labels, _ = self.load_case(root, case)
         return image, labels
@@ -319,6 +339,10 @@ class Flare21Dataset(DatasetSource):
         if img_ras != lab_ras:
             raise _orientation_error(case, img_path, lab_path)
         return 1, lab_ras
+
+    def voxel_size(self, root: Path, case: str) -> tuple[float, float, float]:
+        """RAS voxel size in mm of the case's label file (header only)."""
+        return ras_voxel_size(read_header(self._files(root, case)[1])[0])
 
     def load(self, root: Path, case: str) -> tuple[np.ndarray, np.ndarray]:
         image, labels, _ = self.load_case(root, case)

@@ -10,7 +10,9 @@
   built-in datasets), else (N, S, S) uint8; :attr:`SliceStore.labels` reads (N, S, S) uint8 either way;
 - ``index.parquet`` one row per slice: ``case_id``, ``z``, ``tissue_fraction`` and ``px_<v>``, the
   number of pixels of each label value v > 0 on the final S x S mask;
-- ``meta.json`` what was built from what (identical for every build of the same key);
+- ``meta.json`` what was built from what (identical for every build of the same key), including
+  ``spacing``: each case's pixel spacing in mm on the S x S slice grid (row, column, slice), from
+  the NIfTI header, for the boundary metrics (``wsss_bench.data.spacing``);
 - ``build.json`` how this copy was built (seconds, jobs, resumed cases); ``done`` written last.
 
 Building (PROTOCOL sections 4 and 12, issue "real data at full scale"):
@@ -50,6 +52,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from wsss_bench.data.preprocess import PREPROCESS_VERSION, resize_images, resize_masks, tissue_fraction
+from wsss_bench.data.spacing import spacing_record
 from wsss_bench.errors import UserError
 from wsss_bench.lazy import pd, torch
 from wsss_bench.progress import progress
@@ -681,6 +684,8 @@ def prepare_slices(
                     "two labels per byte: even column low nibble, odd column high nibble"
                     if plan["label_bits"] == 4 else "one uint8 label per pixel")},
                 "extra": extra_key,
+                "spacing": spacing_record(source, root, [e["case"] for e in plan["cases"]],
+                                          [e["shape"] for e in plan["cases"]], int(image_size)),
             }
             _finish(build, plan, meta)
             (build / "build.json").write_text(json.dumps({

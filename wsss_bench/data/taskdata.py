@@ -24,7 +24,8 @@ import numpy as np
 
 from wsss_bench.cache import stable_hash
 from wsss_bench.data import splits as sp
-from wsss_bench.data.store import SliceStore, data_fingerprint, prepare_slices
+from wsss_bench.data.spacing import spacing_record
+from wsss_bench.data.store import SliceStore, case_geometry, data_fingerprint, prepare_slices
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import DatasetSource, SliceBatch, TaskDef
 from wsss_bench.lazy import torch
@@ -99,6 +100,8 @@ class TaskData:
     case_split: dict[str, list[str]]
     seeds: dict[str, int]
     test_info: dict
+    #: (N, 3) float64: each slice's (row, column, slice) pixel spacing in mm (its case's)
+    spacing: np.ndarray | None = None
     _split_idx: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ----------------------------------------------------------------- facts
@@ -215,6 +218,21 @@ def _resolve_profile(profile: Any) -> Any:
     return profile
 
 
+def case_spacing(store: "SliceStore", source: Any, root: Path) -> dict[str, list[float]]:
+    """case id -> (row, column, slice) spacing in mm of its slices.
+
+    Read from the store's meta; a store built before the field existed gets it from the
+    headers under ``root`` (the store is not rewritten, its key does not change).
+    """
+    rec = store.meta.get("spacing")
+    if rec is None:
+        cases = list(store.meta["cases"])
+        shapes = [case_geometry(source, Path(root), c)[1] for c in cases]
+        rec = spacing_record(source, Path(root), cases, shapes, int(store.meta["image_size"]))
+        store.meta["spacing"] = rec
+    return {str(k): [float(x) for x in v] for k, v in rec["cases"].items()}
+
+
 def load_task_data(
     source: DatasetSource,
     task_id: str,
@@ -293,6 +311,9 @@ def load_task_data(
     )
     idx["test"], test_info = sp.compose_test(pos, pool, seeds["test_negatives"])
     test_info["min_tissue_fraction"] = float(rules["negative_min_tissue"])
+    by_case = case_spacing(store, source, root)
+    uniq, inverse = np.unique(case_ids, return_inverse=True)
+    spacing = np.array([by_case[c] for c in uniq], dtype=np.float64).reshape(-1, 3)[inverse]
 
     return TaskData(
         task=task,
@@ -311,6 +332,7 @@ def load_task_data(
         case_split=cases,
         seeds=seeds,
         test_info=test_info,
+        spacing=spacing,
         _split_idx=idx,
     )
 

@@ -121,7 +121,8 @@ def run_meta(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]]) -> list
 
 def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate: str | None = "all",
                 with_paper: bool = False, per_volume: bool = False, resamples: int | None = None,
-                reference: str | None = None, figures: bool = True) -> str:
+                reference: str | None = None, figures: bool = True, metrics: Any = None,
+                empty_distance: str = "undefined") -> str:
     """The whole HTML page of one or more runs: tables with CIs, classifier gate, failed cells,
     the figures (embedded PNG), and the sortable per-case Dice table."""
     df = load_results(source)
@@ -130,7 +131,7 @@ def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate
     r = bootstrap_resamples(df, manifests) if resamples is None else resamples
     gates = gates_of(df, gate)
     tables = build_tables(df, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
-                          reference=reference, failed=failed)
+                          reference=reference, failed=failed, metrics=metrics, empty_distance=empty_distance)
     sections: list[tuple[str, list]] = [("Results", list(tables))]
     clf = classifier_table(df)
     if clf is not None:

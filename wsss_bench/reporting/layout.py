@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from wsss_bench.boundary import BOUNDARY_METRICS, DEFAULT_EMPTY_RULE, LOWER_IS_BETTER, apply_rule_to_rows, rule_line
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import ReportTable
 from wsss_bench.metrics import GATES, MIN_CASES_FOR_TEST
@@ -27,14 +28,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_TASK_LABELS = {"brats": "BraTS21", "flare21-kidney": "Kidney",
                        "flare21-spleen": "Spleen", "flare21-liver": "Liver"}
-METRIC_LABELS = {"dice": "Dice", "iou": "IoU"}
+METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95", "assd": "ASSD"}
+#: metrics with a per-volume (3D) column under --per-volume, and the stats key of that column
+VOLUME_METRICS = {"dice": "dice3d", "hd95": "hd95_3d", "assd": "assd_3d"}
+#: metrics the paper reports (its numbers stand beside these columns)
+PAPER_METRICS = ("dice", "iou")
 BLOCKS = {"all": "", "pos": " (pos)", "case": " (case)"}  # header suffix per block
 VOLUME_SUFFIX = " (3D)"
 PAPER_SUFFIX = " (paper)"
 UP = "↑"
+DOWN = "↓"
 MARK = "†"
 ALPHA = 0.05
-TABLES = ("summary", "table1", "table2", "table3")
+TABLES = ("summary", "table1", "table2", "table3", "cases")
 TASK_ORDER = paper.TASKS
 
 
@@ -116,18 +122,19 @@ def _columns(tasks: Sequence[str], metrics: Sequence[str], blocks: Sequence[str]
         for b in blocks:
             for m in metrics:
                 cols.append(Col(t, m, b))
-                if with_paper and b == "all":
+                if with_paper and b == "all" and m in PAPER_METRICS:
                     cols.append(Col(t, m, "paper"))
-        if per_volume and "dice" in metrics:
-            cols.append(Col(t, "dice", "vol"))
+        if per_volume:
+            cols.extend(Col(t, m, "vol") for m in metrics if m in VOLUME_METRICS)
     sub = []
     for c in cols:
+        arrow = DOWN if c.metric in LOWER_IS_BETTER else UP
         if c.block == "paper":
             sub.append(f"{METRIC_LABELS[c.metric]}{PAPER_SUFFIX}")
         elif c.block == "vol":
-            sub.append(f"{METRIC_LABELS[c.metric]}{VOLUME_SUFFIX} {UP}")
+            sub.append(f"{METRIC_LABELS[c.metric]}{VOLUME_SUFFIX} {arrow}")
         else:
-            sub.append(f"{METRIC_LABELS[c.metric]}{BLOCKS[c.block]} {UP}")
+            sub.append(f"{METRIC_LABELS[c.metric]}{BLOCKS[c.block]} {arrow}")
     header = [f"{labels.get(c.task, c.task)} {s}" for c, s in zip(cols, sub)]
     groups: list[tuple[str, int]] = []
     for c in cols:
@@ -162,19 +169,35 @@ def _reason(error: str) -> str:
     return head if re.fullmatch(r"[A-Z][A-Za-z]*(Error|Exception|Exit|Interrupt)", head) else _short(error, 28)
 
 
+def _count(rec: Mapping, key: str, total: int) -> str:
+    """'n=45 of 50' when a boundary value was defined for fewer than all slices (volumes)."""
+    n = rec.get(key)
+    return f"n={int(n)} of {int(total)}" if n is not None and _finite(n) and int(n) < int(total) else ""
+
+
 def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], *, gate: str,
             resamples: int = 0, references: Mapping[str, str | None] | None = None,
-            failed: Sequence[FailedCell] = ()) -> tuple[list[list[str]], set, "pd.DataFrame", list[str]]:
-    """Cells, bold set, the tidy numbers and footer notes for ``specs`` x ``cols``."""
+            failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE
+            ) -> tuple[list[list[str]], set, "pd.DataFrame", list[str]]:
+    """Cells, bold set, the tidy numbers and footer notes for ``specs`` x ``cols``.
+
+    Boundary metrics (HD95, ASSD) are averaged under the ``empty_distance`` rule; lower is
+    better there, so their best value is the smallest.
+    """
     import pandas as pd
 
-    agg = aggregate(sel, ci_resamples=resamples, ci_columns=("dice", "iou")) if len(sel) else pd.DataFrame()
+    sel = apply_rule_to_rows(sel, empty_distance)
+    shown_metrics = list(dict.fromkeys(c.metric for c in cols if c.block != "paper"))
+    boundary_shown = [m for m in shown_metrics if m in BOUNDARY_METRICS]
+    ci_columns = ("dice", "iou", *boundary_shown)
+    agg = aggregate(sel, ci_resamples=resamples, ci_columns=ci_columns) if len(sel) else pd.DataFrame()
     index = {(r["method"], r["task"]): r for r in agg.to_dict("records")}
     vol_index: dict = {}
     if any(c.block == "vol" for c in cols) and len(sel):
-        vol = aggregate_volumes(sel, ci_resamples=resamples)
+        vol = aggregate_volumes(sel, ci_resamples=resamples, empty_distance=empty_distance)
         vol_index = {(r["method"], r["task"]): r for r in vol.to_dict("records")}
-    tests: dict[tuple[str, str], dict] = {}
+    tested = [m for m in shown_metrics if m == "dice" or m in boundary_shown]
+    tests: dict[tuple[str, str, str], dict] = {}
     notes: list[str] = []
     refs = dict(references or {})
     tasks = list(dict.fromkeys(c.task for c in cols))
@@ -184,9 +207,12 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
         members = [m for m in dict.fromkeys(members) if m and m != ref and (m, t) in index]
         if not ref or (ref, t) not in index or not members:
             continue
-        cmp = compare_to(sel[sel["task"] == t], ref, gate=gate, column="dice", methods=members)
-        for rec in cmp.to_dict("records"):
-            tests[(rec["method"], t)] = rec
+        for metric in tested:
+            if metric not in sel.columns:
+                continue
+            cmp = compare_to(sel[sel["task"] == t], ref, gate=gate, column=metric, methods=members)
+            for rec in cmp.to_dict("records"):
+                tests[(rec["method"], t, metric)] = rec
     failures = {}
     for f in failed:
         failures.setdefault((f.method, f.task), f)
@@ -207,9 +233,12 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
                 text = f"failed: {_reason(fail.flat)}" if fail else MISSING
             elif col.block == "vol":
                 rec = vol_index[(method, col.task)]
-                value = rec["dice3d_mean"]
-                text = fmt_mean_std(value, rec["dice3d_std"])
-                ci = fmt_ci(rec.get("dice3d_ci_lo"), rec.get("dice3d_ci_hi"))
+                key = VOLUME_METRICS[col.metric]
+                value = rec.get(f"{key}_mean", float("nan"))
+                text = fmt_mean_std(value, rec.get(f"{key}_std"))
+                ci = fmt_ci(rec.get(f"{key}_ci_lo"), rec.get(f"{key}_ci_hi"))
+                if col.metric in BOUNDARY_METRICS:
+                    ci = " ".join(x for x in (ci, _count(rec, f"{key}_n", rec["n_volumes"])) if x)
                 text = f"{text}\n{ci}" if ci else text
             else:
                 rec = index[(method, col.task)]
@@ -218,7 +247,10 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
                 text = fmt_mean_std(value, rec.get(f"{stem}_std") if col.block != "case" else None)
                 second = fmt_ci(rec.get(f"{col.metric}_ci_lo"), rec.get(f"{col.metric}_ci_hi")) \
                     if col.block == "all" else ""
-                test = tests.get((method, col.task)) if col.block == "all" and col.metric == "dice" else None
+                if col.metric in BOUNDARY_METRICS and col.block in ("all", "pos"):
+                    total = rec["n_slices"] if col.block == "all" else rec["n_pos"]
+                    second = " ".join(x for x in (second, _count(rec, f"{stem}_n", total)) if x)
+                test = tests.get((method, col.task, col.metric)) if col.block == "all" else None
                 if test is not None:
                     if _finite(test["p_holm"]) and test["p_holm"] < ALPHA:
                         text += MARK
@@ -229,7 +261,8 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
             means.append(round(value, 3) if _finite(value) else float("nan"))
         eligible = [i for i, s in enumerate(specs) if s.bold and _finite(means[i])]
         if col.block != "paper" and eligible:  # compare at printed precision: printed ties all bold
-            best = max(means[i] for i in eligible)
+            pick = min if col.metric in LOWER_IS_BETTER else max
+            best = pick(means[i] for i in eligible)
             bold |= {(i, j) for i in eligible if means[i] == best}
 
     # tidy numbers: one record per (row, task) that has results
@@ -241,15 +274,22 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
                 continue
             rec = {"row": spec.label, **index[(method, t)], "supplementary": spec.supplementary}
             if (method, t) in vol_index:
-                rec.update({k: v for k, v in vol_index[(method, t)].items() if k.startswith(("dice3d", "iou3d", "n_vol"))})
-            test = tests.get((method, t))
+                rec.update({k: v for k, v in vol_index[(method, t)].items()
+                            if k.startswith(("dice3d", "iou3d", "n_vol", "hd95_3d", "assd_3d"))})
+            test = tests.get((method, t, "dice"))
             if test is not None:
                 rec.update({"reference": test["reference"], "p": test["p"], "p_holm": test["p_holm"],
                             "test_cases": test["n_cases"], "test_note": test["note"]})
+            if boundary_shown:  # the rule the boundary numbers were averaged under
+                rec["empty_distance"] = empty_distance
+            for metric in boundary_shown:
+                test = tests.get((method, t, metric))
+                if test is not None:
+                    rec.update({f"{metric}_p": test["p"], f"{metric}_p_holm": test["p_holm"]})
             pr = spec.paper_rows.get(t)
             if pr:
                 rec["paper_row"] = f"{pr[0]}:{pr[1]}"
-                for m in METRIC_LABELS:
+                for m in PAPER_METRICS:
                     got = paper.value(pr[0], pr[1], t, m)
                     rec[f"paper_{m}_mean"], rec[f"paper_{m}_std"] = got if got else (math.nan, math.nan)
             records.append(rec)
@@ -263,7 +303,9 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
     with_ref = [t for t in shown if refs.get(t) and (refs[t], t) in index]
     if with_ref:
         names = sorted({refs[t] for t in with_ref})
-        notes.append(f"{MARK}: per-case mean Dice differs from CLDF ({', '.join(names)}) by the paired two-sided "
+        what = "Dice" if not boundary_shown else \
+            "/".join(METRIC_LABELS[m].split(" ")[0] for m in tested) + " (the column's metric)"
+        notes.append(f"{MARK}: per-case mean {what} differs from CLDF ({', '.join(names)}) by the paired two-sided "
                      f"Wilcoxon signed-rank test, Holm-corrected per column, p < {ALPHA}; n/a: fewer than "
                      f"{MIN_CASES_FOR_TEST} common test cases, not tested.")
     missing_ref = [t for t in shown if t not in with_ref]
@@ -272,6 +314,8 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
     if any(c.block == "vol" for c in cols):
         notes.append(f"Dice{VOLUME_SUFFIX}: per-volume Dice, each case's test slices restacked "
                      "(docs/metrics.md); mean±std over test cases.")
+    if boundary_shown:
+        notes.append(rule_line(empty_distance))
     if any(c.block == "paper" for c in cols):
         notes.append(f"{PAPER_SUFFIX.strip()}: Zeng et al. (CLDF), their test sets and full-size data "
                      "(PROTOCOL 13); not comparable number for number with a phantom or a small profile.")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from wsss_bench.boundary import BOUNDARY_METRICS, DEFAULT_EMPTY_RULE, VOLUME_COLUMNS, has_boundary, volume_boundary
 from wsss_bench.errors import UserError
 from wsss_bench.metrics import CLASSIFIER_THRESHOLD, GROUP_KEYS, MIN_CASES_FOR_TEST, SLICE_KEYS, dice_iou_from_counts
 
@@ -52,10 +53,16 @@ def _group_stats(g: "pd.DataFrame") -> dict[str, Any]:
         "n_cases": int(g["case_id"].nunique()),
         "n_seeds": int(g["seed"].nunique()) if "seed" in g else 1,
     }
-    for col in ("dice", "iou"):
+    for col in ("dice", "iou", *(m for m in BOUNDARY_METRICS if m in g.columns)):
         v = g[col].to_numpy(dtype=np.float64)
-        rec[f"{col}_mean"], rec[f"{col}_std"] = _mean_std(v)
-        rec[f"{col}_pos_mean"], rec[f"{col}_pos_std"] = _mean_std(v[pos])
+        if col in BOUNDARY_METRICS:  # NaN = undefined (one mask empty): left out, counted
+            rec[f"{col}_n"] = int((~np.isnan(v)).sum())
+            rec[f"{col}_pos_n"] = int((~np.isnan(v[pos])).sum())
+            v_all, v_pos = v[~np.isnan(v)], v[pos & ~np.isnan(v)]
+        else:
+            v_all, v_pos = v, v[pos]
+        rec[f"{col}_mean"], rec[f"{col}_std"] = _mean_std(v_all)
+        rec[f"{col}_pos_mean"], rec[f"{col}_pos_std"] = _mean_std(v_pos)
         rec[f"{col}_case_mean"] = float(g.groupby("case_id", sort=False)[col].mean().mean())
         if "seed" in g and rec["n_seeds"] > 1:  # across-seed spread, kept apart from the per-slice std
             rec[f"{col}_seed_std"] = float(g.groupby("seed")[col].mean().std(ddof=0))
@@ -103,7 +110,9 @@ def bootstrap_ci(df_group: "pd.DataFrame", resamples: int, seed: int, column: st
     """Case-level cluster bootstrap CI of the slice-weighted all-slice mean of ``column``.
 
     Cases are drawn with replacement; each draw's mean is (sum of the drawn cases' slice
-    scores) / (their slice count).  Percentiles 2.5/97.5 (for ``level`` 0.95).
+    scores) / (their slice count).  Percentiles 2.5/97.5 (for ``level`` 0.95).  NaN scores
+    (an undefined boundary distance) are left out of sums and counts; a draw with no defined
+    score is left out of the percentiles.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
@@ -114,7 +123,10 @@ def bootstrap_ci(df_group: "pd.DataFrame", resamples: int, seed: int, column: st
     counts = per_case["count"].to_numpy(np.float64)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(per_case), size=(resamples, len(per_case)))  # (R, n_cases)
-    means = sums[idx].sum(1) / counts[idx].sum(1)
+    drawn = counts[idx].sum(1)
+    means = sums[idx].sum(1)[drawn > 0] / drawn[drawn > 0]
+    if len(means) == 0:
+        return float("nan"), float("nan")
     tail = 100.0 * (1.0 - level) / 2.0
     lo, hi = np.percentile(means, [tail, 100.0 - tail])
     return float(lo), float(hi)
@@ -166,23 +178,33 @@ def volume_scores(df: "pd.DataFrame") -> "pd.DataFrame":
     return pd.DataFrame(vol)
 
 
-def aggregate_volumes(df: "pd.DataFrame", ci_resamples: int = 0) -> "pd.DataFrame":
+def aggregate_volumes(df: "pd.DataFrame", ci_resamples: int = 0, empty_distance: str = DEFAULT_EMPTY_RULE) -> "pd.DataFrame":
     """One row per (task, method, gate): mean and population std of the per-volume Dice/IoU over
     test cases (x seeds), ``n_volumes``; with ``ci_resamples`` > 0 the case-level bootstrap CI of
     the mean per-volume Dice (``dice3d_ci_lo``/``_hi``, same seed component as :func:`aggregate`).
+    Rows with boundary columns add ``hd95_3d``/``assd_3d`` (``_mean``, ``_std``, ``_n`` defined
+    volumes, ``_ci_lo``/``_ci_hi``) under the ``empty_distance`` rule.
     """
     import pandas as pd
 
     vol = volume_scores(df)
+    cols = ["dice3d", "iou3d"]
+    if has_boundary(df) and all(c in df.columns for c in VOLUME_COLUMNS):
+        keys = [k for k in VOLUME_KEYS if k in df.columns]
+        vol = vol.merge(volume_boundary(df, keys, empty_distance), on=keys, how="left")
+        cols += [f"{m}_3d" for m in BOUNDARY_METRICS]
     records = []
     for key, g in vol.groupby(GROUP_KEYS, sort=False):
         rec = dict(zip(GROUP_KEYS, key))
         rec["n_volumes"] = len(g)
-        for col in ("dice3d", "iou3d"):
-            rec[f"{col}_mean"], rec[f"{col}_std"] = _mean_std(g[col].to_numpy(np.float64))
+        for col in cols:
+            v = g[col].to_numpy(np.float64)
+            rec[f"{col}_mean"], rec[f"{col}_std"] = _mean_std(v[~np.isnan(v)])
+            rec[f"{col}_n"] = int((~np.isnan(v)).sum())
         if ci_resamples > 0:
-            rec["dice3d_ci_lo"], rec["dice3d_ci_hi"] = bootstrap_ci(
-                g, ci_resamples, bootstrap_seed(g, rec["task"]), column="dice3d")
+            seed = bootstrap_seed(g, rec["task"])
+            for col in ["dice3d", *cols[2:]]:
+                rec[f"{col}_ci_lo"], rec[f"{col}_ci_hi"] = bootstrap_ci(g, ci_resamples, seed, column=col)
         records.append(rec)
     return pd.DataFrame.from_records(records, columns=None if records else GROUP_KEYS)
 
@@ -235,7 +257,7 @@ def compare_to(df: "pd.DataFrame", reference_method: str, task: str | None = Non
             if ref is None or cur is None:
                 rec["note"] = "n/a: no results for " + (reference_method if ref is None else m)
             else:
-                common = cur.index.intersection(ref.index)
+                common = cur.dropna().index.intersection(ref.dropna().index)  # undefined case means drop out
                 rec["n_cases"] = len(common)
                 a = cur.loc[common].to_numpy(np.float64)
                 b = ref.loc[common].to_numpy(np.float64)

@@ -6,9 +6,11 @@ Statistics in the tables:
 - ``[lo, hi]`` under a mean: case-level cluster bootstrap 95% CI of that mean
   (:func:`wsss_bench.reporting.stats.bootstrap_ci`; resamples from the profile's ``bootstrap``
   section, seed = seed(base, task, "bootstrap"));
-- ``†`` after a Dice mean: the method's per-case mean Dice differs from CLDF's by the paired
-  two-sided Wilcoxon signed-rank test, Holm-corrected over the rows of that column, p < 0.05;
-  ``n/a`` where fewer than 6 test cases are shared (no test).
+- ``†`` after a Dice (HD95, ASSD) mean: the method's per-case mean of that metric differs from
+  CLDF's by the paired two-sided Wilcoxon signed-rank test, Holm-corrected over the rows of that
+  column, p < 0.05; ``n/a`` where fewer than 6 test cases are shared (no test);
+- ``n=45 of 50`` under an HD95/ASSD mean: the slices (volumes) where it is defined, under the
+  default empty rule (``docs/metrics.md``).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from wsss_bench.boundary import ALL_METRICS, BOUNDARY_METRICS, DEFAULT_EMPTY_RULE, check_rule, has_boundary, parse_metrics
 from wsss_bench.cache import atomic_write_bytes
 from wsss_bench.errors import UserError
 from wsss_bench.interfaces import Exporter, ReportTable
@@ -25,6 +28,7 @@ from wsss_bench.reporting.format import MISSING, _finite, fmt_p
 from wsss_bench.reporting.layout import (DEFAULT_TASK_LABELS, METRIC_LABELS, TABLES, TASK_ORDER, _NOTES, RowSpec,
                                          StatTable, _columns, _footer, _layout, _pick_gate, _tasks_in, available,
                                          cldf_references, gates_of)
+from wsss_bench.reporting.cases import cases_table
 from wsss_bench.reporting.load import REQUIRED_COLUMNS
 from wsss_bench.reporting.stats import classifier_gate_stats, compare_to, require_columns, volume_scores
 from wsss_bench.running.rundir import FailedCell
@@ -32,14 +36,29 @@ from wsss_bench.running.rundir import FailedCell
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+# --------------------------------------------------------------------------- metrics
+def table_metrics(df: "pd.DataFrame", metrics: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The metric columns to show: ``metrics`` (``--metrics``) checked against what the rows hold,
+    or by default Dice and IoU, plus HD95 and ASSD when the rows carry them."""
+    if metrics is None:
+        return ALL_METRICS if has_boundary(df) else ("dice", "iou")
+    chosen = parse_metrics(metrics)
+    missing = [m for m in chosen if m in BOUNDARY_METRICS and not has_boundary(df)]
+    if missing:
+        raise UserError(f"--metrics {','.join(chosen)}: these results have no {'/'.join(missing)} columns "
+                        "(they were made before boundary metrics were stored); re-run the cells, or leave "
+                        f"out {','.join(missing)}")
+    return chosen
+
+
 # --------------------------------------------------------------------------- tables
 def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequence[str] = ("all", "pos"),
                   methods: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
-                  metrics: Sequence[str] = ("dice", "iou"), data: str | None = None,
+                  metrics: Sequence[str] | None = None, data: str | None = None,
                   title: str | None = None, task_labels: Mapping[str, str] | None = None,
                   not_bold: Iterable[str] = (), ci_resamples: int = 0, per_volume: bool = False,
                   with_paper: bool = False, reference: str | None = None, stats: bool | None = None,
-                  failed: Sequence[FailedCell] = ()) -> StatTable:
+                  failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
     """Every method (rows) x task and metric (columns), one column block per entry of ``blocks``.
 
     ``gate=None`` picks gate=label when present, else the only gate.  ``not_bold`` names methods
@@ -48,9 +67,11 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
     from CLDF (``reference`` overrides which method that is).  ``per_volume`` adds a per-volume
     Dice column per task; ``with_paper`` the paper's value beside each all-slice column (the row
     mapping of :mod:`wsss_bench.reporting.paper`).  ``failed`` (from :func:`failed_cells`) fills the cells of
-    failed methods.  ``raw`` is the tidy aggregate of the shown cells.
+    failed methods.  ``raw`` is the tidy aggregate of the shown cells.  ``metrics`` default: see
+    :func:`table_metrics`; HD95/ASSD are averaged under ``empty_distance``.
     """
     require_columns(df, REQUIRED_COLUMNS, what="results")
+    metrics = table_metrics(df, metrics)
     gate = _pick_gate(df, gate)
     sel = df[df["gate"] == gate]
     failed = [f for f in failed if tasks is None or f.task in tasks]
@@ -73,7 +94,7 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
     cols, header, sub, groups = _columns(tasks, metrics, blocks, task_labels, per_volume=per_volume,
                                          with_paper=with_paper)
     rows, bold, raw, notes = _layout(sel, specs, cols, gate=gate, resamples=ci_resamples,
-                                     references=refs, failed=failed)
+                                     references=refs, failed=failed, empty_distance=empty_distance)
     notes = [_NOTES[b] for b in blocks] + notes
     return StatTable(title=title or f"Segmentation results (gate={gate})", header=["Method", *header],
                      rows=rows, bold=bold, footer=_footer(sel, gate, data, notes), raw=raw,
@@ -91,13 +112,13 @@ def _row_methods(method: str | Mapping[str, str | None] | Callable[[str], str | 
 
 def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequence[str],
                 gate: str = "label", supplementary_rows: Sequence[tuple[str, Any]] = (), *,
-                title: str = "", metrics: Sequence[str] = ("dice", "iou"), block: str = "all",
+                title: str = "", metrics: Sequence[str] | None = None, block: str = "all",
                 data: str | None = None, task_labels: Mapping[str, str] | None = None,
                 not_bold: Iterable[str] = (), bold_supplementary: bool = False,
                 ci_resamples: int = 0, per_volume: bool = False, stats: bool | None = None,
                 references: Mapping[str, str | None] | None = None,
                 paper_rows: Mapping[str, tuple[str, str]] | None = None,
-                failed: Sequence[FailedCell] = ()) -> StatTable:
+                failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
     """A paper-style table: the given (row label, method) rows in order, then the
     supplementary rows after a rule; cells ``mean±std`` or '—' where a method has no result.
 
@@ -110,6 +131,7 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
     ``supplementary`` flag.
     """
     require_columns(df, REQUIRED_COLUMNS, what="results")
+    metrics = table_metrics(df, metrics)
     gate = _pick_gate(df, gate)
     tasks = list(tasks)
     skip = set(not_bold)
@@ -128,7 +150,7 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
     cols, header, sub, groups = _columns(tasks, metrics, [block], task_labels, per_volume=per_volume,
                                          with_paper=bool(paper_rows))
     cells, bold, raw, notes = _layout(sel, specs, cols, gate=gate, resamples=ci_resamples,
-                                      references=refs, failed=failed)
+                                      references=refs, failed=failed, empty_distance=empty_distance)
     return StatTable(title=title, header=["Method", *header], rows=cells, bold=bold,
                      rules_after=[n_main - 1] if supplementary_rows and n_main else [],
                      footer=_footer(sel, gate, data, [_NOTES[block], *notes]), raw=raw,
@@ -137,7 +159,8 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
 
 def reference_table(df: "pd.DataFrame", table: str, gate: str = "label", *, with_paper: bool = False,
                     ci_resamples: int = 0, per_volume: bool = False, data: str | None = None,
-                    failed: Sequence[FailedCell] = ()) -> StatTable:
+                    failed: Sequence[FailedCell] = (), metrics: Sequence[str] | None = None,
+                    empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
     """Table 1, 2 or 3 of the paper (PROTOCOL section 9), rows filled by :mod:`wsss_bench.reporting.paper`.
 
     The footer names the method label that filled each row whose label differs from the
@@ -172,7 +195,8 @@ def reference_table(df: "pd.DataFrame", table: str, gate: str = "label", *, with
     paper_rows = {r: (table, r) for r in paper.NUMBERS[table]} if with_paper else None
     t = paper_table(df, main, tasks, gate, supp, title=f"{paper.TITLES[table]} (gate={gate})",
                     data=data, not_bold=paper.NOT_BOLD, ci_resamples=ci_resamples, per_volume=per_volume,
-                    paper_rows=paper_rows, references=cldf_references(sel, tasks), failed=failed)
+                    paper_rows=paper_rows, references=cldf_references(sel, tasks), failed=failed,
+                    metrics=metrics, empty_distance=empty_distance)
     filled = []
     for label, methods in [*main, *supp]:
         used = {t: m for t, m in methods.items() if m}
@@ -280,18 +304,27 @@ def classifier_table(df: "pd.DataFrame") -> ReportTable | None:
 def build_tables(df: "pd.DataFrame", table: str = "summary", gate: str | None = "all", *,
                  with_paper: bool = False, per_volume: bool = False, resamples: int = 0,
                  reference: str | None = None, failed: Sequence[FailedCell] = (),
-                 data: str | None = None) -> list[StatTable]:
-    """The tables ``wsss-bench report`` prints: one per gate (``gate="all"``: every gate held)."""
+                 data: str | None = None, metrics: Sequence[str] | str | None = None,
+                 empty_distance: str = DEFAULT_EMPTY_RULE) -> list[ReportTable]:
+    """The tables ``wsss-bench report`` prints: one per gate (``gate="all"``: every gate held);
+    ``table="cases"`` is one per-case table over the chosen gates."""
     if table not in TABLES:
         raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
-    out = []
+    check_rule(empty_distance)
+    chosen = table_metrics(df, metrics)
+    if table == "cases":
+        require_columns(df, REQUIRED_COLUMNS, what="results")
+        return [cases_table(df, empty_distance, chosen, gates=gates_of(df, gate), data=data)]
+    out: list[ReportTable] = []
     for g in gates_of(df, gate):
         if table == "summary":
             out.append(summary_table(df, g, blocks=("all", "pos"), ci_resamples=resamples, per_volume=per_volume,
-                                     with_paper=with_paper, reference=reference, failed=failed, data=data))
+                                     with_paper=with_paper, reference=reference, failed=failed, data=data,
+                                     metrics=chosen, empty_distance=empty_distance))
         else:
             out.append(reference_table(df, table, g, with_paper=with_paper, ci_resamples=resamples,
-                                       per_volume=per_volume, data=data, failed=failed))
+                                       per_volume=per_volume, data=data, failed=failed, metrics=chosen,
+                                       empty_distance=empty_distance))
     return out
 
 

@@ -161,7 +161,8 @@ def plan_bench(host, tables: Sequence[Path], seeds: list[int] | None, tasks: lis
 
 def execute_bench(cfg: RunConfig, host, executor, specs: list, cells: list[Cell], planned: list, *,
                   tables: Sequence[Path], only_tasks: list[str] | None, seeds: list[int] | None,
-                  failed_only: bool = False, collect_only: bool = False) -> BenchResult:
+                  failed_only: bool = False, collect_only: bool = False, metrics: str | None = None,
+                  empty_distance: str = "undefined") -> BenchResult:
     """Both bench phases into ``cfg.out``; writes results.parquet, manifest.json and tables.md."""
     t0 = time.perf_counter()
     rep = bn.run_bench(cfg, host, executor, cells, failed_only=failed_only, collect_only=collect_only)
@@ -176,8 +177,10 @@ def execute_bench(cfg: RunConfig, host, executor, specs: list, cells: list[Cell]
         "profile": dict(cfg.load_profile()), "data": {**old.get("data", {}), **rep["data"]},
         "phases": rep["phases"], "units": rep["units"], "cache_events": rep["cache_events"],
         "training_builds": bn.training_builds(rep["cache_events"]),
-        "not_available": [{"table": p.table, "row": p.row, "task": p.task, "why": p.error} for p in unavailable]})
+        "not_available": [{"table": p.table, "row": p.row, "task": p.task, "why": p.error} for p in unavailable],
+        "table_metrics": metrics, "empty_distance": empty_distance})
     text = bench_markdown(frame, planned, specs, resamples=int(load_profile(cfg.profile).bootstrap.resamples),
-                          failures=rundir.failed_cells(cfg.out), profile=cfg.profile)
+                          failures=rundir.failed_cells(cfg.out), profile=cfg.profile, metrics=metrics,
+                          empty_distance=empty_distance)
     rundir.write_tables(cfg.out, text)
     return BenchResult(Path(cfg.out), list(rep["cells"]), seconds, text, unavailable)

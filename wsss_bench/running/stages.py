@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from wsss_bench.boundary import score_cell
 from wsss_bench.cache import stable_hash
 from wsss_bench.context import RunContext
 from wsss_bench.errors import PluginError, UserError
@@ -93,12 +94,17 @@ def stage_gate(st: CellState) -> None:
 
 
 def stage_score(st: CellState) -> None:
-    """Dice and IoU per test slice and gate, against the test masks (read here only)."""
+    """Dice, IoU, HD95 and ASSD per test slice and gate, against the test masks (read here only);
+    HD95/ASSD of each case volume on its rows (``*_3d``, see :func:`wsss_bench.boundary.score_cell`)."""
     ctx, cell, test = st.ctx, st.cell, st.test
     data = ctx.task_data
     gt = data.masks(test)
     labels = data.labels[test].astype(int)
     p1 = st.p1
+    names, counts = np.unique(data.case_ids, return_counts=True)
+    spacing = data.spacing[test] if data.spacing is not None else np.ones((len(test), 3))
+    boundary = score_cell(st.pred, gt, {gate: st.gated[gate][1] for gate in GATES}, data.case_ids[test],
+                          data.z[test], spacing, dict(zip(names.tolist(), counts.tolist())))
     frames = []
     for gate in GATES:
         gated, passed = st.gated[gate]
@@ -108,7 +114,7 @@ def stage_score(st: CellState) -> None:
             "gate": gate, "case_id": data.case_ids[test], "z": data.z[test].astype(int), "split": "test",
             "label": labels, "fg_fraction": data.fg_fraction[test], "gt_area": gt.reshape(len(test), -1).sum(1),
             "pred_area": np.asarray(gated).reshape(len(test), -1).sum(1), "gate_pass": passed,
-            "classifier_p1": p1, "dice": dice, "iou": iou, "seed": cell.seed,
+            "classifier_p1": p1, "dice": dice, "iou": iou, **boundary[gate], "seed": cell.seed,
             "params": json.dumps({"sources": {n: dict(p) for n, p in cell.sources},
                                   "refiner": dict(cell.refiner_params)}, default=str),
         }))
