@@ -1,4 +1,4 @@
-"""How far do raw intensities get on the phantoms?  (PROTOCOL section 11, "Calibration".)
+"""How far do raw intensities get on the phantoms?  (docs/protocol.md section 11, "Calibration".)
 
 Per task, on the phantom of a profile (default: cpu):
 

@@ -11,10 +11,10 @@ each milestone scores both:
   loop of diffusion_check.py), mean intensity inside minus outside the brain mask (pixels
   with tissue in >= half of the label-1 training slices); real training slices give the
   target (the issue's goal: >= 80% of it);
-- **CDM saliency Dice** on the validation split: ``cdm`` maps (METHODS 8) through the
+- **CDM saliency Dice** on the validation split: ``cdm`` maps (docs/methods/diffusion.md) through the
   protocol's Otsu rule, mean Dice over positive validation slices;
 - **CDM-feature probe Dice** on the validation split: the ``cdm`` backbone's features
-  (METHODS 10) at 24 foreground and 24 background pixels of each of 96 positive training
+  (docs/methods/diffusion.md) at 24 foreground and 24 background pixels of each of 96 positive training
   slices, a logistic-regression probe (scikit-learn, standardised features), its p >= 0.5
   mask on every positive validation slice, mean Dice.  A diagnostic of how linearly the
   features separate the target; the training masks are read by this script only.

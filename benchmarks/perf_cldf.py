@@ -1,6 +1,6 @@
 """CLDF inference: peak memory and time per slice, streamed path vs the naive dense path.
 
-One test slice goes through CLDF's inference (METHODS 11 F) twice, each time in a fresh
+One test slice goes through CLDF's inference (docs/methods/cldf.md) twice, each time in a fresh
 subprocess so the peak resident memory of one path cannot hide in the other's:
 
 - **cldf** (what ``cldf.refine`` runs): a-bar_l = mean_t a_{l,t} at native resolution

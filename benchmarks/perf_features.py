@@ -1,4 +1,4 @@
-"""Feature-path memory and time, plus per-slice CDM / MG map times (METHODS sections 8-10).
+"""Feature-path memory and time, plus per-slice CDM / MG map times (docs/methods/diffusion.md).
 
 Embeds one slice through the CDM feature path (mean over t at native resolution, then
 chunked grid_sample gather -> decoder -> (S^2, 16) buffer) and through the naive path

@@ -6,7 +6,7 @@ paths and the profile's network sizes; the weights are random (the speed of a st
 depend on them), so nothing is trained beyond the timed steps:
 
 - ``cdm-train`` / ``cdm-train-bf16``: ``--cdm-steps`` iterations of ``train_cdm`` (fp32, bf16);
-- ``cdm-saliency``: the ``cdm`` source's maps (METHODS 8, 10 DDIM steps, two UNet passes
+- ``cdm-saliency``: the ``cdm`` source's maps (docs/methods/diffusion.md, 10 DDIM steps, two UNet passes
   each) on ``--slices`` test slices;
 - ``classifier-train``: one epoch of ``train_classifier``'s steps (the CAM classifier);
 - ``noisy-train``: ``--noisy-steps`` iterations of ``train_noisy_classifier``;

@@ -1,4 +1,4 @@
-"""AME-CAM (Chen et al. 2023), METHODS section 7: the ``amecam`` CAM source.
+"""AME-CAM (Chen et al. 2023), docs/methods/amecam.md: the ``amecam`` CAM source.
 
 Three trained stages, each its own shared model (cached safetensors, resumable, memoised),
 chained by their artifact keys so that a stage is retrained only when it or something it
@@ -15,14 +15,14 @@ depends on changes:
   is stage 1's key only, so ``amecam[stage2_epochs=N]`` retrains stage 2 alone.
 
 Final map: avg = mean(m_1..m_4, A) and cam = minmax(s * avg).  The polarity s is decided
-once per task and seed by the deletion test (METHODS 7, [inferred]) on <= 256 seeded
+once per task and seed by the deletion test (docs/methods/amecam.md, [inferred]) on <= 256 seeded
 label-1 training slices: delete the region minmax(s * avg) > 0.5 (set it to 0) and keep
 the s whose deletion lowers sigma(logit_4) more; a difference below 0.01 gives +1 with a
 warning.  It is a small cached artifact (``amecam-polarity``) and goes to the manifest with
 both drops (``amecam/polarity``).  The reference code's hard-coded ``1 - minmax(avg)`` is
 not copied.
 
-Mask: minmax(map) > 0.5 (PROTOCOL section 6).  Profile values: ``amecam`` section
+Mask: minmax(map) > 0.5 (docs/protocol.md section 6).  Profile values: ``amecam`` section
 (widths, output stride, SimCLR / stage-1 / stage-2 epochs, batch).  A profile whose deepest
 feature map would be 1x1 (InstanceNorm cannot normalise it) or whose batch is below 4
 (SimMax ranks within a batch) is refused before anything trains.

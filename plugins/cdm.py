@@ -1,6 +1,6 @@
-"""CDM saliency (Hu et al. 2023, Algorithm 1; xhu248/cond_ddpm_wsss), METHODS section 8.
+"""CDM saliency (Hu et al. 2023, Algorithm 1; xhu248/cond_ddpm_wsss), docs/methods/diffusion.md.
 
-Network: the task's shared CDM (METHODS 1.2), frozen; EMA weights where the profile has EMA.
+Network: the task's shared CDM (docs/methods/diffusion.md), frozen; EMA weights where the profile has EMA.
 
 Hyperparameters [reference code]: tau = 0.95, Q_ref = 400 on the 4000-step reference
 schedule, R = 10 deterministic DDIM steps (eta = 0).
@@ -18,7 +18,7 @@ Map, per image, with ab(i) = alpha-bar_ref(i) and a seeded eps per slice
         acc += x1 - x2
     map = sum_c |acc_c|  (``reduce=signed``: sum_c acc_c, the reference)  -> minmax
 
-Mask: Otsu per image on the min-max map (PROTOCOL section 6, ``mask_rule = "otsu"``).
+Mask: Otsu per image on the min-max map (docs/protocol.md section 6, ``mask_rule = "otsu"``).
 Classifier guidance is off (Algorithm 1 has none).  ``guidance_scale`` s > 0 guides each
 branch as guided-diffusion's ``ddim_sample`` + ``condition_score`` do, with the task's
 noisy classifier f and y = 1 for branch 1, y = 0 for the perturbed branch: the guidance

@@ -1,6 +1,6 @@
-"""CDM diffusion features (CLDF, METHODS section 10): the "CDM" row of Table 2.
+"""CDM diffusion features (CLDF, docs/methods/diffusion.md): the "CDM" row of Table 2.
 
-Network: the task's shared CDM (METHODS 1.2), frozen, EMA weights where the profile has EMA.
+Network: the task's shared CDM (docs/methods/diffusion.md), frozen, EMA weights where the profile has EMA.
 
 Hyperparameters:
 - timesteps t_ref = {1, 10, 50, 100} on the 4000-step reference scale, matched to harness

@@ -1,8 +1,8 @@
-"""CLDF refiner (Zeng et al., METHODS section 11): contrastive learning with diffusion features.
+"""CLDF refiner (Zeng et al., docs/methods/cldf.md): contrastive learning with diffusion features.
 
 A pixel decoder is trained with a supervised contrastive loss on *seed* pixels of the
 positive training slices, on top of frozen per-pixel features (the CDM's decoder
-activations, METHODS 10, or a Table 2 backbone); each test slice's embeddings are then split
+activations, docs/methods/diffusion.md, or a Table 2 backbone); each test slice's embeddings are then split
 into two clusters and the cluster holding the seeds is the mask.
 
 Map sources (the cell's ``--cam``) and the variants of Table 3:
@@ -13,26 +13,26 @@ Map sources (the cell's ``--cam``) and the variants of Table 3:
 - ``cldf[use_mg=false]`` with one CAM source: CAM+CL;
 - ``--cam mg``: MG+CL.
 
-Seeds (METHODS 11 A), each source's own mask rule (CAM: minmax > 0.5; MG: Otsu):
+Seeds (docs/methods/cldf.md), each source's own mask rule (CAM: minmax > 0.5; MG: Otsu):
 fg = cam AND mg, bg = NOT cam AND NOT mg (CAM+CL: cam / NOT cam; MG+CL: mg / NOT mg).
 Training seeds come from ``ctx.maps(source, "train")`` on the label-1 training slices and
 are cached as bit masks (artifact ``cldf-seeds``); their composition (fg / bg counts, the
 share of bg seeds inside tissue = non-zero input) goes to the manifest as ``cldf/seeds/train``,
 the test slices' as ``cldf/seeds/test``.
 
-Training (METHODS 11 B-E; :mod:`wsss_bench.nn.cldf`): batches of ``common.cldf_batch`` (4)
+Training (docs/methods/cldf.md; :mod:`wsss_bench.nn.cldf`): batches of ``common.cldf_batch`` (4)
 positive slices, reshuffled per epoch, ``profile.cldf.epochs`` epochs; per batch all fg
 seeds (capped at ``cldf.fg_cap``) and ``cldf.bg_per_batch`` bg seeds without replacement;
 features gathered at those pixels only; frozen standardisation from the first 16 batches'
 pixels; decoder D -> 16 x (decoder_depth - 1) -> out_dim; SupCon (cosine, tau); SGD lr 1.0,
 momentum 0.9.  The decoder is the shared model ``cldf-decoder`` (safetensors, resumable).
 
-Inference (METHODS 11 F), every test slice: embeddings streamed through the backbone in
+Inference (docs/methods/cldf.md), every test slice: embeddings streamed through the backbone in
 chunks into an (S^2, out_dim) buffer, L2-normalised, 2-means (k-means++, ``cldf.kmeans_restarts``
 restarts, <= 50 iterations, tol 1e-4, seeded per slice) over all pixels
 (``kmeans_region=all``, the paper) or the tissue only (``tissue``); the foreground is the
 cluster with more of the slice's seed-fg pixels (none: higher mean CAM, MG for MG+CL; tie:
-the smaller cluster).  Gating (PROTOCOL 7) is applied by the runner at evaluation.
+the smaller cluster).  Gating (docs/protocol.md §7) is applied by the runner at evaluation.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Built-in dataset plugins: BraTS21 and FLARE21 (PROTOCOL sections 2-3, 11).
+"""Built-in dataset plugins: BraTS21 and FLARE21 (docs/protocol.md sections 2-3, 11).
 
 The readers live in the core (``wsss_bench.data.readers``) because the data layer and its tests
 use them directly; this module only registers them.

@@ -1,11 +1,11 @@
-"""DiG (Yoon et al. 2024; yoon307/DiG), adapted: METHODS section 12.
+"""DiG (Yoon et al. 2024; yoon307/DiG), adapted: docs/methods/dig.md.
 
 A ViT CAM refined by cross-attention to low-resolution diffusion features, plus consistency
 with a denoised copy of the image.  Networks, losses and the training loop are in
 :mod:`wsss_bench.nn.dig`; this module wires them to the run.
 
 Diffusion source (``ddpm``):
-- ``shared`` (default) [inferred]: the task's frozen CDM (METHODS 1.2) with class label 1;
+- ``shared`` (default) [inferred]: the task's frozen CDM (docs/methods/diffusion.md) with class label 1;
 - ``separate`` [reference code]: DiG's own unconditional ``DiffusionModelUNet`` (the CDM's
   widths, ``num_class_embeds=None``), trained with the CDM's recipe (profile ``cdm``).
 

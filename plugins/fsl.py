@@ -1,4 +1,4 @@
-"""FSL: the fully supervised upper bound (METHODS section 13).
+"""FSL: the fully supervised upper bound (docs/methods/fsl.md).
 
 The row every WSSS table is read against: a MONAI ``UNet`` trained on the ground-truth masks
 of the non-ambiguous training slices [paper: "a UNet trained on ground truth"; every detail

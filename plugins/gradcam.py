@@ -1,6 +1,6 @@
-"""GradCAM (Selvaraju et al. 2017), METHODS section 2.
+"""GradCAM (Selvaraju et al. 2017), docs/methods/gradcam.md.
 
-Network: the shared CAM classifier (METHODS section 0), trained once per task and seed and
+Network: the shared CAM classifier (docs/methods/conventions.md), trained once per task and seed and
 reused by GradCAM++, ScoreCAM and LayerCAM.
 
 Target: the output A (K x h x w) of ``layer`` (default ``layer4``, the last stage) and the
@@ -13,7 +13,7 @@ Map, per image:
     a_k = mean_ij g_k,ij                      (channel weights)
     cam = ReLU(sum_k a_k A_k) -> Up to S x S -> minmax
 
-Mask: minmax(cam) > 0.5 (PROTOCOL section 6, ``mask_rule = "cam"``).
+Mask: minmax(cam) > 0.5 (docs/protocol.md section 6, ``mask_rule = "cam"``).
 
 Paper and reference code agree on every step.  One backward of sum_b y_b serves a batch;
 gradients are captured with tensor hooks (timm ResNets use in-place ReLU) and the layers

@@ -1,12 +1,12 @@
-"""GradCAM++ (Chattopadhay et al. 2018), METHODS section 3.
+"""GradCAM++ (Chattopadhay et al. 2018), docs/methods/gradcampp.md.
 
-Network: the shared CAM classifier (METHODS section 0), the one GradCAM, ScoreCAM and
+Network: the shared CAM classifier (docs/methods/conventions.md), the one GradCAM, ScoreCAM and
 LayerCAM use.
 
 Target: the output A (K x h x w) of ``layer`` (default ``layer4``) and y = logit[1], the raw
 logit of the positive class, for every image.
 
-Map, per image (the closed form of pytorch-grad-cam, METHODS section 3):
+Map, per image (the closed form of pytorch-grad-cam, docs/methods/gradcampp.md):
 
     g     = dy/dA
     a     = g^2 / (2 g^2 + (sum_ab A_k,ab) g^3 + 1e-6),   a = 0 where g = 0
@@ -14,7 +14,7 @@ Map, per image (the closed form of pytorch-grad-cam, METHODS section 3):
     cam   = ReLU(sum_k w_k A_k) -> Up to S x S -> minmax
 
 The paper's derivation through exp(score) only rescales every w_k by one positive factor,
-which min-max removes.  Mask: minmax(cam) > 0.5 (PROTOCOL section 6).
+which min-max removes.  Mask: minmax(cam) > 0.5 (docs/protocol.md section 6).
 
 Only the per-layer map differs from GradCAM; capture, the one backward per batch and the
 graph-free layers below the target come from wsss_bench.nn.cam.CamExtractor.

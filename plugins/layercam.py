@@ -1,6 +1,6 @@
-"""LayerCAM (Jiang et al. 2021), METHODS section 5.
+"""LayerCAM (Jiang et al. 2021), docs/methods/layercam.md.
 
-Network: the shared CAM classifier (METHODS section 0).  Score y = logit[1], the raw logit
+Network: the shared CAM classifier (docs/methods/conventions.md).  Score y = logit[1], the raw logit
 of the positive class, for every image.
 
 Single layer l [paper / official PengtaoJiang/LayerCAM], pixel-wise weights:
@@ -28,7 +28,7 @@ max and minmax.
 ``fusion=library`` (pytorch-grad-cam 1.5.7): per layer (cam_l - min) / (max - min + 1e-7)
 at the layer's resolution, Up, the mean over layers, min-max scaled again.
 
-Layers (``layers``, default ``layer2+layer3+layer4``, METHODS section 5 [inferred]).  A
+Layers (``layers``, default ``layer2+layer3+layer4``, docs/methods/layercam.md [inferred]).  A
 layer whose resolution is later reduced by a strided convolution receives gridded
 gradients (the stride's transpose scatters them onto every other pixel; the skip
 connections carry them back through the whole stage), which is why the official code hooks
@@ -40,7 +40,7 @@ followed by strides: the plugin warns and records it in the manifest
 (``layercam/strided_layers``); give ``layers=layer4`` or inner layer4 blocks there if the
 grid shows.
 
-Mask: minmax(map) > 0.5 (PROTOCOL section 6).
+Mask: minmax(map) > 0.5 (docs/protocol.md section 6).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from wsss_bench.context import RunContext
 
 FUSIONS = ("paper", "torchcam", "library")
-#: METHODS section 5: the layers fused by default
+#: docs/methods/layercam.md: the layers fused by default
 DEFAULT_LAYERS = ["layer2", "layer3", "layer4"]
 #: Eq. 9 of the paper: m_l = tanh(GAMMA * minmax(cam_l))
 GAMMA = 2.0
@@ -190,7 +190,7 @@ class LayerCAM(ClassifierCam):
             if gridded:
                 warnings.warn(
                     f"layercam: {', '.join(gridded)} feed(s) a strided convolution or pooling, so "
-                    f"their gradients are gridded (METHODS section 5); consider layers without a "
+                    f"their gradients are gridded (docs/methods/layercam.md); consider layers without a "
                     f"later stride, e.g. layers=layer4", stacklevel=2)
 
 

@@ -1,6 +1,6 @@
-"""Mean gradient map (MG), METHODS section 9: the noisy classifier's input gradients.
+"""Mean gradient map (MG), docs/methods/diffusion.md: the noisy classifier's input gradients.
 
-Network: the task's noisy classifier (METHODS 1.3), frozen, in eval.
+Network: the task's noisy classifier (docs/methods/diffusion.md), frozen, in eval.
 
 Hyperparameters: ``t_ref`` = the profile's ``mg.t_ref`` (paper: 10, 20, ..., 200 on the
 4000-step reference scale, matched to harness indices 2, 4, 7, ..., 49) [paper; mapping
@@ -17,7 +17,7 @@ Map, per image, with one fixed seeded eps_t per t shared by all slices (componen
 Provenance: [paper] positive class, t-set, gradient w.r.t. the noisy input, mean over t;
 [reference code] the log-softmax gradient (guided diffusion; CDM's visualize_gradient);
 [inferred] the sum of absolute values over channels (``reduce=signed`` for comparison),
-shared noise, minmax.  Mask: Otsu per image (PROTOCOL section 6, ``mask_rule = "otsu"``).
+shared noise, minmax.  Mask: Otsu per image (docs/protocol.md section 6, ``mask_rule = "otsu"``).
 One backward of the summed log-probabilities serves a batch (and several t at once): the
 classifier treats samples independently in eval, so each sample gets its own gradient.
 """

@@ -1,9 +1,9 @@
-"""ResNet features (METHODS section 14): the "ResNet18" and "ResNet50" rows of Table 2.
+"""ResNet features (docs/methods/backbones.md): the "ResNet18" and "ResNet50" rows of Table 2.
 
 Zeng et al. replace the diffusion features F of CLDF by the features of an ImageNet-style
 classifier trained with image-level labels only.  Here:
 
-- **network**: a timm ResNet trained with the CAM classifier's recipe (METHODS section 0:
+- **network**: a timm ResNet trained with the CAM classifier's recipe (docs/methods/conventions.md:
   CE, Adam 1e-4, wd 1e-5, cosine to 5e-6, epochs / batch from ``profile.classifier``, best
   validation AUC).  The profile holds two such networks, ``cam_classifier`` and
   ``table2_resnet``; backbone ``resnet18`` uses whichever of the two has arch resnet18 and

@@ -1,6 +1,6 @@
-"""ScoreCAM (Wang et al. 2020), METHODS section 4.
+"""ScoreCAM (Wang et al. 2020), docs/methods/scorecam.md.
 
-Network: the shared CAM classifier (METHODS section 0).  Target: the output A (K x h x w)
+Network: the shared CAM classifier (docs/methods/conventions.md).  Target: the output A (K x h x w)
 of ``layer`` (default ``layer4``); class 1, the positive class, for every image.  No
 gradient is used: each channel is scored by re-running the classifier on the input masked
 by that channel's upsampled, min-max scaled activation.
@@ -30,7 +30,7 @@ before version 2): as ``paper`` without the baseline term, s_k = softmax(f(x * H
     w   = softmax over the K channels of s
     cam = ReLU(sum_k w_k A_k)                       at activation resolution -> Up -> minmax
 
-Mask: minmax(cam) > 0.5 (PROTOCOL section 6).
+Mask: minmax(cam) > 0.5 (docs/protocol.md section 6).
 
 Hyperparameter: ``chunk``, how many masked inputs go through the classifier at once
 (profile ``scorecam.chunk``: 64 paper, 128 cpu and smoke; ``chunk=0`` takes the profile's).
@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from wsss_bench.context import RunContext
 
 VARIANTS = ("paper", "official", "library")
-#: METHODS section 4: masked inputs per forward when neither the parameter nor a profile says
+#: docs/methods/scorecam.md: masked inputs per forward when neither the parameter nor a profile says
 DEFAULT_CHUNK = 64
 #: pytorch-grad-cam's epsilon in the library variant's mask scaling
 LIBRARY_EPS = 1e-8
@@ -254,7 +254,7 @@ class ScoreCAM(ClassifierCam):
 
 
 def profile_chunk(ctx: Any) -> int:
-    """The profile's ``scorecam.chunk`` (PROTOCOL section 10), else METHODS' 64."""
+    """The profile's ``scorecam.chunk`` (docs/protocol.md section 10), else the spec's 64."""
     section = getattr(getattr(ctx, "profile", None), "scorecam", None)
     value = getattr(section, "chunk", None) if section is not None else None
     if value is None and isinstance(section, dict):

@@ -1,4 +1,4 @@
-"""SEAM (Wang et al. 2020; YudeWang/SEAM), METHODS section 6: the ``seam`` CAM source.
+"""SEAM (Wang et al. 2020; YudeWang/SEAM), docs/methods/seam.md: the ``seam`` CAM source.
 
 Network: the SEAM network of :mod:`wsss_bench.nn.seam`, the profile's CAM-classifier
 architecture (``cam_classifier``: arch and widths) at output stride 8 with a 2-channel CAM
@@ -7,12 +7,12 @@ shared model (``seam``), trained once per task and seed on the non-ambiguous tra
 slices with L = L_cls + L_ER + L_ECR on the image and its rescaled (``seam.view_scale``)
 view, flipped on BraTS; resumable; cached as safetensors.
 
-Map, per image (METHODS 6, inference):
+Map, per image (docs/methods/seam.md, inference):
 
     m = minmax( ReLU( sum over s in seam.tta_scales, flip in {no, yes} (BraTS only)
                       of Up_SxS(cam_rv(x_s)[fg]), flipped back ) )
 
-Mask: minmax(m) > 0.5 (PROTOCOL section 6, ``mask_rule = "cam"``).
+Mask: minmax(m) > 0.5 (docs/protocol.md section 6, ``mask_rule = "cam"``).
 
 Parameter ``bg`` [reference code option]: ``none`` (default, the protocol's 0.5 threshold)
 or a background score in (0, 1) such as 0.26, the reference's ``out_cam_pred_alpha``: the

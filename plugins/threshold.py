@@ -1,4 +1,4 @@
-"""Threshold: the protocol's map-to-mask rules (PROTOCOL section 6) as a refiner.
+"""Threshold: the protocol's map-to-mask rules (docs/protocol.md section 6) as a refiner.
 
 - ``cam``: per-image min-max to [0, 1], then > ``value`` (0.5 in the protocol);
   GradCAM, GradCAM++, ScoreCAM, LayerCAM, SEAM, AME-CAM, DiG.

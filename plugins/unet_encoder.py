@@ -1,6 +1,6 @@
-"""Noisy-classifier encoder features (METHODS section 14): the "UNet encoder" row of Table 2.
+"""Noisy-classifier encoder features (docs/methods/backbones.md): the "UNet encoder" row of Table 2.
 
-Network: the task's noisy classifier (METHODS 1.3), "the same backbone as the CDM encoder,
+Network: the task's noisy classifier (docs/methods/diffusion.md), "the same backbone as the CDM encoder,
 without conditioning", frozen, in eval.
 
 Features [paper: the source; inferred: blocks and t-averaging]: every down block's output of

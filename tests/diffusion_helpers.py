@@ -1,5 +1,5 @@
 """Shared by the diffusion tests: fully random tiny networks, a fake run context, and
-independent float64 references written from METHODS sections 1, 8, 9 and 10.
+independent float64 references written from docs/methods/diffusion.md.
 
 Why every parameter is randomised: MONAI zero-initialises the second convolution of every
 res block, the attention output projections and the output convolution (``zero_module``).
@@ -128,7 +128,7 @@ def slice_batch(images: torch.Tensor, first_z: int = 3) -> SliceBatch:
                       case_ids=[f"case{i}" for i in range(n)], z=[first_z + i for i in range(n)])
 
 
-# ---------------------------------------------------------------- schedules (METHODS 1.1)
+# ---------------------------------------------------------------- schedules (docs/methods/diffusion.md)
 @lru_cache(maxsize=None)
 def harness_ab() -> torch.Tensor:
     """alpha-bar of MONAI's DDPMScheduler(1000, cosine), straight from MONAI, float64."""
@@ -166,7 +166,7 @@ def q_sample(x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
     return math.sqrt(a) * x0.double() + math.sqrt(1 - a) * eps.double()
 
 
-# ---------------------------------------------------------------- CDM saliency (METHODS 8)
+# ---------------------------------------------------------------- CDM saliency (docs/methods/diffusion.md)
 def reference_cdm_difference(unet, x0: torch.Tensor, noise: torch.Tensor, tau: float = 0.95, q: int = 400,
                              steps: int = 10, guidance_scale: float = 0.0, classifier=None,
                              stats: dict | None = None) -> torch.Tensor:
@@ -225,7 +225,7 @@ def reference_cdm_map(acc: torch.Tensor) -> torch.Tensor:
     return (m - lo) / (hi - lo)
 
 
-# ---------------------------------------------------------------- features (METHODS 10)
+# ---------------------------------------------------------------- features (docs/methods/diffusion.md)
 def reference_features(unet, images: torch.Tensor, ts, noises, blocks, size: int, label: int = 1) -> torch.Tensor:
     """mean_t concat_l Up(output of up_blocks[l]) for x_t = q_sample(2x - 1, eps_t, t), float64 (B, D, S, S)."""
     net = copy.deepcopy(unet).double().eval()
@@ -245,7 +245,7 @@ def reference_features(unet, images: torch.Tensor, ts, noises, blocks, size: int
     return torch.stack(per_t).mean(0)
 
 
-# ---------------------------------------------------------------- MG (METHODS 9)
+# ---------------------------------------------------------------- MG (docs/methods/diffusion.md)
 def reference_mean_gradient(model, images: torch.Tensor, ts, noises, h: float = 1e-6) -> torch.Tensor:
     """mean_t sum_c |d log softmax(f(x_t, t))[1] / d x_t| by central differences, float64 (B, S, S)."""
     net = copy.deepcopy(model).double().eval()

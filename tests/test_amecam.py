@@ -1,4 +1,4 @@
-"""AME-CAM (METHODS section 7): mechanism tests of the networks, losses, trainings and plugin."""
+"""AME-CAM (docs/methods/amecam.md): mechanism tests of the networks, losses, trainings and plugin."""
 from __future__ import annotations
 
 import math

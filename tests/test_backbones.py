@@ -1,4 +1,4 @@
-"""Table 2 feature backbones (METHODS section 14): dimensions, gather = dense Up + index,
+"""Table 2 feature backbones (docs/methods/backbones.md): dimensions, gather = dense Up + index,
 streaming, the networks each row uses, and no dense (B, D, S, S) tensor."""
 from __future__ import annotations
 

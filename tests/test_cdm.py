@@ -1,4 +1,4 @@
-"""CDM saliency (METHODS section 8): Algorithm 1 against an independent float64 reference.
+"""CDM saliency (docs/methods/diffusion.md): Algorithm 1 against an independent float64 reference.
 
 The UNet has every parameter random (tests/diffusion_helpers.py): a fresh MONAI UNet has
 zero-initialised output layers, predicts eps = 0 and would let a fake saliency pass.

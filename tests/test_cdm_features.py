@@ -1,4 +1,4 @@
-"""CDM diffusion features (METHODS section 10): gather, mean-then-Up, streaming, block choice.
+"""CDM diffusion features (docs/methods/diffusion.md): gather, mean-then-Up, streaming, block choice.
 
 The UNet has every parameter random (tests/diffusion_helpers.py): in a fresh MONAI UNet the
 zero-initialised res blocks make the up-block outputs independent of t and of the label, so
@@ -42,7 +42,7 @@ def backbone(unet, monkeypatch, **params):
     return bb, ctx
 
 
-#: METHODS 10: t_ref {1, 10, 50, 100} on the 4000-step scale are harness {0, 2, 12, 24}
+#: docs/methods/diffusion.md: t_ref {1, 10, 50, 100} on the 4000-step scale are harness {0, 2, 12, 24}
 HARNESS_T = [0, 2, 12, 24]
 
 
@@ -179,7 +179,7 @@ def test_blocks_and_feature_dim_follow_the_profiles(monkeypatch):
         blocks = dfeat.select_blocks(prof.cldf.feature_blocks, prof.cdm_unet, prof.image_size)
         assert blocks == want
         assert dfeat.feature_dim(prof.cdm_unet, blocks) == prof.cldf.feature_dim  # 1024, 112, 40
-        # the METHODS rule gives the same choice ("auto"): paper 32..128 px; cpu falls back to all
+        # the the spec rule gives the same choice ("auto"): paper 32..128 px; cpu falls back to all
         assert dfeat.select_blocks("auto", prof.cdm_unet, prof.image_size) == want
     assert dfeat.up_block_resolutions(6, 256) == [16, 32, 64, 128, 256, 256]
     assert dfeat.select_blocks("up 0,2", SMOKE.cdm_unet, 32) == [0, 2]

@@ -1,4 +1,4 @@
-"""wsss_bench.nn.classifier: the CAM classifier of METHODS section 0."""
+"""wsss_bench.nn.classifier: the CAM classifier of docs/methods/conventions.md."""
 from __future__ import annotations
 
 import numpy as np

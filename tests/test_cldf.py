@@ -1,4 +1,4 @@
-"""CLDF (METHODS section 11): seeds, sampling, decoder, SupCon, k-means, the toy, the plugin.
+"""CLDF (docs/methods/cldf.md): seeds, sampling, decoder, SupCon, k-means, the toy, the plugin.
 
 Every mechanism is checked against an independent reference: a float64 Python loop for
 SupCon, hand-built masks for the seeds, scikit-learn's KMeans for the inertia, a toy with a

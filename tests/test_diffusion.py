@@ -1,4 +1,4 @@
-"""Diffusion core (METHODS section 1): schedules, match(), the CDM and resumable training."""
+"""Diffusion core (docs/methods/diffusion.md): schedules, match(), the CDM and resumable training."""
 from __future__ import annotations
 
 import math
@@ -122,7 +122,7 @@ def test_add_noise_is_q_sample_and_timesteps_are_long_vectors():
 
 # ---------------------------------------------------------------- the CDM network
 def check_unet_against_profile(unet, spec, channels: int) -> None:
-    """Every architectural number of METHODS 1.2 / the profile's cdm_unet, block by block."""
+    """Every architectural number of docs/methods/diffusion.md / the profile's cdm_unet, block by block."""
     ch, n_res = list(spec.channels), int(spec.res_blocks)
     attn, heads = [bool(a) for a in spec.attention], int(spec.head_channels)
     assert unet.conv_in.conv.in_channels == channels and unet.conv_in.conv.out_channels == ch[0]

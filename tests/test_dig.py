@@ -1,4 +1,4 @@
-"""DiG (METHODS section 12): mechanism tests of the ViT, LFCA, losses, features, cache and training.
+"""DiG (docs/methods/dig.md): mechanism tests of the ViT, LFCA, losses, features, cache and training.
 
 References are independent of the code under test: ``torch.nn.MultiheadAttention`` for the
 attention weights, float64 loops for rcams, ``torch.distributions`` for the Bernoulli KL, a

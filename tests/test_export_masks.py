@@ -1,4 +1,4 @@
-"""Predicted masks back in the source volume's space (PROTOCOL section 4 inverted), as NIfTI."""
+"""Predicted masks back in the source volume's space (docs/protocol.md section 4 inverted), as NIfTI."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""FSL upper bound (METHODS section 13): it learns from masks, resumes exactly, and is the one
+"""FSL upper bound (docs/methods/fsl.md): it learns from masks, resumes exactly, and is the one
 plugin the data view hands training masks to."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GradCAM (METHODS section 2) and the CAM template it uses (wsss_bench.nn.cam)."""
+"""GradCAM (docs/methods/gradcam.md) and the CAM template it uses (wsss_bench.nn.cam)."""
 from __future__ import annotations
 
 import importlib
@@ -90,7 +90,7 @@ class ToyCAMNet(nn.Module):
 
 
 def test_weights_are_fc_weights_over_z_so_gradcam_is_classic_cam():
-    """METHODS section 2: alpha_k = w_k / Z, so minmax(GradCAM) = minmax(ReLU(sum_k w_k A_k))."""
+    """docs/methods/gradcam.md: alpha_k = w_k / Z, so minmax(GradCAM) = minmax(ReLU(sum_k w_k A_k))."""
     torch.manual_seed(0)
     net = ToyCAMNet().double().eval()
     x = torch.rand(3, 2, 9, 7, dtype=torch.float64)

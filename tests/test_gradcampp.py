@@ -1,4 +1,4 @@
-"""GradCAM++ (METHODS section 3): equality with pytorch-grad-cam 1.5.7 and the naive formula."""
+"""GradCAM++ (docs/methods/gradcampp.md): equality with pytorch-grad-cam 1.5.7 and the naive formula."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -62,7 +62,7 @@ def test_equals_pytorch_grad_cam(in_chans):
 
 # --------------------------------------------------------------------------- mechanism
 def naive_weights(a: np.ndarray, g: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """METHODS section 3 element by element: a_kij, then w_k = sum_ij a_kij ReLU(g_kij)."""
+    """docs/methods/gradcampp.md element by element: a_kij, then w_k = sum_ij a_kij ReLU(g_kij)."""
     b, k, h, w = a.shape
     out = np.zeros((b, k))
     for bi in range(b):

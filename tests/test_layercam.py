@@ -1,4 +1,4 @@
-"""LayerCAM (METHODS section 5): the single-layer map, both fusions, layer choice, the plugin."""
+"""LayerCAM (docs/methods/layercam.md): the single-layer map, both fusions, layer choice, the plugin."""
 from __future__ import annotations
 
 import importlib
@@ -114,7 +114,7 @@ def naive_minmax(m: torch.Tensor) -> torch.Tensor:
 
 
 def test_paper_fusion_scales_the_shallow_layers_only():
-    """METHODS 5: paper = max(tanh(2 mm(cam_1)), tanh(2 mm(cam_2)), mm(cam_3)) exactly, then minmax;
+    """docs/methods/layercam.md: paper = max(tanh(2 mm(cam_1)), tanh(2 mm(cam_2)), mm(cam_3)) exactly, then minmax;
     torchcam = max_l tanh(2 mm(ReLU cam_l)); library = minmax(mean_l mm(cam_l)); they differ."""
     relu_maps = [torch.relu(m) for m in hand_built_maps()]  # layer maps are ReLU'd by layer_map
     net = nn.Sequential(nn.Conv2d(1, 1, 1))

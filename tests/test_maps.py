@@ -1,4 +1,4 @@
-"""wsss_bench.maps: minmax, Up, the CAM rule and the Otsu rule (METHODS section 0)."""
+"""wsss_bench.maps: minmax, Up, the CAM rule and the Otsu rule (docs/methods/conventions.md)."""
 from __future__ import annotations
 
 import numpy as np

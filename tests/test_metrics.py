@@ -1,4 +1,4 @@
-"""Metrics, gates, aggregates and statistics on hand-made inputs (PROTOCOL sections 7-8)."""
+"""Metrics, gates, aggregates and statistics on hand-made inputs (docs/protocol.md sections 7-8)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Mean gradient map (METHODS section 9) and the noisy classifier it uses (METHODS 1.3).
+"""Mean gradient map (docs/methods/diffusion.md) and the noisy classifier it uses (docs/methods/diffusion.md).
 
 The reference for MG is float64 central differences of log softmax(f(x_t, t))[1] written
 in tests/diffusion_helpers.py, on a noisy classifier with every parameter random; it calls

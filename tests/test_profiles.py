@@ -49,7 +49,7 @@ def test_overrides_change_values_keep_types_and_name_bad_keys():
 
 
 def test_cpu_phantom_splits_can_rank():
-    """PROTOCOL 10: every cpu-profile phantom test split holds >= 10 cases (the measured
+    """docs/protocol.md §10: every cpu-profile phantom test split holds >= 10 cases (the measured
     positive-slice counts, >= 150 per task, are in docs/profiles.md)."""
     cpu = load_profile("cpu")
     for key, phantom in (("brats", cpu.brain_phantom), ("flare", cpu.abdomen_phantom)):

@@ -1,4 +1,4 @@
-"""Loading results, laying out tables and exporting them (PROTOCOL section 9)."""
+"""Loading results, laying out tables and exporting them (docs/protocol.md section 9)."""
 from __future__ import annotations
 
 import importlib
@@ -399,7 +399,7 @@ def test_latex_paper_layout_rules_bold_footer(tmp_path):
     assert "ScoreCAM & --- & 0.318$\\pm$0.11" in text  # not run: dash beside the paper value
     foot = t.footer
     for needle in ["gate=label", "profile=smoke", "seed=0", "data=phantom", "Wilcoxon", "bootstrap",
-                   "CLDF = amecam+mg+cldf (BraTS21), layercam+mg+cldf (Kidney)", "PROTOCOL 13"]:
+                   "CLDF = amecam+mg+cldf (BraTS21), layercam+mg+cldf (Kidney)", "docs/protocol.md §13"]:
         assert needle in foot, needle
     check_latex(text, tmp_path)
 
@@ -426,9 +426,9 @@ def test_latex_check_catches_broken_tables(tmp_path):
 
 
 def test_paper_numbers_are_protocol_13():
-    text = Path("/work/shared/PROTOCOL.md")
+    text = Path("/work/shared/docs/protocol.md")
     if not text.is_file():
-        pytest.skip("PROTOCOL.md is not beside the checkout")
+        pytest.skip("docs/protocol.md is not beside the checkout")
     proto = text.read_text()
     for table, section in (("table1", "### 13.1"), ("table2", "### 13.2"), ("table3", "### 13.3")):
         block = proto.split(section, 1)[1].split("###", 1)[0]

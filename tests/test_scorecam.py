@@ -1,4 +1,4 @@
-"""ScoreCAM (METHODS section 4): the three variants, the shortcuts, and pytorch-grad-cam 1.5.7."""
+"""ScoreCAM (docs/methods/scorecam.md): the three variants, the shortcuts, and pytorch-grad-cam 1.5.7."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -192,7 +192,7 @@ def test_paper_map_is_finite_and_empty_when_no_channel_raises_the_confidence():
 @pytest.mark.parametrize("const", [0.0, 0.7, 1e3])
 @pytest.mark.parametrize("variant", ["paper", "official", "library"])
 def test_constant_channel_gives_finite_maps(variant, const):
-    """METHODS 4 (a) and (b): no NaN with a constant channel; library weights sum to 1."""
+    """docs/methods/scorecam.md (a) and (b): no NaN with a constant channel; library weights sum to 1."""
     torch.manual_seed(1)
     net = TinyNet(const=const).eval()
     x = torch.rand(2, 2, 16, 16)
@@ -262,7 +262,7 @@ class DiscNet(nn.Module):
 
 @pytest.mark.parametrize("variant", ["paper", "official", "library"])
 def test_cam_peaks_in_the_disc(variant):
-    """METHODS 4 (c): if the logit is the mean intensity inside a disc, the CAM peaks there."""
+    """docs/methods/scorecam.md (c): if the logit is the mean intensity inside a disc, the CAM peaks there."""
     net = DiscNet().eval()
     x = torch.full((2, 1, 32, 32), 0.5)
     x[1] += 0.1 * torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,7 @@
-"""SEAM (METHODS section 6): PCM, losses, training, geometry checks and the ``seam`` CAM source.
+"""SEAM (docs/methods/seam.md): PCM, losses, training, geometry checks and the ``seam`` CAM source.
 
 The references here are independent: float64 loops for the PCM and the losses, and the
-mechanism checks METHODS lists (a)-(d).
+mechanism checks the spec lists (a)-(d).
 """
 from __future__ import annotations
 

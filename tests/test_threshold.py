@@ -1,4 +1,4 @@
-"""plugins/threshold.py: the protocol's map-to-mask rules as a refiner (PROTOCOL section 6)."""
+"""plugins/threshold.py: the protocol's map-to-mask rules as a refiner (docs/protocol.md section 6)."""
 from __future__ import annotations
 
 import importlib

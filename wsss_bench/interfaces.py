@@ -152,7 +152,7 @@ class CamSource(Plugin):
     """Produces an activation map per image."""
 
     kind: ClassVar[str] = "cam"
-    #: how a map becomes a mask (PROTOCOL section 6): "cam" = minmax > 0.5, "otsu" = Otsu
+    #: how a map becomes a mask (docs/protocol.md section 6): "cam" = minmax > 0.5, "otsu" = Otsu
     mask_rule: ClassVar[str] = "cam"
 
     def prepare(self, ctx: "RunContext") -> None:

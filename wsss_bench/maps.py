@@ -1,14 +1,14 @@
-"""Map helpers shared by every CAM source and refiner (METHODS section 0, PROTOCOL section 6).
+"""Map helpers shared by every CAM source and refiner (docs/methods/conventions.md, docs/protocol.md section 6).
 
 All functions are batched torch code that runs on whatever device the maps live on:
 
 - :func:`minmax` per-image min-max scaling to [0, 1] (zeros for a constant map);
-- :func:`upsample` bilinear resize with ``align_corners=False`` ("Up" in METHODS);
+- :func:`upsample` bilinear resize with ``align_corners=False`` ("Up" in the spec);
 - :func:`binarize_cam` the CAM rule, ``minmax(m) > 0.5``;
 - :func:`otsu_masks` the Otsu rule, equal to ``skimage.filters.threshold_otsu(nbins=256)``
   on ``minmax(m)``, vectorised over the batch.
 
-A constant map gives an empty mask under both rules (PROTOCOL section 6).
+A constant map gives an empty mask under both rules (docs/protocol.md section 6).
 """
 from __future__ import annotations
 

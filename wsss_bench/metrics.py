@@ -1,4 +1,4 @@
-"""Per-slice metrics and gates: what a cell computes (PROTOCOL sections 7-8).
+"""Per-slice metrics and gates: what a cell computes (docs/protocol.md sections 7-8).
 
 Dice = 2|P∩G| / (|P| + |G|) and IoU = |P∩G| / |P∪G| in float64, with no smoothing epsilon.
 Empty rule: if |G| = 0 both are 1 when |P| = 0 and 0 otherwise.  MONAI's DiceMetric uses

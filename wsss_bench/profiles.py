@@ -1,4 +1,4 @@
-"""Profiles: every value of PROTOCOL.md section 10, read from ``profiles.toml``.
+"""Profiles: every value of docs/protocol.md section 10, read from ``profiles.toml``.
 
 A profile is a plain nested dict with attribute access (``profile.classifier.epochs``).
 ``COMMON`` holds the values that are identical across profiles.

@@ -15,13 +15,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass(frozen=True)
 class TaskDef:
-    """One binary segmentation task of a dataset (PROTOCOL section 1)."""
+    """One binary segmentation task of a dataset (docs/protocol.md section 1)."""
 
     task_id: str
     dataset: str
     foreground: tuple[int, ...] | None  # label ids that are foreground; None = any label > 0
     channels: int
-    flips: bool  # flip augmentation / TTA allowed (BraTS only, METHODS section 0)
+    flips: bool  # flip augmentation / TTA allowed (BraTS only, docs/methods/conventions.md)
     cldf_cam: str  # the CAM source CLDF uses for this task
 
 

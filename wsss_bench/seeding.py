@@ -1,4 +1,4 @@
-"""Per-component seeds (PROTOCOL section 12).
+"""Per-component seeds (docs/protocol.md section 12).
 
 seed(component) = first 8 bytes of sha256(f"{base_seed}|{task}|{component}"), little-endian,
 mod 2**63.  Every stage derives its own seed, so adding a stage never shifts another's.

@@ -1,4 +1,4 @@
-"""Synthetic FLARE21-like abdominal CT phantom (PROTOCOL section 11, "Abdomen").
+"""Synthetic FLARE21-like abdominal CT phantom (docs/protocol.md section 11, "Abdomen").
 
 Writes the official layout ``<out>/TrainingImg/train_{i:03d}_0000.nii.gz`` (int16 HU) +
 ``<out>/TrainingMask/train_{i:03d}.nii.gz`` (uint8: 1 liver, 2 kidneys, 3 spleen, 4 pancreas),

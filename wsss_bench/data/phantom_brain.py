@@ -1,4 +1,4 @@
-"""Synthetic BraTS-like brain phantom (PROTOCOL section 11, "Brain").
+"""Synthetic BraTS-like brain phantom (docs/protocol.md section 11, "Brain").
 
 Writes ``<out>/BraTS2021_{i:05d}/BraTS2021_{i:05d}_{flair,t1,t1ce,t2,seg}.nii.gz``: float32
 images, uint8 labels {0, 1 core, 2 oedema, 4 enhancing rim}, LPS-style affine diag(-s, -s, s).

@@ -1,4 +1,4 @@
-"""Building blocks shared by the brain and abdomen phantoms (PROTOCOL section 11).
+"""Building blocks shared by the brain and abdomen phantoms (docs/protocol.md section 11).
 
 Everything is vectorised numpy on a millimetre grid centred on the field of view.  Volumes are
 built in RAS voxel order (index increases towards patient right / anterior / superior) and

@@ -1,4 +1,4 @@
-"""Volume -> slices (PROTOCOL section 4.2): resize the shorter in-plane side to S, centre-crop.
+"""Volume -> slices (docs/protocol.md section 4.2): resize the shorter in-plane side to S, centre-crop.
 
 A volume is ``(C, X, Y, Z)`` in RAS order; slices are taken along the third axis, so a slice is
 ``(C, X, Y)`` (row = x towards patient right, column = y towards anterior).

@@ -1,4 +1,4 @@
-"""NIfTI readers of the built-in datasets (PROTOCOL sections 2-3).
+"""NIfTI readers of the built-in datasets (docs/protocol.md sections 2-3).
 
 Every volume is reoriented to RAS with ``nibabel.as_closest_canonical`` (a pure axis
 permutation/flip, no resampling) before anything else.  Bad input raises :class:`UserError`
@@ -175,7 +175,7 @@ def _orientation_error(case: str, a: Path, b: Path) -> UserError:
 
 # --------------------------------------------------------------------------- BraTS
 class BratsDataset(DatasetSource):
-    """BraTS21 Task 1 layout: four MR modalities + seg per case folder (PROTOCOL section 2)."""
+    """BraTS21 Task 1 layout: four MR modalities + seg per case folder (docs/protocol.md section 2)."""
 
     name: ClassVar[str] = "brats"
     version: ClassVar[str] = "2"
@@ -286,7 +286,7 @@ def flare_layout(root: Path) -> str:
 
 
 class Flare21Dataset(DatasetSource):
-    """FLARE21 abdominal CT, official or nnU-Net layout (PROTOCOL section 3)."""
+    """FLARE21 abdominal CT, official or nnU-Net layout (docs/protocol.md section 3)."""
 
     name: ClassVar[str] = "flare21"
     version: ClassVar[str] = "2"

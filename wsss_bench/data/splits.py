@@ -1,4 +1,4 @@
-"""Case-level splits, image-level slice labels and the test-set composition (PROTOCOL 4.3-5).
+"""Case-level splits, image-level slice labels and the test-set composition (docs/protocol.md §4.3-5).
 
 All rounding is round(x) = floor(x + 0.5), done in exact rational arithmetic.
 """
@@ -27,7 +27,7 @@ def split_sizes(n: int, rule: str) -> tuple[int, int, int]:
     - ``tenths`` (BraTS): n_val = n_test = max(1, round(0.1 n)), the rest train;
     - ``flare21``: n_train = round(n 211/361), n_val = max(1, round(n 50/361)), the rest test;
     - ``counts:A/B/C`` (phantoms of a profile with ``phantom_split``): exactly A/B/C cases,
-      for n = A + B + C (PROTOCOL 10: phantoms may get a larger test share than real data).
+      for n = A + B + C (docs/protocol.md §10: phantoms may get a larger test share than real data).
     """
     if rule.startswith("counts:"):
         try:

@@ -15,7 +15,7 @@
   the NIfTI header, for the boundary metrics (``wsss_bench.data.spacing``);
 - ``build.json`` how this copy was built (seconds, jobs, resumed cases); ``done`` written last.
 
-Building (PROTOCOL sections 4 and 12, issue "real data at full scale"):
+Building (docs/protocol.md sections 4 and 12, issue "real data at full scale"):
 
 1. the case list is validated and every case's geometry is read from its NIfTI headers alone,
    so the row range of every case in the final arrays is known before any voxel is decoded;

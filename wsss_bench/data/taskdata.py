@@ -1,4 +1,4 @@
-"""One task's slices, labels and splits, ready for the methods (PROTOCOL sections 4-5).
+"""One task's slices, labels and splits, ready for the methods (docs/protocol.md sections 4-5).
 
 :func:`load_task_data` is the single entry point: it writes the phantom when no data root is
 given, builds (or reuses) the dataset's slice store, labels the slices for the task, splits the

@@ -1,6 +1,6 @@
 """Shared networks and training loops.
 
-- :mod:`wsss_bench.nn.classifier`: the CAM classifier of METHODS section 0 (build, train,
+- :mod:`wsss_bench.nn.classifier`: the CAM classifier of docs/methods/conventions.md (build, train,
   predict).
 - :mod:`wsss_bench.nn.cam`: the template every CAM method derives from (hooks, one backward,
   per-layer maps).

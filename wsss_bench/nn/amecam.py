@@ -1,4 +1,4 @@
-"""AME-CAM (Chen et al. 2023), METHODS section 7: networks, losses and the three trainings.
+"""AME-CAM (Chen et al. 2023), docs/methods/amecam.md: networks, losses and the three trainings.
 
 Stage 1, the **multi-exit classifier**.  A ResNet-18 whose every BatchNorm is an
 ``InstanceNorm2d(affine=False)`` (timm, ``pretrained=False``, widths and output stride from
@@ -124,7 +124,7 @@ def geometry_problems(image_size: int, spec: Mapping[str, Any]) -> list[tuple[st
         need = 2 * os_
         out.append(("output_stride", f"= {os_} with image_size {image_size} leaves a {deepest}x{deepest} "
                                      f"deepest feature map; InstanceNorm cannot normalise a 1x1 map "
-                                     f"(METHODS 7 pitfall): use image_size >= {need} or a smaller "
+                                     f"(docs/methods/amecam.md pitfall): use image_size >= {need} or a smaller "
                                      f"output_stride (e.g. 8)"))
     if int(spec.get("batch", MIN_BATCH)) < MIN_BATCH:
         out.append(("batch", f"= {int(spec['batch'])} is below {MIN_BATCH}: SimMax ranks the similarities of "

@@ -3,7 +3,7 @@
 The idea is pytorch-grad-cam's ``BaseCAM``, written torch-native and batched: tensors stay
 on the model's device and nothing goes through numpy.
 
-What the base does for a batch of images (METHODS sections 2-5):
+What the base does for a batch of images (docs/methods/gradcam.md and docs/methods/gradcampp.md and docs/methods/scorecam.md and docs/methods/layercam.md):
 
 1. forward the classifier (in eval) with forward hooks on the named target layers; each
    hook keeps the layer's output A (B, K, h, w) and registers a *tensor* hook on it for the
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     Tensor = _torch.Tensor
     Module = _torch.nn.Module
 
-#: the positive class (METHODS section 0)
+#: the positive class (docs/methods/conventions.md)
 POSITIVE_CLASS = 1
 
 
@@ -101,7 +101,7 @@ def _example_dotted(modules: dict, top: list[str]) -> str:
     return dotted[-1] if dotted else (top[-1] if top else "layer4")
 
 
-#: pytorch-grad-cam's epsilon when it scales each layer's map (METHODS section 5, library)
+#: pytorch-grad-cam's epsilon when it scales each layer's map (docs/methods/layercam.md, library)
 LIBRARY_LAYER_EPS = 1e-7
 
 
@@ -282,7 +282,7 @@ class CamExtractor:
 
 
 class ClassifierCam(CamSource):
-    """A CAM source on the shared CAM classifier (METHODS section 0): the common plugin part.
+    """A CAM source on the shared CAM classifier (docs/methods/conventions.md): the common plugin part.
 
     ``prepare`` gets the trained classifier from ``get_classifier(ctx)`` and builds
     ``extractor_class`` on the layers named by the parameter ``layer_param``; ``maps`` runs
@@ -297,7 +297,7 @@ class ClassifierCam(CamSource):
     extractor_class: ClassVar[type[CamExtractor]] = CamExtractor
     #: the parameter that names the target layer(s): "layer4", "layer3+layer4", ...
     layer_param: ClassVar[str] = "layer"
-    mask_rule: ClassVar[str] = "cam"  # minmax(map) > 0.5 (PROTOCOL section 6)
+    mask_rule: ClassVar[str] = "cam"  # minmax(map) > 0.5 (docs/protocol.md section 6)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

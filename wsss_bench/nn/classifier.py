@@ -1,4 +1,4 @@
-"""The CAM classifier (METHODS section 0): a timm ResNet trained on image-level labels.
+"""The CAM classifier (docs/methods/conventions.md): a timm ResNet trained on image-level labels.
 
 Shared by GradCAM, GradCAM++, ScoreCAM, LayerCAM, the classifier gate and the Table 2
 ResNet row.  Recipe [inferred, AME-CAM's]: cross-entropy over 2 classes; Adam lr 1e-4,
@@ -191,7 +191,7 @@ def train_classifier(
 
 
 def get_classifier(ctx: Any) -> "_torch.nn.Module":
-    """The task's CAM classifier (METHODS section 0), a shared model: trained once per task,
+    """The task's CAM classifier (docs/methods/conventions.md), a shared model: trained once per task,
     seed, data and profile, cached as safetensors, resumable, memoised on the context.
 
     Returned frozen, in eval, on ``ctx.device``; gradients with respect to inputs and

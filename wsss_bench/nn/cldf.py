@@ -1,7 +1,7 @@
-"""CLDF: contrastive learning with diffusion features (METHODS section 11), pure torch.
+"""CLDF: contrastive learning with diffusion features (docs/methods/cldf.md), pure torch.
 
 Zeng et al. train a small pixel decoder on frozen per-pixel features F (the CDM's decoder
-activations, METHODS section 10, or a Table 2 backbone) with a supervised contrastive loss
+activations, docs/methods/diffusion.md, or a Table 2 backbone) with a supervised contrastive loss
 on *seed* pixels, then cluster each test slice's embeddings into two groups.  Everything in
 this module works on tensors; the plugin (``wsss_bench_plugins.cldf``) supplies the maps,
 the backbone and the cache.
@@ -65,7 +65,7 @@ from wsss_bench.nn.training import iteration_generator, run_resumable
 log = logging.getLogger(__name__)
 
 VARIANTS = ("cam+mg", "cam", "mg")
-#: METHODS 11 C / E and profiles.toml [common]
+#: docs/methods/cldf.md / E and profiles.toml [common]
 HIDDEN = 16
 LR = 1.0
 MOMENTUM = 0.9
@@ -73,7 +73,7 @@ WEIGHT_DECAY = 0.0
 STANDARDISE_BATCHES = 16
 STD_FLOOR = 1e-6
 NORM_EPS = 1e-8
-#: METHODS 11 F
+#: docs/methods/cldf.md
 KMEANS_MAX_ITER = 50
 KMEANS_TOL = 1e-4
 
@@ -106,7 +106,7 @@ def seed_sets(cam: torch.Tensor | None, mg: torch.Tensor | None, variant: str) -
 
 
 def tissue_mask(images: torch.Tensor) -> torch.Tensor:
-    """(B, S, S) bool: pixels where any input channel is non-zero (METHODS 11, ``tissue``)."""
+    """(B, S, S) bool: pixels where any input channel is non-zero (docs/methods/cldf.md, ``tissue``)."""
     return (images != 0).any(dim=1)
 
 
@@ -304,7 +304,7 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
                   work: Path, fg_cap: int, bg_per_batch: int, tau: float = 0.1, lr: float = LR,
                   momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY, device: Any = "cpu",
                   progress: Callable[[int], Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train ``decoder`` with SupCon on seed pixels; resumable (METHODS 11 B-E).
+    """Train ``decoder`` with SupCon on seed pixels; resumable (docs/methods/cldf.md).
 
     ``batches.get(it)`` gives the SliceBatch of iteration ``it`` (epoch-wise reshuffled,
     :class:`~wsss_bench.nn.training.IterationBatches`); ``seeds_for(batch)`` its (fg, bg)

@@ -1,4 +1,4 @@
-"""Diffusion core (METHODS section 1): schedules, timestep matching and the CDM.
+"""Diffusion core (docs/methods/diffusion.md): schedules, timestep matching and the CDM.
 
 What lives here:
 
@@ -15,7 +15,7 @@ What lives here:
 
 Every sampling loop elsewhere is written by hand with explicit alpha-bar values; MONAI's
 ``DDIMScheduler.set_timesteps/step`` is never used (its spacing changed between MONAI 1.5
-and 1.6, METHODS 1.3 pitfall 1).  Diffusion networks receive ``2x - 1``; timesteps are long
+and 1.6, docs/methods/diffusion.md pitfall 1).  Diffusion networks receive ``2x - 1``; timesteps are long
 tensors of shape (B,).
 
 Importing this module imports neither torch nor MONAI.
@@ -109,7 +109,7 @@ def ref_alpha_bar(i: int, schedule: str = "cosine") -> float:
 
 
 def match(i_ref: int | Sequence[int], ref_schedule: str = "cosine", profile: Any = None) -> int | list[int]:
-    """Harness index whose noise level is nearest to reference index ``i_ref`` (METHODS 1.1).
+    """Harness index whose noise level is nearest to reference index ``i_ref`` (docs/methods/diffusion.md).
 
     ``argmin_j |ab[j] - ab_ref(i_ref)|``; ties go to the smaller j.  A sequence gives a list.
     """
@@ -172,7 +172,7 @@ def to_model_range(images: "Tensor") -> "Tensor":
 
 # ============================================================================ the CDM network
 def unet_kwargs(spec: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
-    """DiffusionModelUNet arguments from a profile's ``cdm_unet`` section (METHODS 1.2)."""
+    """DiffusionModelUNet arguments from a profile's ``cdm_unet`` section (docs/methods/diffusion.md)."""
     return dict(
         spatial_dims=2,
         in_channels=int(in_channels),
@@ -217,7 +217,7 @@ def train_cdm(model, data: Any, profile: Any, device: Any, seed: int, work: Path
               bf16: bool = False, progress: Callable[[int], Any] | None = None,
               iterations: int | None = None, checkpoint_interval: int | None = None,
               ) -> tuple[dict[str, "Tensor"], dict[str, Any]]:
-    """Epsilon-prediction training of the CDM on the train split (METHODS 1.2).
+    """Epsilon-prediction training of the CDM on the train split (docs/methods/diffusion.md).
 
     x_t = add_noise(2x - 1, eps, t), t ~ U{0..T-1}; loss = MSE(unet(x_t, t, y), eps);
     AdamW; learning rate (paper 1e-4), batch, iterations and EMA decay from ``profile.cdm``;

@@ -1,4 +1,4 @@
-"""Diffusion features without dense feature maps (METHODS section 10).
+"""Diffusion features without dense feature maps (docs/methods/diffusion.md).
 
 F = mean_t concat_l Up(a_{l,t}), where a_{l,t} is the output of ``unet.up_blocks[l]`` for
 the noisy input x_t = add_noise(2x - 1, eps_t, t) with class label 1.  Up is linear and
@@ -13,7 +13,7 @@ the same for every t, so the mean over t is taken at each block's native resolut
   an (S^2, out) buffer.
 
 Blocks (:func:`select_blocks`): the profile's ``cldf.feature_blocks`` is ``all``,
-``up a-b`` / ``up a,b`` (explicit up-block indices) or ``auto``, the METHODS rule: up blocks
+``up a-b`` / ``up a,b`` (explicit up-block indices) or ``auto``, the the spec rule: up blocks
 whose output resolution r satisfies S/8 <= r <= S/2, or all blocks if fewer than two
 qualify.  Importing this module does not import torch.
 """
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     Tensor = _torch.Tensor
 
-#: METHODS section 10: pixels per streamed chunk
+#: docs/methods/diffusion.md: pixels per streamed chunk
 DEFAULT_CHUNK = 16384
 
 

@@ -1,4 +1,4 @@
-"""DiG (Yoon et al. 2024; yoon307/DiG), adapted: METHODS section 12.
+"""DiG (Yoon et al. 2024; yoon307/DiG), adapted: docs/methods/dig.md.
 
 A ViT CAM, refined by cross-attention to low-resolution diffusion features, plus
 consistency with a denoised copy of the image.
@@ -147,7 +147,7 @@ def topk_max_min(cam: Tensor, k: int = TOPK) -> Tensor:
 
 
 class DiGViT(nn.Module):
-    """MCTformer-V2-style ViT with one class token (METHODS 12, "ViT")."""
+    """MCTformer-V2-style ViT with one class token (docs/methods/dig.md, "ViT")."""
 
     def __init__(self, in_chans: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
                  drop_path: float = DROP_PATH) -> None:
@@ -358,7 +358,7 @@ def loss_pac(rcams_x: Tensor, rcams_x0: Tensor, y: Tensor, active: bool) -> Tens
 
 def dig_losses(model: DiG, x: Tensor, feats: Tensor, x0hat: Tensor, y: Tensor, active: bool,
                autocast: Callable[[], Any] | None = None) -> dict[str, Tensor]:
-    """Every term of METHODS 12's table and their weighted sum (``total``)."""
+    """Every term of docs/methods/dig.md's table and their weighted sum (``total``)."""
     amp = autocast or nullcontext
     with amp():
         out = model(x, feats)
@@ -565,7 +565,7 @@ def train_dig(model: DiG, data: Any, idx: Sequence[int], inputs: Callable[[Any],
               spec: Mapping[str, Any], device: Any, seed: int, work: Path, flips: bool, warmup_fraction: float,
               bf16: bool = False, progress: Callable[[int], Any] | None = None, iterations: int | None = None,
               every: int | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Train DiG on the rows ``idx`` of ``data`` (METHODS 12, "Training").
+    """Train DiG on the rows ``idx`` of ``data`` (docs/methods/dig.md, "Training").
 
     ``inputs(batch) -> (features, x0-hat)`` of the (unflipped) batch.  ``epochs`` and ``batch``
     come from ``spec`` (the profile's ``dig`` section); ``iterations`` overrides the count.

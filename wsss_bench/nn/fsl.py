@@ -1,4 +1,4 @@
-"""The fully supervised upper bound (METHODS section 13): a UNet trained on ground-truth masks.
+"""The fully supervised upper bound (docs/methods/fsl.md): a UNet trained on ground-truth masks.
 
 Network: ``monai.networks.nets.UNet(spatial_dims=2, in_channels=C, out_channels=2,
 channels, strides=(2,) * (len(channels) - 1), num_res_units, norm="batch")`` with the
@@ -7,7 +7,7 @@ profile's ``fsl`` values (paper: (32, 64, 128, 256, 512), 2 residual units).
 Training: every non-ambiguous training slice with its ground-truth mask (the one place in the
 benchmark that reads training masks), ``DiceCELoss(to_onehot_y=True, softmax=True)``, Adam
 lr 1e-3, weight decay 1e-5, batch and iterations from the profile, the last weights kept;
-left-right flips of image and mask together on BraTS (METHODS section 0) [inferred].
+left-right flips of image and mask together on BraTS (docs/methods/conventions.md) [inferred].
 Prediction: argmax over the two output channels.
 
 :func:`train_fsl` is the single training path: the plugin and the mechanism test (a fixed
@@ -31,7 +31,7 @@ OUT_CHANNELS = 2
 
 
 def unet_kwargs(spec: Mapping[str, Any], in_channels: int) -> dict[str, Any]:
-    """MONAI UNet arguments from a profile's ``fsl`` section (METHODS 13)."""
+    """MONAI UNet arguments from a profile's ``fsl`` section (docs/methods/fsl.md)."""
     channels = tuple(int(c) for c in spec["channels"])
     if len(channels) < 2:
         raise ValueError(f"fsl.channels needs at least two levels, got {list(channels)}")

@@ -1,4 +1,4 @@
-"""The external noisy classifier (METHODS 1.3): the CDM's encoder without conditioning.
+"""The external noisy classifier (docs/methods/diffusion.md): the CDM's encoder without conditioning.
 
 "The same backbone as the CDM encoder, without conditioning" [paper].  It is MONAI's
 ``DiffusionModelEncoder`` (imported from ``monai.networks.nets.diffusion_model_unet``; it
@@ -114,7 +114,7 @@ def train_noisy_classifier(model: NoisyClassifier, data: Any, profile: Any, devi
                            work: Path, flips: bool, bf16: bool = False,
                            progress: Callable[[int], Any] | None = None,
                            iterations: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Cross-entropy on noised inputs at uniform t (METHODS 1.3); resumable like the CDM."""
+    """Cross-entropy on noised inputs at uniform t (docs/methods/diffusion.md); resumable like the CDM."""
     cfg = profile.noisy_classifier
     iterations = int(cfg.iterations if iterations is None else iterations)
     t_max = int(dif.harness_scheduler(profile).num_train_timesteps)

@@ -1,4 +1,4 @@
-"""SEAM (Wang et al. 2020, "Self-supervised Equivariant Attention Mechanism"), METHODS section 6.
+"""SEAM (Wang et al. 2020, "Self-supervised Equivariant Attention Mechanism"), docs/methods/seam.md.
 
 Adapted to one foreground class and 4-channel (BraTS) / 1-channel (FLARE) slices.
 

@@ -95,7 +95,7 @@ def iteration_generator(seed: int, it: int) -> "_torch.Generator":
 
 
 def random_flips(x: "Tensor", g: "_torch.Generator") -> "Tensor":
-    """Flip each image left-right with probability 1/2 (BraTS only, METHODS section 0)."""
+    """Flip each image left-right with probability 1/2 (BraTS only, docs/methods/conventions.md)."""
     flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
