@@ -24,7 +24,7 @@ CODE = "import sys; from wsss_bench.cli import main; main(sys.argv[1:])"
 def smoke_run(tmp_path: Path, name: str, seed: int, hash_seed: str) -> tuple[pd.DataFrame, dict[str, str], dict]:
     cache, out = tmp_path / f"{name}-cache", tmp_path / f"{name}-out"
     env = {**os.environ, "WSSS_BENCH_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": hash_seed,
-           "CI": "1", "WSSS_BENCH_NO_PROGRESS": "1"}
+           "WSSS_BENCH_NO_BARS": "1", "WSSS_BENCH_NO_PROGRESS": "1"}
     args = ["run", "--profile", "smoke", "--task", "brats", "--cam", "gradcam,mg", "--method", "threshold",
             "--seed", str(seed), "--device", "cpu", "--out", str(out), "--cache-dir", str(cache)]
     done = subprocess.run([sys.executable, "-c", CODE, *args], env=env, capture_output=True, text=True, timeout=300)

@@ -37,7 +37,7 @@ CODE = "import sys; from wsss_bench.cli import main; main(sys.argv[1:])"
 def _env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"WSSS_BENCH_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "CI": "1"})
+                "WSSS_BENCH_NO_BARS": "1"})
     env.pop("WSSS_BENCH_NO_PROGRESS", None)
     return env
 

@@ -4,7 +4,8 @@ On an interactive terminal a stage shows a rich progress bar.  When stdout is no
 (CI, SLURM, ``> run.log``) each stage prints one plain line when it starts and one when it
 ends (name, elapsed time), and long ones a line every 10% or every minute, whichever comes
 first, so a user watching a log can tell a training run from a hang.
-``WSSS_BENCH_NO_PROGRESS=1`` silences both.
+``WSSS_BENCH_NO_PROGRESS=1`` silences both; ``WSSS_BENCH_NO_BARS=1`` (set by the test suite) or
+``CI`` keeps bars off but leaves the plain lines.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 
 
 def bars_enabled() -> bool:
-    if os.environ.get("CI") or os.environ.get("WSSS_BENCH_NO_PROGRESS"):
+    if any(os.environ.get(v) for v in ("CI", "WSSS_BENCH_NO_BARS", "WSSS_BENCH_NO_PROGRESS")):
         return False
     return sys.stdout.isatty()
 
