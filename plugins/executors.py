@@ -14,7 +14,9 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -72,8 +74,17 @@ class SlurmExecutor(Executor):
               "folder": "slurm-logs", "account": "", "parallelism": 64, "config": "", "cluster": "slurm"}
 
     def validate(self) -> None:
+        """Refuse, before a run writes anything, an executor that cannot run on this machine:
+        SLURM asked for where there is none, or submitit not installed."""
         if self.p["cluster"] not in ("slurm", "local", "auto"):
             raise self.bad_param("cluster", "is not one of slurm, local (submitit's local executor), auto")
+        cluster = self.options()["cluster"]
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise UserError("executor 'slurm': this machine has no SLURM (sbatch is not on PATH); run on a "
+                            "cluster node, or use --executor 'local[jobs=N]' here "
+                            "('slurm[cluster=local]' tries the SLURM path without a cluster)")
+        if importlib.util.find_spec("submitit") is None:
+            raise UserError("executor 'slurm' needs submitit: pip install 'wsss-bench[slurm]'")
 
     def options(self) -> dict[str, Any]:
         """The spec's options, overridden by the YAML file named by ``config`` (if any)."""

@@ -49,3 +49,26 @@ def test_html_browser_test_skips_without_chromium_outside_ci(monkeypatch, tmp_pa
 def test_ci_script_exports_ci():
     text = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert re.search(r"^export CI=1$", text, re.M)
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_slurm_executor_off_a_cluster_is_one_sentence_and_writes_nothing(run_cli, tmp_path, monkeypatch, command):
+    import shutil as _shutil
+
+    real_which = _shutil.which
+    monkeypatch.setattr(_shutil, "which", lambda name, *a, **k: None if name in ("sbatch", "srun") else real_which(name, *a, **k))
+    out = tmp_path / "out"
+    if command == "run":
+        args = ["run", "--profile", "smoke", "--task", "brats", "--cam", "gradcam", "--method", "threshold"]
+    else:
+        toml = tmp_path / "t.toml"
+        toml.write_text('[table]\nname = "t"\ncaption = "T."\nlabel = "tab:t"\ntasks = ["brats"]\nseeds = [0]\n[[rows]]\nname = "GradCAM"\ncam = "gradcam"\n'
+                        'method = "threshold"\n', encoding="utf-8")
+        args = ["bench", str(toml), "--profile", "smoke"]
+    res = run_cli(*args, "--executor", "slurm[partition=gpu,gpus=1]", "--out", out,
+                  "--cache-dir", tmp_path / "cache")
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "srun" not in res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no SLURM" in lines[0] and "local[jobs=N]" in lines[0], res.output
+    assert not out.exists() or not any(out.iterdir())
