@@ -94,7 +94,7 @@ def test_grid_shows_the_gated_stored_masks(run_dir):
     want = figs.radiological(gated(p, df, "label")[(p.case_ids == case) & (p.z == z)][0])
     overlay = [im for im in axes[2].get_images() if im.get_array().ndim == 3][0].get_array()
     np.testing.assert_array_equal(overlay[..., 3] > 0, want)
-    assert axes[2].get_title().startswith("gradcam+")
+    assert axes[2].get_title() == "GradCAM"  # the paper's name, not the spec string
     assert axes[ncol + 0].get_ylabel().startswith("Kidney")
     fig.close()
 
@@ -127,7 +127,7 @@ def test_ablation_points_and_curves(run_dir):
     ax_dim, ax_depth = fig.figure.axes[:2]
     assert ax_dim.get_xscale() == "log" and ax_dim.get_xlabel() == "decoder output dimension"
     line = ax_dim.get_lines()[0]
-    assert list(line.get_xdata()) == [4, 8, 16, 32]
+    np.testing.assert_allclose(np.round(np.log2(line.get_xdata())), [2, 3, 4, 5])
     fig.close()
     assert figs.ablation_curves(df[~df.refiner.str.startswith("cldf[")], "label") is None
 
@@ -137,8 +137,9 @@ def test_boxplots_hold_every_method_of_each_task(run_dir):
     fig = figs.dice_boxplots(df, "label")
     ax = fig.figure.axes[0]
     labels = [t.get_text().replace("\n", "") for t in ax.get_xticklabels()]
-    methods = list(dict.fromkeys(df.loc[df.task == "brats", "method"]))
-    assert labels == methods
+    methods = figs.method_order(df, "brats", list(dict.fromkeys(df.loc[df.task == "brats", "method"])))
+    assert labels[:4] == ["GradCAM", "LayerCAM", "CLDF", "FSL (UNet)"]  # paper names, paper order
+    assert labels == [figs.paper_name(df, "brats", m) for m in methods]
     medians = [ln.get_ydata()[0] for ln in ax.get_lines() if ln.get_color() == "k"][: len(methods)]
     pos = df[(df.task == "brats") & (df.gate == "label") & (df.label == 1)]
     want = [pos[pos.method == m].dice.median() for m in methods]
@@ -165,3 +166,96 @@ def test_cli_figures(run_dir, tmp_path):
                                                                    "fig4_ablation.png"]
     bad = CliRunner().invoke(app, ["figures", str(run_dir), "--gate", "sometimes"])
     assert bad.exit_code == 2 and "gate=sometimes" in bad.output
+
+
+# --------------------------------------------------------------------------- for a paper
+def _simulate_deuteranopia(rgb):
+    """Machado et al. (2009) deuteranopia (severity 1) on linear RGB: an independent check."""
+    lin = np.asarray(rgb, np.float64) ** 2.2
+    m = np.array([[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]])
+    return m @ lin
+
+
+def test_overlay_colours_stay_apart_for_a_deuteranope():
+    gap = np.linalg.norm(_simulate_deuteranopia(figs.GT_COLOR) - _simulate_deuteranopia(figs.PRED_COLOR))
+    red_green = np.linalg.norm(_simulate_deuteranopia((0.10, 0.85, 0.25)) - _simulate_deuteranopia((0.95, 0.15, 0.10)))
+    assert red_green < 0.6 < gap
+
+
+def test_pdf_fonts_are_truetype_and_widths_fit_a_column(run_dir, tmp_path):
+    for size, width in (("single", 3.5), ("double", 7.16)):
+        paths, _ = figs.write_figures(run_dir, tmp_path / size, formats=("pdf",), size=size)
+        assert len(paths) == 3
+        for path in paths:
+            data = path.read_bytes()
+            assert b"/Type3" not in data and b"/FontFile2" in data, path.name  # Type 42, embedded
+            box = [float(v) for v in data.split(b"/MediaBox [")[1].split(b"]")[0].split()]
+            assert box[2] - box[0] == pytest.approx(width * 72, abs=0.5), (path.name, size)
+    with pytest.raises(figs.UserError, match="single"):
+        figs.figure_width("a4")
+
+
+def _texts_inside(fig):
+    """Texts drawn outside the canvas (cut off): the figure's tight box must lie inside it, and
+    so must the title."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    tight = fig.get_tightbbox(renderer)  # inches, over every drawn artist
+    w, h = fig.get_size_inches()
+    if tight.x0 < -0.01 or tight.y0 < -0.01 or tight.x1 > w + 0.01 or tight.y1 > h + 0.01:
+        out.append(f"tight box {tight} outside {w}x{h}")
+    if fig._suptitle is not None:
+        bb = fig._suptitle.get_window_extent(renderer)
+        if bb.x0 < -1 or bb.x1 > fig.bbox.width + 1:
+            out.append(fig._suptitle.get_text())
+    return out
+
+
+@pytest.mark.parametrize("size", ["single", "double"])
+def test_every_title_fits_even_with_one_method(run_dir, size):
+    df = load_results(run_dir)
+    manifests = load_manifests(run_dir)
+    preds = load_predictions(run_dir)
+    one = {k: v for k, v in preds.items() if k[0] == "brats" and k[1] == "gradcam+threshold"}
+    sub = df[(df.task == "brats") & (df.method == "gradcam+threshold")]
+    for fig in (figs.qualitative_grid(sub, manifests, "label", rows=1, predictions=one, size=size),
+                figs.qualitative_grid(df, manifests, "label", rows=1, predictions=preds, size=size),
+                figs.ablation_curves(df, "label", 20, size=size), figs.dice_boxplots(df, "label", size=size),
+                figs.dice_boxplots(sub, "label", size=size)):
+        assert _texts_inside(fig.figure) == [], fig.name
+        fig.close()
+
+
+def test_one_method_order_and_no_legend_over_data(run_dir):
+    df = load_results(run_dir)
+    preds = load_predictions(run_dir)
+    grid = figs.qualitative_grid(df, load_manifests(run_dir), "label", rows=1, predictions=preds)
+    titles = [ax.get_title() for ax in grid.figure.axes if ax.get_title()]
+    box = figs.dice_boxplots(df, "label")
+    for ax in box.figure.axes:
+        assert ax.get_legend() is None
+    ticks = [[t.get_text().replace("\n", "") for t in ax.get_xticklabels()] for ax in box.figure.axes if ax.get_xticklabels()]
+    # every panel lists the methods the grid shows in the grid's order
+    grid_brats = [t.replace("\n", "") for t in titles[2:grid.figure.axes[0].get_gridspec().ncols]]
+    assert [t for t in ticks[0] if t in grid_brats] == grid_brats
+    first = {}
+    for labels in ticks:  # shared names keep one relative order in every task's panel
+        common = [x for x in labels if x in ticks[0]]
+        assert common == [x for x in ticks[0] if x in common]
+    curves = figs.ablation_curves(df, "label", 20)
+    assert all(ax.get_legend() is None for ax in curves.figure.axes) and curves.figure.legends
+    grid.close(), box.close(), curves.close()
+
+
+def test_ablation_series_never_share_an_x_position(run_dir):
+    df = load_results(run_dir)
+    ablation = df[(df.task == "brats") & df.method.str.contains("cldf")].copy()
+    ablation["task"] = "flare21-kidney"  # a second task with the same curves: the worst case, equal values
+    fig = figs.ablation_curves(pd.concat([df, ablation]), "label", 20)
+    for ax in fig.figure.axes[:2]:
+        xs = [tuple(np.round(line.get_xdata(), 6)) for line in ax.get_lines() if line.get_marker() in ("o", "s", "^", "D")]
+        assert len(xs) >= 2
+        flat = [x for series in xs for x in series]
+        assert len(flat) == len(set(flat))  # dodged: no two series at one x
+    fig.close()
