@@ -125,7 +125,8 @@ def readme_tables(folder: Path) -> str:
             continue
         ref = paper.NUMBERS.get(table.paper, {})
         notes: list[str] = []
-        out += [f"**{table.name}**: {table.caption}", "",
+        out += [f"**{table.name}**: Dice over all test slices (gate label), mean [case-level 95% CI], beside the "
+                f"paper's Dice{' (IoU and std: results/cpu/' + table.name + '.md)' if table.name else ''}.", "",
                 "| method | " + " | ".join(f"{t} | paper" for t in table.tasks) + " |",
                 "|---|" + "---|---|" * len(table.tasks)]
         for row in table.rows:
@@ -164,6 +165,62 @@ def check_readme(readme: Path, folder: Path) -> list[str]:
                                                               "README.md tables", "recomputed", lineterm=""))
 
 
+def readme_facts(folder: Path) -> set[str]:
+    """Every number the README's prose may state about ``folder``, as printed: the numbers of the
+    recomputed tables, the Fig. 4 points (all-slice mean Dice, 3 decimals), the bench's wall
+    time in minutes, its test-slice counts and bootstrap resamples, and the cpu profile's time
+    target."""
+    import re
+
+    from wsss_bench.reporting.figures import ablation_points
+    from wsss_bench.profiles import load_profile
+
+    b = bench_inputs(folder)
+    facts = set(re.findall(r"\d+\.\d+", readme_tables(folder)))
+    pts = ablation_points(b["frame"], "label")
+    facts |= {f"{v:.3f}" for v in pts["dice_mean"]}
+    manifest = b["manifest"]
+    facts.add(str(round(manifest["wall_seconds"] / 60)))
+    facts |= {str(b["resamples"]), "95"}  # the CI level
+    facts |= set(re.findall(r"\d+", str(load_profile(b["profile"]).hardware)))
+    label = b["frame"][b["frame"].gate == "label"].drop_duplicates(["task", "case_id", "z"])
+    for _, g in label.groupby("task"):
+        facts |= {str(int((g.label == 1).sum())), str(int((g.label == 0).sum())), str(g.case_id.nunique())}
+    return facts
+
+
+def _prose(text: str) -> str:
+    """The README without code blocks, inline code, links' targets and the generated tables."""
+    import re
+
+    sections = re.split(r"(?m)^(?=## )", text)  # the Quick start and Results sections state results
+    text = "".join(s for s in sections if s.startswith(("## Quick start", "## Results")))
+    if README_BEGIN in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + rest.split(README_END, 1)[-1]
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`]*`", "", text)
+    return re.sub(r"\]\([^)]*\)", "]", text)
+
+
+def check_readme_numbers(readme: Path, folder: Path) -> list[str]:
+    """Every decimal number, every "N min(utes)" and every percentage in the README's prose is a
+    number :func:`readme_facts` recomputed from ``folder`` (no figure typed in by hand)."""
+    import re
+
+    if not readme.is_file() or not (folder / "manifest.json").is_file():
+        return []
+    facts = readme_facts(folder)
+    prose = _prose(readme.read_text())
+    out = []
+    for m in re.finditer(r"\d+\.\d+|\d+(?=(?:\s|-)?(?:min\b|minutes?\b|%))", prose):
+        if m.group() not in facts:
+            line = prose.count("\n", 0, m.start()) + 1
+            out.append(f"README.md prose: {m.group()!r} is not a number recomputed from results/cpu "
+                       f"(near: {prose[max(0, m.start() - 40):m.end() + 20]!r}, prose line {line})")
+    return out
+
+
 def main() -> int:
     bad = 0
     checked = 0
@@ -188,6 +245,11 @@ def main() -> int:
         bad += 1
         print("DIFFERS: README.md (the results/cpu tables)")
         print("\n".join(diff))
+    numbers = check_readme_numbers(HERE.parent / "README.md", HERE / "cpu")
+    if numbers:
+        bad += 1
+        print("DIFFERS: README.md (numbers in its prose)")
+        print("\n".join(numbers))
     if not checked:
         print("no result folder found under results/")
         return 1

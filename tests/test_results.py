@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -55,3 +56,19 @@ def test_check_fails_on_an_edited_paper_table_or_readme_number(tmp_path):
     assert _check_module(tmp_path / "r2" / "results").main() == 1
     (tmp_path / "r2" / "README.md").write_text(readme)
     assert _check_module(tmp_path / "r2" / "results").main() == 0
+
+
+def test_readme_prose_numbers_come_from_the_results(tmp_path):
+    """Every decimal, minute count and percentage in the README's Quick start and Results prose
+    is recomputed from results/cpu; a hand-typed figure (the old '14.6 min', '0.258', '78%') fails."""
+    check = _check_module(ROOT / "results")
+    readme = (ROOT / "README.md").read_text()
+    assert check.check_readme_numbers(ROOT / "README.md", ROOT / "results" / "cpu") == []
+    for typed in ("It took 14.6 min including the install.", "It printed Dice 0.258.", "They take 78% of it."):
+        bad = tmp_path / "README.md"
+        bad.write_text(readme.replace("Running it again reuses", typed + " Running it again reuses", 1))
+        problems = check.check_readme_numbers(bad, ROOT / "results" / "cpu")
+        number = re.search(r"\d+(?:\.\d+)?", typed).group()
+        assert len(problems) == 1 and repr(number) in problems[0], problems
+    text = readme.split("<!-- results/cpu tables: begin -->")[1]
+    assert "Dice and IoU" not in text.split("<!-- results/cpu tables: end -->")[0]  # captions promise what is shown
