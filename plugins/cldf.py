@@ -115,6 +115,13 @@ class CLDF(Refiner):
     def _used_sources(self) -> list[CamSource]:
         return [s for s in (self.cam, self.mg) if s is not None and (s is self.cam or self.variant != "cam")]
 
+    def implied_sources(self, sources: Sequence[str]) -> list[str]:
+        """CAM+MG+CL (``use_mg=true``, one CAM and no ``mg``) adds the MG source: the cell is
+        labelled ``amecam+mg+cldf`` however it was asked for."""
+        if self.p["use_mg"] and MG_NAME not in sources and len(sources) == 1:
+            return [MG_NAME]
+        return []
+
     # ================================================================== prepare
     def prepare(self, ctx: "RunContext", sources: Sequence[CamSource]) -> None:
         from wsss_bench.nn import cldf as core

@@ -72,3 +72,44 @@ def test_slurm_executor_off_a_cluster_is_one_sentence_and_writes_nothing(run_cli
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "no SLURM" in lines[0] and "local[jobs=N]" in lines[0], res.output
     assert not out.exists() or not any(out.iterdir())
+
+
+# The team's internal spec files; a user of this repository does not have them.
+_INTERNAL = re.compile(r"\b(?:PROTO" r"COL|METH" r"ODS)\b|\bDES" r"IGN\.md\b")
+
+
+def _shipped_texts():
+    globs = ["README.md", "pyproject.toml", ".ci/run", "docs/**/*.md", "wsss_bench/**/*.py", "wsss_bench/**/*.toml",
+             "plugins/**/*.py", "benchmarks/**/*.py", "benchmarks/**/*.toml", "benchmarks/**/*.md",
+             "results/**/*.md", "results/**/*.tex", "results/**/*.py", "results/**/*.sh", "tests/**/*.py"]
+    seen = set()
+    for pattern in globs:
+        for path in sorted(ROOT.glob(pattern)):
+            if path.is_file() and path not in seen and path.name != Path(__file__).name:
+                seen.add(path)
+                yield path
+
+
+def test_no_shipped_text_cites_the_internal_spec():
+    """README, docs, help texts, code messages, report footers and committed tables cite the
+    project's own pages (docs/protocol.md, docs/methods/) instead."""
+    hits = []
+    for path in _shipped_texts():
+        for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if _INTERNAL.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
+    assert not hits, f"{len(hits)} citation(s) of the internal spec:\n" + "\n".join(hits[:40])
+
+
+def test_protocol_page_covers_what_the_code_cites():
+    """Every 'protocol §N' the shipped texts cite is a section of docs/protocol.md."""
+    page = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\. ", page, re.M)) | set(re.findall(r"^### (\d+\.\d+) ", page, re.M))
+    cited = set()
+    for path in _shipped_texts():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        cited |= set(re.findall(r"protocol(?:\.md)?\s*(?:§|sections?\s)\s*(\d+(?:\.\d+)?)", text))
+    missing = sorted(cited - sections, key=lambda s: [int(x) for x in s.split(".")])
+    assert not missing, f"cited but not in docs/protocol.md: {missing}"
+    for page_name in ("conventions", "diffusion", "cldf", "amecam", "backbones"):
+        assert (ROOT / "docs" / "methods" / f"{page_name}.md").is_file()

@@ -178,6 +178,12 @@ class Refiner(Plugin):
     def prepare(self, ctx: "RunContext", sources: "Sequence[CamSource]") -> None:
         """Train what the refiner needs."""
 
+    def implied_sources(self, sources: "Sequence[str]") -> list[str]:
+        """Names of the map sources this refiner adds by itself to the cell's ``sources``
+        (default: none).  The cell's canonical label names them, so ``--cam amecam --method
+        cldf`` and ``--cam amecam+mg --method cldf`` are one cell with one label."""
+        return []
+
     @abc.abstractmethod
     def refine(self, batch: SliceBatch, maps: "Sequence[torch.Tensor]", sources: "Sequence[CamSource]") -> "torch.Tensor":
         """(B, S, S) bool masks."""
