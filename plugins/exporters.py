@@ -68,43 +68,124 @@ def latex_escape(text: str) -> str:
     return "".join(ch if ord(ch) < 128 else "?" for ch in text)  # pdflatex without inputenc tricks
 
 
+def _quotes(text: str) -> str:
+    """Typographic quotes for LaTeX: 'x' -> `x' and "x" -> ``x''."""
+    text = re.sub(r'"([^"]*)"', r"``\1''", text)
+    return re.sub(r"(?<![A-Za-z])'([^']*)'", r"`\1'", text)
+
+
+def _sentence(text: str) -> str:
+    """Capitalise the first letter (a caption is a sentence)."""
+    return text[:1].upper() + text[1:] if text else text
+
+
+_FOOTER_FACTS = re.compile(r"gate=([\w-]+); profile=([\w,-]+); seeds?=([\w,\s-]+?); data=([\w ,-]+?)\.")
+
+
 class LatexExporter(Exporter):
     """A booktabs ``table``: \\toprule/\\midrule/\\bottomrule, bold as \\textbf, a note below.
 
+    Two presets (``latex[preset=compact]``, ``latex[preset=full]``):
+
+    - ``compact`` (for a paper, the default of ``report --table table1|2|3``): only the
+      all-slice Dice and IoU columns (``latex[metrics=dice]`` keeps Dice alone), mean±std
+      without the CI line, the paper's method names, a ``table*`` (both columns) when there
+      are more than three number columns, no ``\\resizebox``, ``\\textsuperscript`` marks and
+      a two-line note; needs only ``booktabs``.
+    - ``full``: every column of the report (CIs, paper values, positive-slice blocks) and the
+      whole footer; tables wider than 7 columns are scaled to the line width with
+      ``\\resizebox``, which needs ``graphicx``.
+    - ``auto`` (default): compact for the paper tables (Table 1-3), full for the others.
+
     A table with ``groups`` gets the paper's header: the task names over their columns
-    (\\multicolumn + \\cmidrule), then the metric line.  A two-line cell becomes a small
-    stacked tabular with the second line in \\scriptsize (bold applies to the first line).
-    Wide tables (more than 7 columns) are scaled to the line width with \\resizebox (graphicx).
+    (\\multicolumn + \\cmidrule), then the metric line.
     """
 
     name: ClassVar[str] = "latex"
     suffix: ClassVar[str] = ".tex"
-    description: ClassVar[str] = "LaTeX table with booktabs rules (needs \\usepackage{booktabs}, graphicx)"
+    description: ClassVar[str] = ("LaTeX booktabs table: preset=compact (paper tables; booktabs) or full "
+                                  "(every column; booktabs, graphicx)")
+    params: ClassVar[dict] = {"preset": "auto", "metrics": "dice+iou"}
     wide: ClassVar[int] = 7
+    compact_wide: ClassVar[int] = 3  # more number columns than this do not fit one journal column
+
+    def validate(self) -> None:
+        if self.p["preset"] not in ("auto", "compact", "full"):
+            raise self.bad_param("preset", "is not one of auto, compact (paper-ready), full (every column)")
+        if self.p["metrics"] not in ("dice", "dice+iou"):
+            raise self.bad_param("metrics", "is not one of dice, dice+iou (the compact preset's columns)")
+
+    def preset_for(self, table: ReportTable) -> str:
+        if self.p["preset"] != "auto":
+            return self.p["preset"]
+        return "compact" if getattr(table, "kind", "") in ("table1", "table2", "table3") else "full"
 
     @staticmethod
-    def _cell(text: str, bold: bool) -> str:
+    def _cell(text: str, bold: bool, compact: bool = False) -> str:
         lines = text.split("\n")
-        first = latex_escape(lines[0])
+        first = lines[0]
+        mark = ""
+        if compact and "†" in first:
+            first, mark = first.replace("†", ""), "\\textsuperscript{\\dag}"
+        first = latex_escape(first)
         if bold and first.strip():
             first = f"\\textbf{{{first}}}"
-        if len(lines) == 1:
+        first += mark
+        if len(lines) == 1 or compact:
             return first
         rest = "".join(f"\\\\{{\\scriptsize {latex_escape(x)}}}" for x in lines[1:] if x.strip())
         return f"\\begin{{tabular}}[c]{{@{{}}c@{{}}}}{first}{rest}\\end{{tabular}}" if rest else first
 
+    def _keep(self, table: ReportTable) -> list[int]:
+        """Compact: the columns to keep (0 = row labels, then all-slice Dice/IoU only)."""
+        sub = list(getattr(table, "subheader", None) or table.header)
+        wanted = {"Dice ↑"} | ({"IoU ↑"} if self.p["metrics"] == "dice+iou" else set())
+        keep = [0] + [j for j, h in enumerate(sub) if j and h.strip() in wanted]
+        return keep if len(keep) > 1 else list(range(len(table.header)))
+
+    def _note(self, table: ReportTable, marks: bool) -> str:
+        """Two lines: what the numbers are and under what setting; what bold and marks mean."""
+        m = _FOOTER_FACTS.search(table.footer or "")
+        setting = (f" (gate={m.group(1)}; profile {m.group(2)}; seed {m.group(3).strip()}; {m.group(4)} data)"
+                   if m else "")
+        first = f"Mean$\\pm$std over all test slices{latex_escape(setting)}; bold: best weakly supervised value."
+        second = ("\\textsuperscript{\\dag}\\,Differs from CLDF (paired Wilcoxon signed-rank test on per-case "
+                  "Dice, Holm-corrected, $p<0.05$)." if marks else "")
+        return first + ("\\\\" + second if second else "")
+
     def export(self, table: ReportTable) -> str:
-        rows = [[self._cell(c, (i, j) in table.bold) for j, c in enumerate(row)]
-                for i, row in enumerate(table.rows)]
-        ncol = len(table.header)
+        compact = self.preset_for(table) == "compact"
         groups = list(getattr(table, "groups", None) or [])
         sub = list(getattr(table, "subheader", None) or [])
-        lines = ["% generated by wsss-bench; needs \\usepackage{booktabs} and \\usepackage{graphicx}",
-                 "\\begin{table}[t]", "\\centering"]
+        header = list(table.header)
+        keep = self._keep(table) if compact else list(range(len(header)))
+        rows = [[self._cell(row[j], (i, j) in table.bold, compact) for j in keep] for i, row in enumerate(table.rows)]
+        if compact and groups and len(sub) == len(header):
+            spans, at = [], 1
+            for label, span in groups:
+                n = sum(1 for j in keep if at <= j < at + span)
+                if n:
+                    spans.append((label, n))
+                at += span
+            groups, sub = spans, [("" if j == 0 else sub[j].replace(" ↑", "")) for j in keep]
+            sub[0] = "Method"
+            sub = [s + (" $\\uparrow$" if k else "") for k, s in enumerate(sub)]
+        header = [header[j] for j in keep]
+        ncol = len(header)
+        if compact:
+            star = ncol - 1 > self.compact_wide
+            env = "table*" if star else "table"
+            lines = ["% generated by wsss-bench (preset compact); needs \\usepackage{booktabs}",
+                     f"\\begin{{{env}}}[t]", "\\centering", "\\scriptsize" if ncol - 1 > 6 else "\\footnotesize",
+                     f"\\setlength{{\\tabcolsep}}{{{3 if star else 4}pt}}"]
+        else:
+            env = "table"
+            lines = ["% generated by wsss-bench (preset full); needs \\usepackage{booktabs} and \\usepackage{graphicx}",
+                     "\\begin{table}[t]", "\\centering"]
         if table.title:  # LaTeX numbers its tables itself: drop a leading "Table 1:"
-            title = re.sub(r"^Table\s+\d+\s*:\s*", "", table.title)
-            lines.append(f"\\caption{{{latex_escape(title)}}}")
-        wide = ncol > self.wide
+            title = _sentence(re.sub(r"^Table\s+\d+\s*:\s*", "", table.title))
+            lines.append(f"\\caption{{{latex_escape(_quotes(title))}}}")
+        wide = not compact and ncol > self.wide
         if wide:
             lines.append("\\resizebox{\\linewidth}{!}{%")
         lines += [f"\\begin{{tabular}}{{l{'c' * max(ncol - 1, 0)}}}", "\\toprule"]
@@ -115,9 +196,9 @@ class LatexExporter(Exporter):
                 rules.append(f"\\cmidrule(lr){{{at}-{at + span - 1}}}")
                 at += span
             lines += [" & ".join(cells) + " \\\\", " ".join(rules)]
-            lines.append(" & ".join(latex_escape(h) for h in sub) + " \\\\")
+            lines.append(" & ".join(h if compact else latex_escape(h) for h in sub) + " \\\\")
         else:
-            lines.append(" & ".join(latex_escape(h) for h in table.header) + " \\\\")
+            lines.append(" & ".join(latex_escape(h) for h in header) + " \\\\")
         lines.append("\\midrule")
         for i, row in enumerate(rows):
             lines.append(" & ".join(row) + " \\\\")
@@ -126,10 +207,13 @@ class LatexExporter(Exporter):
         lines += ["\\bottomrule", "\\end{tabular}"]
         if wide:
             lines.append("}")
-        if table.footer:
+        if compact:
+            marks = any("\\dag" in c for row in rows for c in row)
+            lines.append(f"\\par\\smallskip{{\\footnotesize {self._note(table, marks)}\\par}}")
+        elif table.footer:
             lines += [f"% {table.footer}".replace("\n", " "),
-                      f"\\par\\smallskip{{\\footnotesize\\raggedright {latex_escape(table.footer)}\\par}}"]
-        lines.append("\\end{table}")
+                      f"\\par\\smallskip{{\\footnotesize\\raggedright {latex_escape(_quotes(table.footer))}\\par}}"]
+        lines.append(f"\\end{{{env}}}")
         return "\n".join(lines) + "\n"
 
 

@@ -222,6 +222,7 @@ class ReportTable:
     rules_after: list[int] = field(default_factory=list)  # draw a rule after these rows
     footer: str = ""
     raw: "pd.DataFrame | None" = None  # tidy numbers for machine-readable formats
+    kind: str = ""  # "table1".."table3" for the paper's tables (the LaTeX exporter's compact preset)
 
 
 class Exporter(Plugin):
