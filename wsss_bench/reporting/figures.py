@@ -462,8 +462,12 @@ def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], ga
     r = bootstrap_resamples(df, manifests) if resamples is None else resamples
     made, skipped = [], []
     figure_width(size)
-    grid = qualitative_grid(df, manifests, gate, size=size)
-    if grid is None:
+    try:  # the grid alone needs images: without them, every other figure is still made
+        grid = qualitative_grid(df, manifests, gate, size=size)
+    except UserError as err:
+        grid = None
+        skipped.append(f"Qualitative grid: {err}")
+    if grid is None and not any(s.startswith("Qualitative grid") for s in skipped):
         skipped.append("Qualitative grid: the run stored no predicted masks (predictions/*.npz).")
     else:
         made.append(grid)
