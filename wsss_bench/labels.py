@@ -80,3 +80,42 @@ def resolve_method(host: Any, typed: str, stored: Iterable[str], what: str = "--
             continue
     raise UserError(f"{what} {typed}: the results hold no such method (canonical label {want}); "
                     f"they hold: {', '.join(stored) or 'nothing'}")
+
+
+def display_labels(host: Any, methods: Sequence[str]) -> dict[str, str]:
+    """Row labels for a table of ``methods``: in a grid over a parameter every row shows that
+    parameter's value, the default included (``gradcam[layer=layer4]+threshold`` beside
+    ``gradcam[layer=layer3]+threshold``, not a bare ``gradcam+threshold``).
+
+    Methods are grouped by their plugin names in order; within a group, a parameter that any
+    member sets is shown on every member.  A label that does not parse (a ``--label`` suffix, a
+    plugin not installed here) is shown as it is."""
+    parsed: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for m in methods:
+        try:
+            combo = parse_sources(str(m))
+            if len(combo) != 1:
+                continue
+            parsed[m] = [(s.name, {k: v[0] for k, v in s.grid.items() if len(v) == 1}) for s in combo[0]]
+        except UserError:
+            continue
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for m, parts in parsed.items():
+        groups.setdefault(tuple(n for n, _ in parts), []).append(m)
+    out = {m: m for m in methods}
+    for names, members in groups.items():
+        if len(members) < 2:
+            continue
+        shown = [set().union(*(parsed[m][i][1] for m in members)) for i in range(len(names))]
+        for m in members:
+            texts = []
+            for i, (name, params) in enumerate(parsed[m]):
+                kind = "refiners" if i == len(names) - 1 else "cams"
+                try:
+                    defaults = dict(host.get(kind, name).params)
+                except Exception:
+                    defaults = {}
+                full = {k: params.get(k, defaults.get(k)) for k in shown[i] if k in params or k in defaults}
+                texts.append(format_spec(name, full))
+            out[m] = "+".join(texts)
+    return out
