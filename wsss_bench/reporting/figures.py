@@ -467,10 +467,10 @@ def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], ga
     except UserError as err:
         grid = None
         skipped.append(f"Qualitative grid: {err}")
-    if grid is None and not any(s.startswith("Qualitative grid") for s in skipped):
-        skipped.append("Qualitative grid: the run stored no predicted masks (predictions/*.npz).")
-    else:
+    if grid is not None:
         made.append(grid)
+    elif not any(s.startswith("Qualitative grid") for s in skipped):
+        skipped.append("Qualitative grid: the run stored no predicted masks (predictions/*.npz).")
     curves = ablation_curves(df, gate, r, size=size)
     if curves is None:
         skipped.append("Ablation curves: the run holds no CLDF cells varying out_dim or decoder_depth "
