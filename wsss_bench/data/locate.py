@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from wsss_bench.data.store import prepare_slices
+from wsss_bench.data.taskdata import PHANTOM_MARKER, ensure_phantom, phantom_dir
 from wsss_bench.errors import UserError
+from wsss_bench.profiles import apply_overrides, load_profile
 
 
 def _store_dir(cache: Path, key: str) -> Path | None:
@@ -44,8 +47,6 @@ def locate(source: Any, entry: Mapping[str, Any], manifest: Mapping[str, Any], c
         return None, None
     if not rebuild:
         return None, root
-    from wsss_bench.data.store import prepare_slices
-
     meta = json.loads((root / ".phantom.json").read_text())
     meta.pop("seconds", None)
     store = prepare_slices(source, root, int(entry["image_size"]), Path(cache_dir), case_cap=0,
@@ -62,9 +63,6 @@ def _existing(path: Any) -> Path | None:
 
 def _phantom(source: Any, entry: Mapping[str, Any], manifest: Mapping[str, Any], cache: Path,
              rebuild: bool) -> Path | None:
-    from wsss_bench.data.taskdata import PHANTOM_MARKER, ensure_phantom, phantom_dir
-    from wsss_bench.profiles import apply_overrides, load_profile
-
     phantom = entry.get("phantom") or {}
     config = manifest.get("config") or {}
     profile = apply_overrides(load_profile(str(phantom.get("profile") or config.get("profile"))),

@@ -160,7 +160,6 @@ def method_order(df: "pd.DataFrame", task: str, methods: Sequence[str]) -> list[
 
 
 def _task_label(task: str) -> str:
-
     return DEFAULT_TASK_LABELS.get(task, task)
 
 
