@@ -360,7 +360,7 @@ def report(
     fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, html (a whole page), ..."),
     table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows) | cases (one row per case x method x gate: per-volume Dice, IoU, HD95, ASSD; csv or markdown)."),
     gate: str = typer.Option("all", "--gate", help="label | classifier | none | all (default: all, one table per gate held)."),
-    with_paper: bool = typer.Option(False, "--with-paper", help="Put the paper's numbers (PROTOCOL 13) beside ours."),
+    with_paper: bool = typer.Option(False, "--with-paper", help="Put the paper's numbers (docs/protocol.md §13) beside ours."),
     per_volume: bool = typer.Option(False, "--per-volume", help="Add a per-volume (3D) Dice column per task (docs/metrics.md)."),
     resamples: Optional[int] = typer.Option(None, "--resamples", help="Bootstrap resamples for the 95% CIs (default: the run's profile; 0 = no CIs and no tests)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Method label the significance test compares against (default: CLDF of each task)."),
@@ -501,7 +501,7 @@ def data_prepare(
 
 @app.command()
 def profiles() -> None:
-    """Show the profile table (the values of PROTOCOL section 10)."""
+    """Show the profile table (the values of docs/protocol.md section 10)."""
     from wsss_bench.profiles import markdown_table
 
     console.print(markdown_table(), highlight=False, markup=False)

@@ -8,7 +8,7 @@ Three parts, each usable alone:
 2. **Reading a run's slices**: :class:`RunSlices` finds a task's preprocessed images and ground
    truth through the manifest (the slice store in the run's cache, else the source volumes,
    preprocessed again by :mod:`wsss_bench.data.preprocess`).
-3. **Back to the source volume** (PROTOCOL section 4 inverted): :func:`to_source_space` restacks
+3. **Back to the source volume** (docs/protocol.md section 4 inverted): :func:`to_source_space` restacks
    a case's (Z, S, S) slices into the RAS volume, undoes the centre crop and the resize, then
    the reader's RAS reorientation, so the array has the on-disk shape and is saved with the
    source file's affine and header: it overlays the original scan in 3D Slicer or ITK-SNAP.

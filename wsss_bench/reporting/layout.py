@@ -318,7 +318,7 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
         notes.append(rule_line(empty_distance))
     if any(c.block == "paper" for c in cols):
         notes.append(f"{PAPER_SUFFIX.strip()}: Zeng et al. (CLDF), their test sets and full-size data "
-                     "(PROTOCOL 13); not comparable number for number with a phantom or a small profile.")
+                     "(docs/protocol.md §13); not comparable number for number with a phantom or a small profile.")
     shown_fail = [f for f in failed if f.task in tasks]
     if shown_fail:
         notes.append("Failed cells (manifest.json): " + "; ".join(

@@ -70,7 +70,7 @@ def load_manifests(source: str | os.PathLike | Iterable[str | os.PathLike]) -> l
 
 
 def bootstrap_resamples(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]] = ()) -> int:
-    """Resamples of the case bootstrap: the run's profile ``bootstrap.resamples`` (PROTOCOL 10)."""
+    """Resamples of the case bootstrap: the run's profile ``bootstrap.resamples`` (docs/protocol.md §10)."""
     for m in manifests:
         boot = (m.get("profile") or {}).get("bootstrap") or {}
         if "resamples" in boot:

@@ -1,6 +1,6 @@
-"""The CLDF paper's reference numbers (PROTOCOL section 13) and which of our runs fill its rows.
+"""The CLDF paper's reference numbers (docs/protocol.md section 13) and which of our runs fill its rows.
 
-Tables 1-3 of Zeng et al. are stored here as data, copied from PROTOCOL section 13 (mean and
+Tables 1-3 of Zeng et al. are stored here as data, copied from docs/protocol.md section 13 (mean and
 population std per slice over the paper's test sets).  ``report --with-paper`` prints them
 beside ours; :func:`resolve` says which of our method labels fills a paper row for a task.
 
@@ -46,7 +46,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-#: column order of the paper's tables (task ids of PROTOCOL section 1)
+#: column order of the paper's tables (task ids of docs/protocol.md section 1)
 TASKS = ("brats", "flare21-kidney", "flare21-spleen", "flare21-liver")
 TABLE_TASKS = {"table1": TASKS, "table2": TASKS[:2], "table3": TASKS[:2]}
 #: parameters that never change a result (speed only); they do not make a new method
@@ -67,7 +67,7 @@ def _parse(text: str) -> dict[str, tuple[float, float] | None]:
     return out
 
 
-#: PROTOCOL 13.1, Table 1 (BraTS21, Kidney, Spleen, Liver; Dice then IoU)
+#: docs/protocol.md §13.1, Table 1 (BraTS21, Kidney, Spleen, Liver; Dice then IoU)
 TABLE1 = {
     "GradCAM": _parse("0.392±0.29 0.286±0.24 0.335±0.31 0.251±0.27 0.243±0.29 0.175±0.23 0.261±0.22 0.170±0.16"),
     "ScoreCAM": _parse("0.318±0.11 0.195±0.08 0.208±0.13 0.122±0.08 0.138±0.13 0.080±0.08 0.438±0.19 0.299±0.16"),
@@ -79,14 +79,14 @@ TABLE1 = {
     "CLDF": _parse("0.880±0.11 0.798±0.14 0.740±0.20 0.621±0.21 0.623±0.15 0.470±0.16 0.778±0.15 0.658±0.18"),
     "FSL (UNet)": _parse("0.920±0.09 0.861±0.12 0.949±0.08 0.910±0.09 — — — —"),
 }
-#: PROTOCOL 13.2, Table 2 (BraTS21, Kidney)
+#: docs/protocol.md §13.2, Table 2 (BraTS21, Kidney)
 TABLE2 = {
     "ResNet18": _parse("0.640±0.32 0.542±0.30 0.448±0.25 0.320±0.20"),
     "ResNet50": _parse("0.775±0.15 0.652±0.16 0.644±0.20 0.504±0.20"),
     "UNet Encoder": _parse("0.760±0.13 0.629±0.15 0.605±0.21 0.465±0.21"),
     "CDM": _parse("0.880±0.11 0.798±0.14 0.740±0.20 0.621±0.21"),
 }
-#: PROTOCOL 13.3, Table 3 (BraTS21, Kidney)
+#: docs/protocol.md §13.3, Table 3 (BraTS21, Kidney)
 TABLE3 = {
     "LayerCAM": _parse("0.670±0.15 0.521±0.16 0.514±0.23 0.380±0.22"),
     "AME-CAM": _parse("0.827±0.14 0.725±0.18 0.413±0.17 0.288±0.13"),
@@ -102,7 +102,7 @@ TITLES = {"table1": "Table 1: WSSS methods on BraTS21 and FLARE21",
           "table2": "Table 2: CLDF with different feature extractors",
           "table3": "Table 3: pixel selection for contrastive learning"}
 NOTES = {"table1": "Paper: no FSL values for spleen and liver; CDM's BraTS std (0.02) looks fold-level, "
-                   "not per-slice (PROTOCOL 13.1)."}
+                   "not per-slice (docs/protocol.md §13.1)."}
 #: rows the paper lists as upper bounds: they never take the bold
 NOT_BOLD = frozenset({"FSL (UNet)"})
 
@@ -200,7 +200,7 @@ def _thr(cam: str, **params: str) -> Rule:
     return Rule((cam,), "threshold", params)
 
 
-#: the task's CLDF CAM source (PROTOCOL section 1)
+#: the task's CLDF CAM source (docs/protocol.md section 1)
 CLDF_CAM = {"brats": "amecam", "flare21-kidney": "layercam", "flare21-spleen": "layercam",
             "flare21-liver": "layercam"}
 
@@ -211,7 +211,7 @@ def cam_mg_cl(cam: str, **refiner_params: str) -> list[Rule]:
 
 
 def cldf_rules(task: str, **refiner_params: str) -> list[Rule]:
-    """CLDF of PROTOCOL 9: the task's CAM source plus MG (Table 1's CLDF row)."""
+    """CLDF of docs/protocol.md §9: the task's CAM source plus MG (Table 1's CLDF row)."""
     return cam_mg_cl(CLDF_CAM.get(task, "layercam"), **refiner_params)
 
 
@@ -242,7 +242,7 @@ def row_rules(table: str, row: str, task: str) -> list[Rule]:
     return fixed.get(row, [])
 
 
-#: rows of each table, in the paper's order, and the supplementary rows (PROTOCOL section 9)
+#: rows of each table, in the paper's order, and the supplementary rows (docs/protocol.md section 9)
 ROWS = {
     "table1": ["GradCAM", "ScoreCAM", "SEAM", "LayerCAM", "CDM", "AME-CAM", "DiG", "CLDF", "FSL (UNet)"],
     "table2": ["ResNet18", "ResNet50", "UNet Encoder", "CDM"],

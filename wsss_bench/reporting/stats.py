@@ -22,7 +22,7 @@ def require_columns(df: "pd.DataFrame", columns: Iterable[str], what: str = "res
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise UserError(f"{what} lack column(s) {', '.join(missing)}; "
-                        "expected the per-slice results table (PROTOCOL section 8)")
+                        "expected the per-slice results table (docs/protocol.md section 8)")
 
 
 def check_unique_slices(df: "pd.DataFrame") -> None:
@@ -72,7 +72,7 @@ def _group_stats(g: "pd.DataFrame") -> dict[str, Any]:
 
 
 def bootstrap_seed(g: "pd.DataFrame", task: str) -> int:
-    """seed(base, task, "bootstrap") (PROTOCOL section 12), base = the smallest seed in ``g``."""
+    """seed(base, task, "bootstrap") (docs/protocol.md section 12), base = the smallest seed in ``g``."""
     from wsss_bench.seeding import derive_seed
 
     base = int(g["seed"].min()) if "seed" in g and len(g) else 0

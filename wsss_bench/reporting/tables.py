@@ -161,7 +161,7 @@ def reference_table(df: "pd.DataFrame", table: str, gate: str = "label", *, with
                     ci_resamples: int = 0, per_volume: bool = False, data: str | None = None,
                     failed: Sequence[FailedCell] = (), metrics: Sequence[str] | None = None,
                     empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
-    """Table 1, 2 or 3 of the paper (PROTOCOL section 9), rows filled by :mod:`wsss_bench.reporting.paper`.
+    """Table 1, 2 or 3 of the paper (docs/protocol.md section 9), rows filled by :mod:`wsss_bench.reporting.paper`.
 
     The footer names the method label that filled each row whose label differs from the
     paper's name, so a reader sees e.g. that CLDF on BraTS is ``amecam+mg+cldf``.
@@ -289,7 +289,7 @@ def per_case_table(df: "pd.DataFrame", gate: str = "label", *, per_volume: bool 
 
 
 def classifier_table(df: "pd.DataFrame") -> ReportTable | None:
-    """AUC, sensitivity and specificity of gate=classifier per task (PROTOCOL section 7)."""
+    """AUC, sensitivity and specificity of gate=classifier per task (docs/protocol.md section 7)."""
     if "classifier_p1" not in df.columns or not df["classifier_p1"].notna().any():
         return None
     st = classifier_gate_stats(df)

@@ -1,4 +1,4 @@
-"""The manifest attached to every run and result (PROTOCOL section 12)."""
+"""The manifest attached to every run and result (docs/protocol.md section 12)."""
 from __future__ import annotations
 
 import importlib.metadata as md
