@@ -357,7 +357,7 @@ def list_(
 @user_errors
 def report(
     run_dir: List[Path] = typer.Argument(..., help="Run directory (or several, or a folder of runs)."),
-    fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, html (a whole page), ..."),
+    fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, html (a whole page), ...; latex[preset=full] keeps every column (the paper tables default to the compact preset)."),
     table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows) | cases (one row per case x method x gate: per-volume Dice, IoU, HD95, ASSD; csv or markdown)."),
     gate: str = typer.Option("all", "--gate", help="label | classifier | none | all (default: all, one table per gate held)."),
     with_paper: bool = typer.Option(False, "--with-paper", help="Put the paper's numbers (docs/protocol.md §13) beside ours."),
@@ -367,6 +367,8 @@ def report(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Metric columns, e.g. dice,iou,hd95,assd (default: Dice and IoU, plus HD95 and ASSD in mm when the results hold them)."),
     empty_distance: str = typer.Option("undefined", "--empty-distance", help="HD95/ASSD where exactly one mask is empty: undefined (left out of the mean and counted) | diagonal (the image diagonal in mm, the BraTS convention)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    label: List[str] = typer.Option([], "--label", help="One per run, in order: keeps runs of different profile, data, --set values or code apart as labelled rows."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP + " Phantoms and slice stores for the figures are found or remade here."),
 ) -> None:
     """Tables of a run with bootstrap CIs and Wilcoxon marks (LaTeX booktabs, Markdown, CSV, HTML page)."""
     from wsss_bench.boundary import check_rule, parse_metrics
@@ -382,15 +384,19 @@ def report(
     chosen = parse_metrics(metrics) if metrics is not None else None
     if table == "cases" and fmt not in ("csv", "markdown"):
         raise UserError(f"--table cases --format {fmt}: the per-case table is written as csv or markdown")
+    from wsss_bench.reporting.load import load_runs
+    from wsss_bench.spec import parse_specs
+
     host = get_host()
-    exporter = host.get("exporters", fmt)()
-    if fmt == "html":
+    ex_spec = parse_specs(fmt)[0]
+    exporter = host.get("exporters", ex_spec.name)(**ex_spec.expand()[0])
+    if ex_spec.name == "html":
         text = html_report(run_dir, exporter, table=table, gate=gate, with_paper=with_paper,
                            per_volume=per_volume, resamples=resamples, reference=reference,
-                           metrics=chosen, empty_distance=empty_distance)
+                           metrics=chosen, empty_distance=empty_distance,
+                           labels=_split_csv(label), cache_dir=cache_dir)
     else:
-        frame = load_results(run_dir)
-        manifests = load_manifests(run_dir)
+        frame, manifests = load_runs(run_dir, _split_csv(label))
         r = bootstrap_resamples(frame, manifests) if resamples is None else resamples
         tables = build_tables(frame, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
                               reference=reference, failed=failed_cells(manifests), metrics=chosen,
@@ -410,11 +416,15 @@ def figures(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the figures (default RUN_DIR/figures)."),
     gate: str = typer.Option("label", "--gate", help="label | classifier | none."),
     fmt: List[str] = typer.Option(["png", "pdf"], "--format", "-f", help="png and/or pdf (repeatable)."),
+    size: str = typer.Option("double", "--size", help="single (one journal column, 3.5 in) | double (page width, 7.16 in)."),
+    label: List[str] = typer.Option([], "--label", help="One per run, in order: keeps runs of different identity apart."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP + " Phantoms and slice stores are found or remade here."),
 ) -> None:
     """Figures of a run (matplotlib): qualitative grid (Fig. 3), ablation curves (Fig. 4), Dice boxplots."""
     from wsss_bench.reporting.figures import write_figures
 
-    paths, skipped = write_figures(run_dir, out, gate=gate, formats=_split_csv(fmt))
+    paths, skipped = write_figures(run_dir, out, gate=gate, formats=_split_csv(fmt), size=size,
+                                   cache_dir=cache_dir, labels=_split_csv(label))
     for p in paths:
         say(f"wrote {escape(str(p))}")
     for why in skipped:
@@ -431,13 +441,15 @@ def export_masks_cmd(
     gate: str = typer.Option("none", "--gate", help="none (raw prediction) | label | classifier: blank what that gate blanked."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the cell (default: the smallest)."),
     ground_truth: bool = typer.Option(False, "--ground-truth", help="Export the run's preprocessed ground truth of the same cases instead (geometry check)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Predicted masks per test case as NIfTI in the source volume's space and affine."""
     from wsss_bench.reporting.export_masks import export_masks
 
     if gate not in ("label", "classifier", "none"):
         raise UserError(f"--gate {gate}: choose none, label or classifier")
-    paths = export_masks(run_dir, method, out, task=task, gate=gate, seed=seed, ground_truth=ground_truth)
+    paths = export_masks(run_dir, method, out, task=task, gate=gate, seed=seed, ground_truth=ground_truth,
+                         cache_dir=cache_dir)
     say(f"wrote {len(paths)} NIfTI file(s) under {escape(str(out))}")
 
 

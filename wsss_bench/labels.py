@@ -71,7 +71,10 @@ def resolve_method(host: Any, typed: str, stored: Iterable[str], what: str = "--
     stored = list(dict.fromkeys(map(str, stored)))
     if typed in stored:
         return typed
-    want = canonical_method(host, typed)
+    try:
+        want = canonical_method(host, typed)
+    except UserError as err:
+        raise UserError(f"{what} {typed}: {str(err).rstrip('.')}; the results hold: {', '.join(stored) or 'nothing'}") from None
     for label in stored:
         try:
             if canonical_method(host, label) == want:

@@ -11,6 +11,7 @@ phantom is regenerated and the store rebuilt, both checked against the recorded 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,11 @@ from wsss_bench.data.store import prepare_slices
 from wsss_bench.data.taskdata import PHANTOM_MARKER, ensure_phantom, phantom_dir
 from wsss_bench.errors import UserError
 from wsss_bench.profiles import apply_overrides, load_profile
+
+
+def current_cache() -> Path:
+    """The cache in use when none is named: $WSSS_BENCH_CACHE, else ~/.cache/wsss-bench."""
+    return Path(os.environ.get("WSSS_BENCH_CACHE") or Path.home() / ".cache" / "wsss-bench")
 
 
 def _store_dir(cache: Path, key: str) -> Path | None:

@@ -88,20 +88,24 @@ def data_entry(manifests: Sequence[Mapping[str, Any]], task: str, seed: int | No
 class RunSlices:
     """Images and ground truth of one task's slices, as the run saw them (S x S, RAS)."""
 
-    def __init__(self, manifests: Sequence[Mapping[str, Any]], task: str, seed: int | None = None) -> None:
+    def __init__(self, manifests: Sequence[Mapping[str, Any]], task: str, seed: int | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        """``cache_dir``: the cache in use (default: $WSSS_BENCH_CACHE or ~/.cache/wsss-bench).
+        The run's slice store is found there by its key, and a phantom run's data is made again
+        there when absent (:mod:`wsss_bench.data.locate`): the paths the manifest recorded
+        belong to the machine that made the run."""
+        from wsss_bench.data import locate
+        from wsss_bench.data.store import open_store
+
         self.entry, manifest = data_entry(manifests, task, seed)
         self.task = task
         self.dataset = str(self.entry.get("dataset", ""))
         self.cls, self.taskdef = task_def(self.dataset, task)
-        self.root = Path(str(self.entry.get("data_root", "")))
         self.size = int(self.entry["image_size"])
-        cache = (manifest.get("config") or {}).get("cache_dir")
-        self.store = None
-        key = self.entry.get("store_key")
-        if cache and key and (Path(cache) / "slices" / str(key) / "done").is_file():
-            from wsss_bench.data.store import open_store
-
-            self.store = open_store(Path(cache) / "slices" / str(key))
+        cache = Path(cache_dir) if cache_dir is not None else locate.current_cache()
+        store_dir, root = locate.locate(self.cls(), self.entry, manifest, cache)
+        self.root = root if root is not None else Path(str(self.entry.get("data_root", "")))
+        self.store = open_store(store_dir) if store_dir is not None else None
         self._cases: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _foreground(self, labels: np.ndarray) -> np.ndarray:
@@ -249,7 +253,7 @@ def case_stack(pred: Predictions, masks: np.ndarray, case_id: str, n_z: int) -> 
 
 def export_masks(run_dirs: str | Path | Sequence[str | Path], method: str, out: str | Path, *,
                  task: str | None = None, gate: str = "none", seed: int | None = None,
-                 ground_truth: bool = False) -> list[Path]:
+                 ground_truth: bool = False, cache_dir: str | Path | None = None) -> list[Path]:
     """Write ``method``'s predicted masks per test case as NIfTI under ``out/<task>/<method>/``.
 
     ``gate`` blanks what the gate blanked in the results (default none: the raw prediction).
@@ -265,6 +269,10 @@ def export_masks(run_dirs: str | Path | Sequence[str | Path], method: str, out: 
     if not stored:
         raise UserError(f"{', '.join(map(str, dirs))} holds no stored predictions ({PREDICTIONS_DIR}/*.npz); "
                         "the run predates mask storage: re-run it (finished stages come from the cache)")
+    from wsss_bench.labels import resolve_method
+    from wsss_bench.plugins import load_plugins
+
+    method = resolve_method(load_plugins(), method, sorted({m for (_, m, _) in stored}))  # any spelling
     cells = [p for (t, m, s), p in stored.items() if m == method and (task is None or t == task)
              and (seed is None or s == seed)]
     if not cells:
@@ -278,7 +286,7 @@ def export_masks(run_dirs: str | Path | Sequence[str | Path], method: str, out: 
         cells = list(first.values())
     written: list[Path] = []
     for pred in cells:
-        data = RunSlices(manifests, pred.task, pred.seed)
+        data = RunSlices(manifests, pred.task, pred.seed, cache_dir=cache_dir)
         masks = gated(pred, frame, gate)
         folder = Path(out) / pred.task / _slug("ground-truth" if ground_truth else method)
         info: dict[str, Any] = {"task": pred.task, "method": method, "seed": pred.seed, "gate": gate,

@@ -257,7 +257,7 @@ def _overlay(ax, image: np.ndarray, mask: np.ndarray | None, color, gt: np.ndarr
 
 def qualitative_grid(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], gate: str = "label",
                      rows: int = 2, max_methods: int | None = None, predictions: Mapping | None = None,
-                     size: str = "double") -> Fig | None:
+                     size: str = "double", cache_dir: str | Path | None = None) -> Fig | None:
     """Fig. 3: image | ground truth | each method's mask, per chosen slice (module docstring)."""
 
     if predictions is None:
@@ -291,7 +291,7 @@ def qualitative_grid(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]],
     data_cache: dict[str, Any] = {}
     for r, (task, case, z, best, methods) in enumerate(panels):
         if task not in data_cache:
-            data_cache[task] = RunSlices(manifests, task)
+            data_cache[task] = RunSlices(manifests, task, cache_dir=cache_dir)
         imgs, gts = data_cache[task].slices([case], [z])
         image, gt = imgs[0, 0], gts[0]
         _overlay(axes[r, 0], image, None, PRED_COLOR)
@@ -452,7 +452,8 @@ def dice_boxplots(df: "pd.DataFrame", gate: str = "label", size: str = "double")
 
 # --------------------------------------------------------------------------- all of them
 def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], gate: str = "label",
-                  resamples: int | None = None, size: str = "double") -> tuple[list[Fig], list[str]]:
+                  resamples: int | None = None, size: str = "double",
+                  cache_dir: str | Path | None = None) -> tuple[list[Fig], list[str]]:
     """Every figure the run supports, and one line per figure it could not make (and why)."""
 
     if gate not in set(map(str, df["gate"].unique())):
@@ -462,7 +463,7 @@ def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], ga
     made, skipped = [], []
     figure_width(size)
     try:  # the grid alone needs images: without them, every other figure is still made
-        grid = qualitative_grid(df, manifests, gate, size=size)
+        grid = qualitative_grid(df, manifests, gate, size=size, cache_dir=cache_dir)
     except UserError as err:
         grid = None
         skipped.append(f"Qualitative grid: {err}")
@@ -486,17 +487,20 @@ def build_figures(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]], ga
 
 def write_figures(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path | None = None,
                   gate: str = "label", formats: Sequence[str] = FORMATS,
-                  size: str = "double") -> tuple[list[Path], list[str]]:
-    """Write every figure of the runs as PNG and PDF into ``out_dir`` (default RUN_DIR/figures)."""
+                  size: str = "double", cache_dir: str | Path | None = None,
+                  labels: Sequence[str] = ()) -> tuple[list[Path], list[str]]:
+    """Write every figure of the runs as PNG and PDF into ``out_dir`` (default RUN_DIR/figures).
+
+    Runs of different identity are refused unless ``labels`` names each (see ``load_runs``)."""
+    from wsss_bench.reporting.load import load_runs
 
     dirs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     for fmt in formats:
         if fmt not in FORMATS:
             raise UserError(f"figure format {fmt!r}: choose from {', '.join(FORMATS)}")
-    df = load_results(dirs)
-    manifests = load_manifests(dirs)
+    df, manifests = load_runs(dirs, labels)
     out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "figures"
-    made, skipped = build_figures(df, manifests, gate, size=size)
+    made, skipped = build_figures(df, manifests, gate, size=size, cache_dir=cache_dir)
     paths: list[Path] = []
     for fig in made:
         paths += fig.save(out, formats)

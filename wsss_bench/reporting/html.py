@@ -122,11 +122,12 @@ def run_meta(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]]) -> list
 def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate: str | None = "all",
                 with_paper: bool = False, per_volume: bool = False, resamples: int | None = None,
                 reference: str | None = None, figures: bool = True, metrics: Any = None,
-                empty_distance: str = "undefined") -> str:
+                empty_distance: str = "undefined", labels: Sequence[str] = (), cache_dir: Any = None) -> str:
     """The whole HTML page of one or more runs: tables with CIs, classifier gate, failed cells,
     the figures (embedded PNG), and the sortable per-case Dice table."""
-    df = load_results(source)
-    manifests = load_manifests(source)
+    from wsss_bench.reporting.load import load_runs
+
+    df, manifests = load_runs(source, labels)
     failed = failed_cells(manifests)
     r = bootstrap_resamples(df, manifests) if resamples is None else resamples
     gates = gates_of(df, gate)
@@ -138,7 +139,7 @@ def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate
         sections.append(("Negative gate", [clf]))
     if figures:
         items: list = []
-        made, skipped = figs.build_figures(df, manifests, gate=gates[0])
+        made, skipped = figs.build_figures(df, manifests, gate=gates[0], cache_dir=cache_dir)
         for fig in made:
             items.append(("figure", fig.caption, fig.png()))
             fig.close()

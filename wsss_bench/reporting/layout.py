@@ -340,8 +340,13 @@ def available(sel: "pd.DataFrame") -> dict[str, "paper.Parsed"]:
 
 def cldf_references(df: "pd.DataFrame", tasks: Sequence[str], reference: str | None = None) -> dict[str, str | None]:
     """Per task, the CLDF method every row is tested against (``reference`` overrides)."""
-    if reference:
-        return {t: reference for t in tasks}
+    if reference:  # any spelling of a method the results hold; anything else is refused
+        from wsss_bench.labels import resolve_method
+        from wsss_bench.plugins import load_plugins
+
+        methods = sorted(map(str, df["method"].unique()))
+        host = load_plugins() if reference not in methods else None
+        return {t: resolve_method(host, reference, methods, "--reference") for t in tasks}
     out = {}
     for t in tasks:
         avail = available(df[df.task == t])

@@ -83,3 +83,22 @@ def bootstrap_resamples(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any
     return 0
 
 
+
+
+def load_runs(source: str | os.PathLike | Iterable[str | os.PathLike],
+              labels: Sequence[str] = ()) -> tuple["pd.DataFrame", list[dict]]:
+    """(rows, manifests) of the runs, refused when runs of different identity would pool.
+
+    Runs whose profile, ``--set`` values, data or code differ are refused with one sentence
+    (:mod:`wsss_bench.reporting.identity`) unless ``labels`` names each run (one per entry of
+    ``source``, in order): their rows then stay apart as ``method (label)``."""
+    from wsss_bench.reporting.identity import apply_labels, check_poolable
+
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    df = load_results(sources)
+    manifests = load_manifests(sources)
+    if labels:
+        df = apply_labels(df, [str(s) for s in sources], list(labels))
+    else:
+        check_poolable(manifests)
+    return df, manifests

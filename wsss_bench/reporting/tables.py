@@ -312,6 +312,8 @@ def build_tables(df: "pd.DataFrame", table: str = "summary", gate: str | None = 
         raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
     check_rule(empty_distance)
     chosen = table_metrics(df, metrics)
+    if reference:  # refused like any unknown name, whichever table is asked for
+        reference = next(iter(cldf_references(df, ["-"], reference).values()))
     if table == "cases":
         require_columns(df, REQUIRED_COLUMNS, what="results")
         return [cases_table(df, empty_distance, chosen, gates=gates_of(df, gate), data=data)]
@@ -325,6 +327,7 @@ def build_tables(df: "pd.DataFrame", table: str = "summary", gate: str | None = 
             out.append(reference_table(df, table, g, with_paper=with_paper, ci_resamples=resamples,
                                        per_volume=per_volume, data=data, failed=failed, metrics=chosen,
                                        empty_distance=empty_distance))
+            out[-1].kind = table  # the LaTeX exporter's compact preset is for the paper's tables
     return out
 
 

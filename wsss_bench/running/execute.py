@@ -118,8 +118,11 @@ def execute_run(cfg: RunConfig, host, executor, cells: list[Cell],
         on_outcome(oc)
     frame = rundir.collect(cfg.out)
     session = job.session()
+    before = rundir.read_manifest(cfg.out) or {}
+    commands = [*(before.get("commands") or ([before["command"]] if before.get("command") else [])), _command()]
     rundir.write_manifest(cfg.out, {
-        "command": _command(), "config": cfg.to_json(), "wall_seconds": round(seconds, 2),
+        "command": _command(), "commands": list(dict.fromkeys(commands)),  # every command that wrote cells here
+        "config": cfg.to_json(), "wall_seconds": round(seconds, 2),
         "environment": environment(session.device), "plugins": plugin_distributions(host),
         "profile": dict(session.profile), "data": session.data_summaries(),
         "cache_events": session.cache.events})
@@ -129,7 +132,9 @@ def execute_run(cfg: RunConfig, host, executor, cells: list[Cell],
         mine = frame[[k in keys for k in zip(frame["task"], frame["method"], frame["seed"])]]
         if len(mine):
             result.summary = run_summary(mine)
-            rundir.write_summary(cfg.out, summary_markdown(mine))
+        # summary.md describes the whole folder, as results.parquet does: another command's
+        # cells written here earlier are not hidden behind the last command's
+        rundir.write_summary(cfg.out, summary_markdown(frame))
     return result
 
 

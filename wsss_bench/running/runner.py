@@ -23,6 +23,7 @@ from wsss_bench.cache import ArtifactCache, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
 from wsss_bench.data import taskdata
 from wsss_bench.errors import PluginError, UserError, disk_problem
+from wsss_bench.labels import complete_sources
 from wsss_bench.lazy import torch
 from wsss_bench.plugins import load_plugins, show_problem
 from wsss_bench.profiles import apply_overrides, load_profile
@@ -210,7 +211,10 @@ def plan_cells(host, tasks: list[str], cams: str | None, methods: str, seeds: li
                                     f"(available: {', '.join(host.registries['cams'].names())})")
                 for seed in seeds:
                     for sources in (combos if ref.needs_cam else [()]):
-                        cells.append(Cell(task, name, rparams, tuple(sources), seed))
+                        # one canonical label: the sources the refiner adds itself are named
+                        # (--cam amecam --method cldf is the cell amecam+mg+cldf)
+                        full = complete_sources(host, ref, tuple(sources)) if sources else ()
+                        cells.append(Cell(task, name, rparams, full, seed))
     return list(dict.fromkeys(cells))
 
 
