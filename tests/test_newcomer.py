@@ -113,3 +113,51 @@ def test_protocol_page_covers_what_the_code_cites():
     assert not missing, f"cited but not in docs/protocol.md: {missing}"
     for page_name in ("conventions", "diffusion", "cldf", "amecam", "backbones"):
         assert (ROOT / "docs" / "methods" / f"{page_name}.md").is_file()
+
+
+def _all_helps():
+    import typer
+
+    from wsss_bench import cli
+
+    group = typer.main.get_command(cli.app)
+    out = [([], group)]
+    for name, cmd in group.commands.items():
+        out.append(([name], cmd))
+        for sub, c in getattr(cmd, "commands", {}).items():
+            out.append(([name, sub], c))
+    return out
+
+
+def test_every_option_help_shows_its_brackets_and_flags_show_no_type():
+    """rich ate '[cdm,resnet18]' from `run --help`; every bracket of every option help text must
+    survive, and a flag (it takes no value) shows no `<bool>`."""
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+
+    runner = CliRunner()
+    checked = 0
+    for argv, cmd in _all_helps():
+        if hasattr(cmd, "commands") and argv:
+            continue
+        res = runner.invoke(cli.app, argv + ["--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+        assert res.exit_code == 0, (argv, res.output)
+        flat = " ".join(res.output.split())
+        assert "<bool>" not in flat, f"`{' '.join(argv)} --help` shows <bool>"
+        for p in cmd.params:
+            for token in re.findall(r"\[[^\]\s]*\]", (p.help or "").replace("\\[", "[")):
+                if token.startswith("[default"):
+                    continue
+                checked += 1
+                assert token in flat, f"`{' '.join(argv)} --help` drops {token!r} ({p.name})"
+    assert checked >= 8
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    from wsss_bench import __version__, cli
+
+    res = CliRunner().invoke(cli.app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"wsss-bench {__version__}"

@@ -542,7 +542,7 @@ def test_cli_report_gates_paper_per_volume_and_help(tmp_path):
         ["gate=label)", "gate=classifier)", "gate=none)"]
     assert "40 resamples" in out.output  # the profile's bootstrap.resamples
     one = cli.invoke(app, ["report", str(run), "--gate", "label", "--table", "table1", "--with-paper",
-                           "--per-volume", "--format", "latex", "--output", str(tmp_path / "t1.tex")])
+                           "--per-volume", "--format", "latex[preset=full]", "--output", str(tmp_path / "t1.tex")])
     assert one.exit_code == 0, one.output
     tex = (tmp_path / "t1.tex").read_text()
     assert tex.count("\\begin{table}") == 1 and "Dice (paper)" in tex and "Dice (3D)" in tex

@@ -14,6 +14,23 @@ from rich.markup import escape
 from wsss_bench.errors import UserError
 from wsss_bench.progress import console, err_console, say
 
+def _flags_without_type() -> None:
+    """A flag takes no value, so --help shows no ``<bool>`` after it (typer prints one)."""
+    import typer.core
+
+    original = typer.core.TyperOption.display_type_rich
+    if getattr(original, "_wsss_bench", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001 - typer's signature
+        return "" if self.is_flag else original(self, ctx)
+
+    display_type_rich._wsss_bench = True  # type: ignore[attr-defined]
+    typer.core.TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark harness for weakly supervised medical image segmentation.")
 data_app = typer.Typer(no_args_is_help=True, help="Write phantoms and prepare slice stores.")
@@ -66,9 +83,19 @@ def get_host(extra_dirs: list[str] | None = None, strict: bool | None = None):
     return cached[1]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from wsss_bench import __version__
+
+        console.print(f"wsss-bench {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 @user_errors
 def main_options(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_version),
     strict: bool = typer.Option(False, "--strict", help="Fail on a plugin that cannot load (default: warn and skip)."),
     plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
     trace: bool = typer.Option(False, "--trace", help="Print every plugin hook call."),
@@ -539,6 +566,31 @@ def add_plugin_commands(host) -> None:
             app.command(name=entry.name)(user_errors(entry.obj))
 
 
+def escape_help(typer_app: typer.Typer) -> None:
+    """Every option and argument help text of every command printed as written.
+
+    rich reads ``[cdm,resnet18]`` or ``local[jobs=2]`` in a help text as a markup tag and drops
+    it; each text is escaped once here (one that already holds ``\\[`` is left alone), so no
+    help string needs to remember to."""
+    import inspect
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    infos = [*(c.callback for c in typer_app.registered_commands), typer_app.registered_callback
+             and typer_app.registered_callback.callback]
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            escape_help(group.typer_instance)
+    for fn in infos:
+        if fn is None:
+            continue
+        for param in inspect.signature(fn).parameters.values():
+            info = param.default
+            if isinstance(info, (OptionInfo, ArgumentInfo)) and info.help and "[" in info.help \
+                    and "\\[" not in info.help:
+                info.help = escape(info.help)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     dirs, strict = _prescan(argv)
@@ -546,11 +598,14 @@ def main(argv: list[str] | None = None) -> None:
         _STATE["plugins_dirs"] = dirs
         _STATE["strict"] = True if strict else None
         add_plugin_commands(get_host())
+        escape_help(app)
     except UserError as err:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}", soft_wrap=True, highlight=False)
         raise SystemExit(2)
     app(args=argv, prog_name="wsss-bench")
 
+
+escape_help(app)  # commands defined above; plugin commands are escaped when main() adds them
 
 if __name__ == "__main__":  # pragma: no cover
     main()

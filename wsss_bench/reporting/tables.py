@@ -83,10 +83,14 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
     avail = available(sel)
     skip = set(not_bold)
     specs = []
+    from wsss_bench.labels import display_labels
+    from wsss_bench.plugins import load_plugins
+
+    shown = display_labels(load_plugins(), methods)  # a grid's parameter on every row, defaults included
     for m in methods:
         parsed = avail.get(m) or paper.parse_method(m)
         is_fsl = parsed.refiner == "fsl"
-        specs.append(RowSpec(m, {t: m for t in tasks},
+        specs.append(RowSpec(shown[m], {t: m for t in tasks},
                              {t: paper.paper_row_of(parsed, t) for t in tasks} if with_paper else {},
                              bold=m not in skip and not is_fsl))
     stats = ci_resamples > 0 if stats is None else stats
