@@ -77,8 +77,12 @@ def parse(text):
 def test_page_is_self_contained(page):
     text = page.read_text(encoding="utf-8")
     p = parse(text)
-    assert p.refs and all(r.startswith("data:image/png;base64,") for r in p.refs)  # figures inlined
-    assert len(p.refs) == 3  # Fig. 3 grid, Fig. 4 curves, boxplots
+    images = [r for r in p.refs if r.startswith("data:image/png;base64,")]  # figures inlined
+    docs = [r for r in p.refs if not r.startswith("data:")]
+    assert len(images) == 3  # Fig. 3 grid, Fig. 4 curves, boxplots
+    # the only other references: each method's page in the project's own docs (local files)
+    assert docs and all(r.startswith("file://") and "/docs/methods/" in r and r.endswith(".md") for r in docs)
+    assert any(r.endswith("/docs/methods/cldf.md") for r in docs) and any(r.endswith("/gradcam.md") for r in docs)
     assert not re.search(r"(?i)(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text.replace("http-equiv", ""))
     assert "<link" not in text and "@import" not in text and "url(" not in text
     assert "default-src 'none'" in text  # the page may not fetch anything
@@ -86,6 +90,11 @@ def test_page_is_self_contained(page):
         assert f"Segmentation results (gate={gate})" in text
     assert 'class="ci"' in text and "Wilcoxon" in text and "failed: PluginError" in text
     assert "Dice (paper)" in text and "Dice (3D)" in text
+    # what the page says about the run: versions, device, run time, warnings, one line per gate
+    for fact in ("<dt>versions</dt>", "<dt>device</dt>", "Warnings of the run"):
+        assert fact in text, fact
+    for gate in ("label", "classifier", "none"):
+        assert text.count(f"gate={gate}: ") == 1, gate
     assert set(p.tables) >= {"per-case-brats", "per-case-flare21-kidney"}
     assert len(p.tables["per-case-brats"]) == 1 + 8  # header + 8 cases
 

@@ -1,6 +1,7 @@
 """The self-contained HTML report page: tables, figures as data URIs, sortable per-case tables."""
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from wsss_bench.interfaces import Exporter, ReportTable
@@ -97,6 +98,9 @@ def html_page(sections: Sequence[tuple[str, Sequence[Any]]], exporter: Exporter,
                 parts.append(exporter.fragment(item[2], table_id=item[1], sortable=True))
             elif item[0] == "note":
                 parts.append(f'<p class="note">{_esc(item[1])}</p>')
+            elif item[0] == "links":  # (label, href) pairs: the method pages of the project's docs
+                parts.append("<ul>" + "".join(f'<li><a href="{_esc(href)}">{_esc(label)}</a></li>'
+                                              for label, href in item[1]) + "</ul>")
             else:  # pragma: no cover - programming error
                 raise ValueError(f"unknown page item {item[0]!r}")
     parts.append(f"<script>{_PAGE_JS}</script></body></html>")
@@ -116,7 +120,78 @@ def run_meta(df: "pd.DataFrame", manifests: Sequence[Mapping[str, Any]]) -> list
         env = m.get("environment") or {}
         if isinstance(env, Mapping) and env.get("git_sha"):
             meta.append(("git", str(env["git_sha"])))
+        if isinstance(env, Mapping) and env:
+            pk = env.get("packages") or {}
+            versions = [f"wsss-bench {env.get('harness_version', '?')}", f"Python {env.get('python', '?')}",
+                        *(f"{k} {pk[k]}" for k in ("torch", "numpy", "scipy", "monai", "timm") if k in pk)]
+            meta.append(("versions", ", ".join(versions)))
+            device = [str(env.get("device") or "?")]
+            if env.get("cpu_model"):
+                device.append(f"{env['cpu_model']} ({env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} torch threads)")
+            if env.get("cuda"):
+                device.append(f"CUDA {env['cuda']}")
+            meta.append(("device", "; ".join(device)))
+    if not any(k == "versions" for k, _ in meta):
+        meta += [("versions", "not recorded by the run"), ("device", "not recorded by the run")]
+    secs = [float(m["wall_seconds"]) for m in manifests if isinstance(m.get("wall_seconds"), (int, float))]
+    if secs:
+        total = sum(secs)
+        meta.append(("run time", f"{total / 60:.1f} min" if total >= 90 else f"{total:.1f} s"))
     return meta
+
+
+#: one line per negative gate: what its numbers mean (docs/protocol.md section 7)
+GATE_LINES = {
+    "label": "gate=label: predictions are emptied on slices whose image label is negative, so every negative "
+             "slice scores 1 for every method (the all-slice mean includes those free ones; compare the "
+             "positive-slice columns for segmentation quality).",
+    "classifier": "gate=classifier: predictions are emptied where the task's CAM classifier gives p(positive) "
+                  "< 0.5, what a deployed model could do (the classifier's AUC, sensitivity and specificity are "
+                  "in the Negative gate table).",
+    "none": "gate=none: raw predictions; a negative slice scores 1 only when its prediction is empty.",
+}
+
+
+def run_warnings(manifests: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The warnings of the runs, one line each: those the manifests recorded, and AME-CAM
+    polarity ties found in the per-cell records (runs made before warnings were recorded)."""
+    from wsss_bench.running.rundir import cell_manifests
+
+    lines: list[str] = []
+    for m in manifests:
+        for w in m.get("warnings") or []:
+            where = " ".join(str(w[k]) for k in ("task", "method", "unit") if w.get(k))
+            lines.append(f"{where}: {w.get('message', '')}" if where else str(w.get("message", "")))
+        if not m.get("_run_dir"):
+            continue
+        for rec in cell_manifests(m["_run_dir"]):
+            pol = (rec.get("records") or {}).get("amecam/polarity") or {}
+            if pol.get("tied"):
+                task = (rec.get("cell") or {}).get("task", "?")
+                lines.append(f"{task}: AME-CAM's deletion test could not choose the polarity (drop+ "
+                             f"{pol.get('drop_plus', float('nan')):.4f}, drop- {pol.get('drop_minus', float('nan')):.4f}); "
+                             "s = +1 was used, so its maps may be close to uninformative")
+    return list(dict.fromkeys(lines))
+
+
+def method_links(df: "pd.DataFrame") -> list[tuple[str, str]]:
+    """(plugin, link to its page in docs/methods/) for every map source and refiner in ``df``."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "methods"
+    pages = {"gradcam": "gradcam", "gradcampp": "gradcampp", "scorecam": "scorecam", "layercam": "layercam",
+             "seam": "seam", "amecam": "amecam", "cdm": "diffusion", "mg": "diffusion", "dig": "dig",
+             "cldf": "cldf", "fsl": "fsl", "threshold": "conventions"}
+    names: list[str] = []
+    for col in ("cam", "refiner"):
+        if col in df.columns:
+            for value in map(str, df[col].dropna().unique()):
+                names += [re.split(r"\[", part, maxsplit=1)[0] for part in value.split("+") if part]
+    out = []
+    for name in dict.fromkeys(n for n in names if n in pages):
+        page = docs / f"{pages[name]}.md"
+        out.append((f"{name}: docs/methods/{pages[name]}.md", page.as_uri() if page.is_file() else f"docs/methods/{pages[name]}.md"))
+    return out
 
 
 def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate: str | None = "all",
@@ -133,7 +208,10 @@ def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate
     gates = gates_of(df, gate)
     tables = build_tables(df, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
                           reference=reference, failed=failed, metrics=metrics, empty_distance=empty_distance)
-    sections: list[tuple[str, list]] = [("Results", list(tables))]
+    sections: list[tuple[str, list]] = [("Results", [*[("note", GATE_LINES[g]) for g in gates if g in GATE_LINES],
+                                                     *tables])]
+    warned = run_warnings(manifests)
+    sections.insert(0, ("Warnings of the run", [("note", w) for w in warned] or [("note", "none recorded")]))
     clf = classifier_table(df)
     if clf is not None:
         sections.append(("Negative gate", [clf]))
@@ -148,4 +226,7 @@ def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate
     per_case = [("sortable", f"per-case-{t}", per_case_table(df, gates[0], per_volume=per_volume, task=t))
                 for t in _tasks_in(df)]
     sections.append((f"Per case (gate={gates[0]}; click a header to sort)", per_case))
+    links = method_links(df)
+    if links:
+        sections.append(("Methods (their pages in the project's docs)", [("links", links)]))
     return html_page(sections, exporter, title="wsss-bench report", meta=run_meta(df, manifests))

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsss_bench import runwarnings
 from wsss_bench.errors import UserError
 from wsss_bench.running import rundir
 from wsss_bench.running.runner import Cell, CellJob, CellOutcome, RunConfig, Session, classifier_p1, plan_cells
@@ -251,6 +252,7 @@ class UnitOutcome:
     seconds: float
     error: str | None = None
     cache_events: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 class UnitJob:
@@ -266,21 +268,22 @@ class UnitJob:
         t0 = time.perf_counter()
         session = self.cells.session()
         before = len(session.cache.events)
-        try:
-            ctx = session.context(unit.task, unit.seed)
-            ctx.begin_cell(unit.label)
-            if unit.kind == "gate":
-                classifier_p1(ctx, ctx.data.split("test"))
-            elif unit.kind == "source":
-                ctx.maps(ctx.plugin("cams", unit.spec), "test")
-            else:
-                sources = tuple(ctx.plugin("cams", s) for s in unit.sources)
-                ctx.plugin("refiners", unit.spec, sources=sources)
-            status, error = "done", None
-        except Exception as err:  # the cells that need it fail with their own message in phase 2
-            status, error = "failed", f"{type(err).__name__}: {err}"
+        with runwarnings.capture() as warned:  # e.g. AME-CAM's polarity tie: one line, kept in the manifest
+            try:
+                ctx = session.context(unit.task, unit.seed)
+                ctx.begin_cell(unit.label)
+                if unit.kind == "gate":
+                    classifier_p1(ctx, ctx.data.split("test"))
+                elif unit.kind == "source":
+                    ctx.maps(ctx.plugin("cams", unit.spec), "test")
+                else:
+                    sources = tuple(ctx.plugin("cams", s) for s in unit.sources)
+                    ctx.plugin("refiners", unit.spec, sources=sources)
+                status, error = "done", None
+            except Exception as err:  # the cells that need it fail with their own message in phase 2
+                status, error = "failed", f"{type(err).__name__}: {err}"
         return UnitOutcome(unit, status, round(time.perf_counter() - t0, 3), error,
-                           list(session.cache.events[before:]))
+                           list(session.cache.events[before:]), list(warned))
 
 
 class CellJobWithEvents(CellJob):
@@ -320,7 +323,7 @@ def run_bench(cfg: RunConfig, host, executor, cells: list[Cell], failed_only: bo
             if isinstance(oc, BaseException):
                 oc = UnitOutcome(u, "failed", 0.0, f"{type(oc).__name__}: {oc}")
             report["units"].append({"unit": asdict(u), "status": oc.status, "seconds": oc.seconds,
-                                    "error": oc.error})
+                                    "error": oc.error, **({"warnings": oc.warnings} if oc.warnings else {})})
             report["cache_events"].extend(oc.cache_events)
     report["phases"].append({"phase": "shared", "seconds": round(time.perf_counter() - t0, 2)})
     t1 = time.perf_counter()

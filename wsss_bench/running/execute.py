@@ -125,7 +125,10 @@ def execute_run(cfg: RunConfig, host, executor, cells: list[Cell],
         "config": cfg.to_json(), "wall_seconds": round(seconds, 2),
         "environment": environment(session.device), "plugins": plugin_distributions(host),
         "profile": dict(session.profile), "data": session.data_summaries(),
-        "cache_events": session.cache.events})
+        "cache_events": session.cache.events,
+        # warnings of this command's cells (each cell's cells/*.json keeps its own)
+        "warnings": [{"task": oc.cell.task, "method": oc.cell.method, "seed": oc.cell.seed, **w}
+                     for oc in outcomes for w in (oc.info or {}).get("warnings", [])]})
     result = RunResult(Path(cfg.out), outcomes, seconds)
     if frame is not None:
         keys = {(c.task, c.method, c.seed) for c in cells}
@@ -182,6 +185,11 @@ def execute_bench(cfg: RunConfig, host, executor, specs: list, cells: list[Cell]
         "profile": dict(cfg.load_profile()), "data": {**old.get("data", {}), **rep["data"]},
         "phases": rep["phases"], "units": rep["units"], "cache_events": rep["cache_events"],
         "training_builds": bn.training_builds(rep["cache_events"]),
+        "warnings": [{"unit": f"{u['unit'].get('kind')} {u['unit'].get('spec') or ''}".strip(),
+                      "task": u["unit"].get("task"), **w}
+                     for u in rep["units"] for w in u.get("warnings", [])]
+                    + [{"task": oc.cell.task, "method": oc.cell.method, "seed": oc.cell.seed, **w}
+                       for oc in rep["cells"] if isinstance(oc, CellOutcome) for w in (oc.info or {}).get("warnings", [])],
         "not_available": [{"table": p.table, "row": p.row, "task": p.task, "why": p.error} for p in unavailable],
         "table_metrics": metrics, "empty_distance": empty_distance})
     text = bench_markdown(frame, planned, specs, resamples=int(load_profile(cfg.profile).bootstrap.resamples),

@@ -28,6 +28,7 @@ from wsss_bench.lazy import torch
 from wsss_bench.plugins import load_plugins, show_problem
 from wsss_bench.profiles import apply_overrides, load_profile
 from wsss_bench.progress import say
+from wsss_bench import runwarnings
 from wsss_bench.running import stages
 from wsss_bench.running import rundir
 from wsss_bench.running.rundir import save_predictions
@@ -323,7 +324,10 @@ class Session:
         ctx.stages.append({"stage": "data", "seconds": getattr(ctx, "data_seconds", 0.0),
                            "peak_rss_mb": round(peak_rss_mb(), 1)})
         set_determinism(ctx.seed(f"cell/{cell.method}"), self.device)
-        frame, info = compute_cell(ctx, cell, self.profile, out=out)
+        with runwarnings.capture() as warned:  # a plugin's warning: one clean line, kept with the cell
+            frame, info = compute_cell(ctx, cell, self.profile, out=out)
+        if warned:
+            info["warnings"] = list(warned)
         frame["profile"] = self.profile.name
         frame["data"] = "phantom" if ctx.task_data.is_phantom else "real"
         info["stages"] = list(ctx.stages)
