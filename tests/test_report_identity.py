@@ -42,3 +42,31 @@ def test_labels_keep_runs_apart(tmp_path):
         identity.apply_labels(df, [tmp_path / "a", tmp_path / "b"], ["cpu"])
     with pytest.raises(UserError, match="same label"):
         identity.apply_labels(df, [tmp_path / "a", tmp_path / "b"], ["x", "x"])
+
+
+def test_report_refuses_to_pool_a_cpu_and_a_smoke_run_and_labels_keep_them_apart(tmp_path, run_cli):
+    """The issue's case: the same method in a cpu-profile and a smoke-profile run printed one
+    pooled row with exit 0."""
+    import json
+    import shutil
+
+    from report_fixtures import build_run
+
+    a = build_run(tmp_path / "a")
+    b = tmp_path / "b" / "run"
+    shutil.copytree(a, b)
+    for run, profile in ((a, "cpu"), (b, "smoke")):
+        m = json.loads((run / "manifest.json").read_text())
+        m.setdefault("config", {})["profile"] = profile
+        (run / "manifest.json").write_text(json.dumps(m))
+    frame = pd.read_parquet(b / "results.parquet")
+    frame["case_id"] = frame["case_id"].astype(str) + "-b"  # other slices: only the identity may refuse
+    frame.to_parquet(b / "results.parquet")
+    res = run_cli("report", a, b, "--format", "csv", "--gate", "label")
+    assert res.exit_code == 2 and "profile (cpu vs smoke)" in res.output and "--label" in res.output, res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    res = run_cli("report", a, b, "--format", "csv", "--gate", "label", "--label", "cpu", "--label", "smoke")
+    assert res.exit_code == 0, res.output
+    rows = pd.read_csv(__import__("io").StringIO(res.output))
+    assert {"gradcam+threshold (cpu)", "gradcam+threshold (smoke)"} <= set(rows["method"])
+    assert run_cli("figures", a, b, "--out", tmp_path / "f", "--format", "png").exit_code == 2
