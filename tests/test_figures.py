@@ -258,4 +258,7 @@ def test_ablation_series_never_share_an_x_position(run_dir):
         assert len(xs) >= 2
         flat = [x for series in xs for x in series]
         assert len(flat) == len(set(flat))  # dodged: no two series at one x
+        styles = {(line.get_color(), line.get_marker()) for line in ax.get_lines()
+                  if line.get_marker() in ("o", "s", "^", "D")}
+        assert len(styles) == len(xs)  # each series its own colour and marker
     fig.close()

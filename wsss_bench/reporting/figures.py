@@ -370,7 +370,8 @@ def ablation_curves(df: "pd.DataFrame", gate: str = "label", resamples: int = 0,
     fig = _figure(width, 2.3 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     styles = [("o", "-", "#0072B2"), ("s", "--", "#D55E00"), ("^", "-.", "#009E73"), ("D", ":", "#CC79A7")]
-    series = list(dict.fromkeys((str(t), str(c)) for t, c in zip(pts["task"], pts["cams"])))
+    counts = pts.groupby(["task", "cams", "param"])["value"].nunique()
+    series = list(dict.fromkeys((str(t), str(c)) for (t, c, _), n in counts.items() if n >= 2))  # drawn curves
     series.sort(key=lambda s: (paper.TASKS.index(s[0]) if s[0] in paper.TASKS else 99, s))
     handles = {}
     for ax, k in zip(axes, params):
