@@ -34,7 +34,7 @@ def test_report_html_and_figures_work_without_the_makers_cache(committed_run, tm
     assert not (tmp_path / "x").exists() and not __import__("pathlib").Path(entry["data_root"]).exists()
     fresh = tmp_path / "fresh-cache"
     page = tmp_path / "report.html"
-    res = run_cli("report", committed_run, "--format", "html", "--out", page, "--cache-dir", fresh)
+    res = run_cli("report", committed_run, "--format", "html", "--output", page, "--cache-dir", fresh)
     assert res.exit_code == 0, res.output
     assert page.read_text().count("data:image/png;base64,") >= 2  # the grid (needs images) and the boxplots
     assert (fresh / "slices" / entry["store_key"] / "done").is_file()  # rebuilt under the recorded key
