@@ -509,7 +509,8 @@ def run_cell(session, cams, method="cldf"):
 def test_cam_alone_and_cam_plus_mg_are_the_same_cldf(session):
     a = run_cell(session, "gradcam")
     b = run_cell(session, "gradcam+mg")
-    assert a.refiner.mg_added and not b.refiner.mg_added
+    assert a.cell == b.cell and a.cell.method == "gradcam+mg+cldf"  # one canonical cell: MG named in the label
+    assert not a.refiner.mg_added and not b.refiner.mg_added
     assert a.refiner.decoder is b.refiner.decoder  # one shared model: the same key
     assert np.array_equal(a.pred, b.pred) and a.pred.any()
     rec = a.ctx.records
@@ -626,7 +627,7 @@ def test_cli_cldf_runs_end_to_end_and_backbones_form_a_grid(run_cli, tmp_path):
     res = run_cli(*base, "--cam", cam, "--backbone", "[cdm,resnet18]", "--out", tmp_path / "a")
     assert res.exit_code == 0, res.output
     frame = pd.read_parquet(tmp_path / "a" / "results.parquet")
-    assert set(frame.method) == {f"{cam}+cldf", f"{cam}+cldf[backbone=resnet18]"}  # a two-cell grid
+    assert set(frame.method) == {f"{cam}+mg+cldf", f"{cam}+mg+cldf[backbone=resnet18]"}  # a two-cell grid
     test_n = frame[(frame.gate == "none")].groupby("method").size()
     assert (test_n == test_n.iloc[0]).all() and test_n.iloc[0] > 0
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
@@ -637,5 +638,5 @@ def test_cli_cldf_runs_end_to_end_and_backbones_form_a_grid(run_cli, tmp_path):
     res = run_cli(*base, "--cam", "gradcam", "--backbone", "[resnet50,unet-encoder]", "--out", tmp_path / "b")
     assert res.exit_code == 0, res.output
     frame = pd.read_parquet(tmp_path / "b" / "results.parquet")
-    assert set(frame.method) == {"gradcam+cldf[backbone=resnet50]", "gradcam+cldf[backbone=unet-encoder]"}
+    assert set(frame.method) == {"gradcam+mg+cldf[backbone=resnet50]", "gradcam+mg+cldf[backbone=unet-encoder]"}
     assert frame.dice.between(0, 1).all()
