@@ -90,11 +90,54 @@ def test_split_sizes_and_shared_flare_split(smoke_task_data, smoke_profile):
     assert [len(flare[0][k]) for k in sp.SPLITS] == [4, 1, 1]
 
 
-def test_train_and_val_hold_every_non_ambiguous_slice_of_their_cases(smoke_task_data):
+def test_train_holds_every_non_ambiguous_slice_of_its_cases(smoke_task_data):
     td = smoke_task_data["flare21-kidney"]
-    for name in ("train", "val"):
-        expected = np.flatnonzero(np.isin(td.case_ids, td.case_split[name]) & (td.labels != -1))
-        assert np.array_equal(td.split(name), expected)
+    expected = np.flatnonzero(np.isin(td.case_ids, td.case_split["train"]) & (td.labels != -1))
+    assert np.array_equal(td.split("train"), expected)
+
+
+def test_validation_is_built_like_the_test_set(smoke_task_data):
+    """All positive val slices, no blank slice, hard negatives at the test ratio, seeded."""
+    for task in SMOKE_TASKS:
+        td = smoke_task_data[task]
+        rows = td.split("val")
+        in_val = np.isin(td.case_ids, td.case_split["val"])
+        assert in_val[rows].all() and np.array_equal(rows, np.unique(rows))
+        positives = np.flatnonzero(in_val & (td.labels == 1))
+        assert np.array_equal(rows[td.labels[rows] == 1], positives)  # every val positive, nothing ambiguous
+        assert set(np.unique(td.labels[rows]).tolist()) <= {0, 1}
+        negatives = rows[td.labels[rows] == 0]
+        assert (td.tissue_fraction[rows] >= 0.10)[td.labels[rows] == 0].all()  # no blank or near-blank slice
+        pool = np.flatnonzero(in_val & (td.labels == 0) & (td.tissue_fraction >= 0.10))
+        target = int(np.floor(len(positives) * 1073 / 5802 + 0.5))  # the test ratio, computed here
+        assert len(negatives) == min(target, len(pool)) == td.val_info["n_neg"]
+        assert np.isin(negatives, pool).all()
+        blank = in_val & (td.labels == 0) & (td.tissue_fraction < 0.10)
+        assert not np.isin(rows, np.flatnonzero(blank)).any()
+
+
+def test_validation_negatives_are_seeded(tmp_path):
+    """Same seed, same val rows; the subset is drawn with the seed of (base seed, task)."""
+    pos, pool = np.arange(0, 40), np.arange(100, 200)
+    a, info = sp.compose_test(pos, pool, seed=3)
+    b, _ = sp.compose_test(pos, pool, seed=3)
+    c, _ = sp.compose_test(pos, pool, seed=4)
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and info["n_neg"] == 7  # round(40 * 1073 / 5802)
+
+
+def test_cpu_validation_split_keeps_the_test_ratio(data_cache):
+    """On the cpu phantoms the hard-negative pool is large enough: the ratio is met exactly."""
+    from wsss_bench.profiles import load_profile
+
+    cpu = load_profile("cpu")
+    td = load_task_data(BratsDataset(), "brats", None, cpu, 0, data_cache)
+    again = load_task_data(BratsDataset(), "brats", None, cpu, 0, data_cache)
+    other = load_task_data(BratsDataset(), "brats", None, cpu, 1, data_cache)
+    info = td.val_info
+    assert not info["pool_too_small"] and info["n_neg"] == int(np.floor(info["n_pos"] * 1073 / 5802 + 0.5))
+    assert np.array_equal(td.split("val"), again.split("val"))
+    assert td.seeds["val_negatives"] != other.seeds["val_negatives"]
+    assert (td.tissue_fraction[td.split("val")] >= 0.10).all()
 
 
 def test_test_set_composition(smoke_task_data, smoke_profile):

@@ -7,6 +7,7 @@ cases and composes the test set.  Seeds (section 12):
 - case split: ``derive_seed(base_seed, <dataset name>, "split")``, so the three FLARE tasks share
   one split;
 - test negatives: ``derive_seed(base_seed, <task id>, "test/negatives")``;
+- validation negatives: ``derive_seed(base_seed, <task id>, "val/negatives")``;
 - ``batches(shuffle=True)`` without a seed: ``derive_seed(base_seed, <task id>, "batches")``.
 """
 from __future__ import annotations
@@ -102,6 +103,7 @@ class TaskData:
     test_info: dict
     #: (N, 3) float64: each slice's (row, column, slice) pixel spacing in mm (its case's)
     spacing: np.ndarray | None = None
+    val_info: dict = field(default_factory=dict)
     _split_idx: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ----------------------------------------------------------------- facts
@@ -122,7 +124,9 @@ class TaskData:
 
     # ----------------------------------------------------------------- access
     def split(self, name: str) -> np.ndarray:
-        """Sorted row indices: train/val = non-ambiguous slices of their cases, test = test set."""
+        """Sorted row indices: train = non-ambiguous slices of the training cases; val and test =
+        all positive slices of their cases plus a seeded subset of hard negatives (tissue
+        fraction >= ``negative_min_tissue``) at the test ratio."""
         if name not in self._split_idx:
             raise UserError(f"unknown split '{name}'; choose one of {', '.join(sp.SPLITS)}")
         return self._split_idx[name].copy()
@@ -205,6 +209,7 @@ class TaskData:
             "seeds": dict(self.seeds),
             "splits": per_split,
             "test": dict(self.test_info),
+            "val": dict(self.val_info),
         }
 
 
@@ -298,19 +303,19 @@ def load_task_data(
     seeds = {
         "split": derive_seed(base_seed, source.name, "split"),
         "test_negatives": derive_seed(base_seed, task_id, "test/negatives"),
+        "val_negatives": derive_seed(base_seed, task_id, "val/negatives"),
     }
     cases = sp.case_split(list(store.meta["cases"]), rule, seeds["split"])
-    idx = {}
-    usable = labels != sp.AMBIGUOUS
-    for name in ("train", "val"):
-        idx[name] = np.flatnonzero(np.isin(case_ids, cases[name]) & usable)
-    in_test = np.isin(case_ids, cases["test"])
-    pos = np.flatnonzero(in_test & (labels == sp.POSITIVE))
-    pool = np.flatnonzero(
-        in_test & (labels == sp.NEGATIVE) & (tissue >= float(rules["negative_min_tissue"]))
-    )
-    idx["test"], test_info = sp.compose_test(pos, pool, seeds["test_negatives"])
-    test_info["min_tissue_fraction"] = float(rules["negative_min_tissue"])
+    idx = {"train": np.flatnonzero(np.isin(case_ids, cases["train"]) & (labels != sp.AMBIGUOUS))}
+    min_tissue = float(rules["negative_min_tissue"])
+    composed = {}
+    for name in ("val", "test"):  # validation is built like the test set (checkpoint selection, convergence)
+        in_split = np.isin(case_ids, cases[name])
+        pos = np.flatnonzero(in_split & (labels == sp.POSITIVE))
+        pool = np.flatnonzero(in_split & (labels == sp.NEGATIVE) & (tissue >= min_tissue))
+        idx[name], composed[name] = sp.compose_test(pos, pool, seeds[f"{name}_negatives"])
+        composed[name]["min_tissue_fraction"] = min_tissue
+    test_info, val_info = composed["test"], composed["val"]
     by_case = case_spacing(store, source, root)
     uniq, inverse = np.unique(case_ids, return_inverse=True)
     spacing = np.array([by_case[c] for c in uniq], dtype=np.float64).reshape(-1, 3)[inverse]
@@ -333,6 +338,7 @@ def load_task_data(
         seeds=seeds,
         test_info=test_info,
         spacing=spacing,
+        val_info=val_info,
         _split_idx=idx,
     )
 
