@@ -57,8 +57,11 @@ def get_table2_resnet(ctx: "RunContext"):
         return clf.train_classifier(model, ctx.data, ctx.profile, run.device, run.seed, flips=ctx.task.flips,
                                     bf16=ctx.bf16, progress=run.advance, work=run.work)
 
+    from wsss_bench.nn.training import rule_params
+
     n_train = len(ctx.data.split("train"))
-    return ctx.shared_model(TABLE2_MODEL, build, train, params={**spec, **recipe}, source=[clf],
+    params = {**spec, **recipe, **rule_params(ctx.profile, ctx.profile.classifier)}
+    return ctx.shared_model(TABLE2_MODEL, build, train, params=params, source=[clf],
                             total=clf.classifier_steps(n_train, ctx.profile))
 
 

@@ -42,9 +42,9 @@ class FakeTaskData:
                              index=part, case_ids=[f"c{i}" for i in part], z=[0] * len(part))
 
 
-def _profile(epochs: int, batch: int = 16):
+def _profile(epochs: int, batch: int = 16, eval_every: int | None = None):
     prof = load_profile("smoke")
-    prof["classifier"] = Section(epochs=epochs, batch=batch)
+    prof["classifier"] = Section(epochs=epochs, batch=batch, **({"eval_every": eval_every} if eval_every else {}))
     return prof
 
 
@@ -82,10 +82,11 @@ def test_training_learns_keeps_best_epoch_and_round_trips(tmp_path):
     ticks = []
     state, info = train_classifier(model, data, prof, "cpu", seed=0, flips=True, progress=ticks.append)
 
-    assert len(info["train_loss"]) == 2 and len(info["val_auc"]) == 2
-    assert sum(ticks) == info["steps"] == classifier_steps(192, prof) == 24
-    assert info["best_epoch"] == int(np.argmax(info["val_auc"]))
+    assert len(info["val_auc"]) == 2  # no eval_every in this profile section: one evaluation per epoch
+    assert sum(ticks) == info["steps"] == classifier_steps(192, prof) == info["cap"] == 24
+    assert info["best_step"] == 12 * (1 + int(np.argmax(info["val_auc"])))
     assert info["best_val_auc"] == max(info["val_auc"]) > 0.8
+    assert info["convergence"]["stop_reason"] in ("cap while improving", "cap on a plateau")
     assert not model.training
 
     # The model and the returned state are the best epoch's: its validation AUC is
@@ -114,6 +115,23 @@ def test_single_class_validation_keeps_last_epoch_and_is_deterministic():
         state, info = train_classifier(model, data, prof, "cpu", seed=5, flips=True)
         runs.append(state)
         assert info["val_auc"] == [None, None]
-        assert info["best_epoch"] == 1 and "single class" in info["selection"]
+        assert info["best_step"] is None and "single class" in info["selection"]
+        assert info["convergence"]["stop_reason"] == "cap, criterion undefined"
         assert all(torch.equal(v, model.state_dict()[k].cpu()) for k, v in state.items())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_training_stops_by_the_rule_before_the_cap():
+    """A separable toy task: validation AUC reaches 1 early, its loss flattens, the rule stops."""
+    data = FakeTaskData(n_train=96, n_val=32, blob=20)
+    prof = _profile(epochs=40, batch=16, eval_every=6)
+    prof["convergence"] = Section(patience=2, delta_score=0.002, delta_loss=0.5)
+    model = build_classifier(prof.cam_classifier, in_chans=1, seed=0)
+    state, info = train_classifier(model, data, prof, "cpu", seed=0, flips=False)
+    conv = info["convergence"]
+    assert conv["stop_reason"] == "converged" and info["steps"] < info["cap"] == 240
+    assert info["steps"] == conv["curve"][-1][0] == conv["kept_step"] + 2 * 6  # P = 2 evaluations after the best
+    from sklearn.metrics import roc_auc_score
+
+    p1 = predict_p1(model, data.batches("val", 16))
+    assert roc_auc_score(data.labels[96:].numpy(), p1) == pytest.approx(info["best_val_auc"], abs=1e-6)

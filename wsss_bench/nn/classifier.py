@@ -3,8 +3,11 @@
 Shared by GradCAM, GradCAM++, ScoreCAM, LayerCAM, the classifier gate and the Table 2
 ResNet row.  Recipe [inferred, AME-CAM's]: cross-entropy over 2 classes; Adam lr 1e-4,
 weight decay 1e-5; cosine decay to 5e-6 over all steps; epochs and batch from the profile's
-``classifier`` section; random horizontal flips only where the task allows them (BraTS);
-keep the epoch with the best validation AUC of softmax p(1).
+``classifier`` section (the epochs are a step cap); random horizontal flips only where the
+task allows them (BraTS).  Training stops by the convergence rule of
+:mod:`wsss_bench.nn.training` on the validation criterion "val AUC of softmax p(1), val
+cross-entropy as the tie-break", evaluated every ``classifier.eval_every`` steps; the best
+evaluation's weights are kept.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from wsss_bench._compat import import_timm
 from wsss_bench.lazy import F, np, torch
-from wsss_bench.nn.training import IterationBatches, iteration_generator, random_flips, run_resumable
+from wsss_bench.nn.training import (Criterion, IterationBatches, auc_and_loss, iteration_generator, random_flips,
+                                    rule_from_profile, rule_params, run_resumable)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy
@@ -60,7 +64,7 @@ def _n_train_batches(n: int, batch: int) -> int:
 
 
 def classifier_steps(n_train: int, profile: Any) -> int:
-    """Optimisation steps of :func:`train_classifier` for ``n_train`` slices (progress total)."""
+    """Step cap of :func:`train_classifier` for ``n_train`` slices (progress total)."""
     cfg = profile.classifier
     return int(cfg.epochs) * _n_train_batches(n_train, int(cfg.batch))
 
@@ -106,21 +110,24 @@ def train_classifier(
     progress: Callable[[int], Any] | None = None,
     work: "Path | str | None" = None,
 ) -> tuple[dict[str, "_torch.Tensor"], dict[str, Any]]:
-    """Train ``model`` on ``data``'s train split; return (best state dict on CPU, info).
+    """Train ``model`` on ``data``'s train split; return (kept state dict on CPU, info).
 
     ``data`` is a TaskData (or its mask-free view): ``split(name)`` gives row indices,
     ``batches(idx, batch_size, device=...)`` yields SliceBatch.  Runs on the shared resumable
     loop (:func:`wsss_bench.nn.training.run_resumable`) with checkpoints in ``work`` (a
     temporary folder when None): every epoch reshuffles with a generator of (seed, epoch),
     each step's flips come from a generator of (seed, step), so a killed build resumes
-    bit-identically.  The epoch with the best validation AUC of p(1) is kept (the first one
-    on ties); if the validation split holds one class only, the last epoch is kept and
-    ``info["selection"]`` says so.  On return the model holds the kept weights and is in eval
-    mode.  ``progress(1)`` is called after every optimisation step (:func:`classifier_steps`
-    gives the total).
+    bit-identically.  The profile's epochs are the step cap; the convergence rule scores the
+    validation AUC of p(1) (tie-break: validation cross-entropy) every ``eval_every`` steps
+    (one epoch when the profile section has none), keeps the best evaluation's weights and
+    stops on a plateau.  If the validation split holds one class only, the AUC is undefined:
+    training runs to the cap, the last weights are kept and ``info["selection"]`` says so.
+    On return the model holds the kept weights and is in eval mode.  ``progress(1)`` is
+    called after every optimisation step (:func:`classifier_steps` gives the cap).
 
-    info: ``train_loss`` and ``val_auc`` (None where undefined) per epoch, ``best_epoch``
-    (0-based), ``selection``, ``steps``, ``n_train``, ``n_val``, ``seconds``, ``bf16``.
+    info: ``train_loss`` per checkpoint, ``val_auc`` per evaluation (None where undefined),
+    ``best_step``, ``best_val_auc``, ``selection``, ``steps`` (run), ``cap``, ``convergence``
+    (the rule's record), ``n_train``, ``n_val``, ``seconds``, ``bf16``.
     """
     cfg = profile.classifier
     epochs, batch_size = int(cfg.epochs), int(cfg.batch)
@@ -134,6 +141,7 @@ def train_classifier(
     batches = IterationBatches(data, train_idx, batch_size, seed, dev, drop_last=False)
     steps_per_epoch = batches.per_epoch
     total_steps = epochs * steps_per_epoch
+    rule = rule_from_profile(profile, cfg, "score", default_every=steps_per_epoch)
 
     opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=LR_MIN)
@@ -152,35 +160,36 @@ def train_classifier(
         opt.step()
         return float(loss.detach())
 
-    def evaluate(m) -> float | None:
+    def evaluate(m) -> tuple[float | None, float | None]:
         p1, labels = _forward_p1(m, data.batches(val_idx, batch_size, shuffle=False, device=str(dev)), dev, bf16)
-        return _auc(labels, p1)
+        return auc_and_loss(labels, p1)
 
+    criterion = Criterion("val AUC of softmax p(1); tie-break val cross-entropy", evaluate)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="wsss-classifier-") as tmp:
         weights, run = run_resumable(Path(work) if work is not None else Path(tmp), model, opt, total_steps, step,
-                                     progress=progress, sched=sched, evaluate=evaluate,
-                                     eval_every=steps_per_epoch)
-    val_auc = [score for _, score in run["scores"]]
-    if run["best_iteration"] is None:  # validation has one class (or is empty): keep the last epoch
-        selection = "last epoch (validation split has a single class; AUC undefined)"
-        best_epoch = epochs - 1
+                                     progress=progress, sched=sched, criterion=criterion, rule=rule)
+    conv = run["convergence"]
+    val_auc = [point[2] for point in conv["curve"]]
+    if conv["kept_step"] is None:  # validation has one class (or is empty): keep the last weights
+        selection = "last step (validation split has a single class; AUC undefined)"
     else:
-        selection = "best validation AUC of p(1)"
-        best_epoch = int(run["best_iteration"]) // steps_per_epoch - 1
+        selection = "best validation AUC of p(1) (tie-break: validation cross-entropy)"
     model.load_state_dict(weights)
     model.eval()
 
     info = {
-        "train_loss": [loss for _, loss in run["loss_log"]][-epochs:],
+        "train_loss": [loss for _, loss in run["loss_log"]],
         "val_auc": val_auc,
-        "best_epoch": best_epoch,
-        "best_val_auc": run["best_score"],
+        "best_step": conv["kept_step"],
+        "best_val_auc": conv["best"],
         "selection": selection,
-        "steps": total_steps,
+        "steps": run["iterations"],
+        "cap": total_steps,
+        "convergence": conv,
         "n_train": int(len(train_idx)),
         "n_val": int(len(val_idx)),
-        "epochs": epochs,
+        "epochs_cap": epochs,
         "batch": batch_size,
         "flips": bool(flips),
         "bf16": bool(bf16),
@@ -208,5 +217,6 @@ def get_classifier(ctx: Any) -> "_torch.nn.Module":
                                 bf16=ctx.bf16, progress=run.advance, work=run.work)
 
     n_train = len(ctx.data.split("train"))
-    return ctx.shared_model("classifier", build, train, params={**spec, **recipe}, source=[module],
+    params = {**spec, **recipe, **rule_params(ctx.profile, ctx.profile.classifier)}
+    return ctx.shared_model("classifier", build, train, params=params, source=[module],
                             total=classifier_steps(n_train, ctx.profile))
