@@ -63,6 +63,7 @@ class Seam(CamSource):
         import sys
 
         from wsss_bench.nn import seam as sm
+        from wsss_bench.nn.training import rule_params
 
         self.ctx = ctx
         cfg = ctx.profile.seam
@@ -85,7 +86,7 @@ class Seam(CamSource):
 
         params = {"backbone": spec, "in_chans": channels, "image_size": size, "epochs": int(cfg.epochs),
                   "batch": int(cfg.batch), "view_scale": float(cfg.view_scale), "flips": bool(ctx.task.flips),
-                  "recipe": dict(sm.RECIPE), "bf16": bool(ctx.bf16)}
+                  "recipe": dict(sm.RECIPE), "bf16": bool(ctx.bf16), **rule_params(ctx.profile, cfg)}
         n_train = len(ctx.data.split("train"))
         self.model = ctx.shared_model("seam", build, train, params=params, source=[sys.modules[sm.__name__]],
                                       total=sm.seam_iterations(n_train, cfg))

@@ -336,7 +336,7 @@ def test_classifier_training_killed_after_a_checkpoint_resumes_bit_identical(tmp
         return train_classifier(model, ctx.data, prof, "cpu", seed=3, flips=True, progress=progress, work=work)
 
     full, info = run(tmp_path / "full")
-    per_epoch = info["steps"] // 3
+    per_epoch = info["cap"] // 3
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", stop_at=per_epoch + 2)  # killed in epoch 2, after epoch 1's checkpoint
     state = training.load_state(tmp_path / "cut")
@@ -345,4 +345,4 @@ def test_classifier_training_killed_after_a_checkpoint_resumes_bit_identical(tmp
     resumed, info2 = run(tmp_path / "cut")
     assert info2["resumed_from"] == per_epoch and info["resumed_from"] is None
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert info2["val_auc"] == info["val_auc"] and info2["best_epoch"] == info["best_epoch"]
+    assert info2["val_auc"] == info["val_auc"] and info2["best_step"] == info["best_step"]

@@ -45,7 +45,7 @@ class FakeTaskData:
         for i in torch.nonzero(self.labels).flatten().tolist():
             r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
             self.images[i, :, r:r + 12, c:c + 12] += 0.6
-        self._splits = {"train": np.arange(n)}
+        self._splits = {"train": np.arange(n), "val": np.arange(n - 8, n)}
         self.image_size = size
 
     def split(self, name):
@@ -489,3 +489,27 @@ def test_e2e_a_collapsing_profile_fails_before_training(run_cli, tmp_path, monke
     assert out.exit_code != 0
     assert "seam.view_scale" in out.output and "0.1" in out.output
     assert "train seam" not in out.output
+
+
+def test_training_names_its_criterion_and_keeps_the_best_evaluation(tmp_path):
+    """The rule scores the classification head on val; the kept weights reproduce the best AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    data = FakeTaskData(n=32)
+    prof = load_profile("smoke")
+    prof["seam"] = type(prof.seam)({**prof.seam, "eval_every": 2})
+    model = seam.build_seam(SMOKE_SPEC, 4, seed=3)
+    weights, info = seam.train_seam(model, data, prof, "cpu", 5, tmp_path, flips=False, iterations=8)
+    conv = info["convergence"]
+    assert "classification head" in conv["criterion"] and [p[0] for p in conv["curve"]] == [2, 4, 6, 8]
+    values = [p[2] for p in conv["curve"]]
+    kept = [p[0] for p in conv["curve"]].index(conv["kept_step"])
+    assert conv["best"] == values[kept] == max(values)  # at equal AUC the tie-break (lower BCE) decides
+    fresh = seam.build_seam(SMOKE_SPEC, 4, seed=99)
+    fresh.load_state_dict(weights)
+    fresh.eval()
+    rows = data.split("val")
+    with torch.no_grad():
+        cam, _ = fresh(data.images[rows])
+    p = torch.sigmoid(cam[:, 1].mean(dim=(1, 2))).numpy()
+    assert roc_auc_score(data.labels[rows].numpy(), p) == pytest.approx(conv["best"], abs=1e-6)

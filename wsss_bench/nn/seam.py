@@ -56,7 +56,8 @@ from wsss_bench._compat import import_timm
 from wsss_bench.errors import PluginError
 from wsss_bench.lazy import F, np, torch
 from wsss_bench.maps import minmax
-from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
+from wsss_bench.nn.training import (Criterion, IterationBatches, auc_and_loss, iteration_generator, rule_from_profile,
+                                    run_resumable)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -396,6 +397,10 @@ def train_seam(model, data: Any, profile: Any, device: Any, seed: int, work: Pat
     random number of iteration ``it`` comes from ``iteration_generator(seed, it)`` (the
     Dropout2d masks from a CPU/GPU RNG seeded from it), so a resumed run is bit-identical on
     CPU.  ``step_hook(it)`` runs before each step (tests use it to simulate a kill).
+
+    The epochs are a step cap: the convergence rule scores the classification head on the
+    validation split every ``seam.eval_every`` steps (AUC of sigma(GAP(cam_fg)), the logit
+    L_cls trains; tie-break its BCE), keeps the best weights and stops on a plateau.
     """
     cfg = profile.seam
     view_scale = float(cfg.view_scale)
@@ -431,8 +436,24 @@ def train_seam(model, data: Any, profile: Any, device: Any, seed: int, work: Pat
             parts[k].append(float(losses[k].detach()))
         return float(losses["loss"].detach())
 
+    val_idx = np.asarray(data.split("val"))
+
+    def evaluate(m) -> tuple[float | None, float | None]:
+        p, y = [], []
+        for b in data.batches(val_idx, int(cfg.batch), shuffle=False, device=str(dev)):
+            with (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):
+                cam, _ = m(b.images.to(dev).float())
+            p.append(torch.sigmoid(cam[:, 1].float().mean(dim=(1, 2))).cpu())
+            y.append(b.labels.cpu())
+        if not p:
+            return None, None
+        return auc_and_loss(torch.cat(y).numpy(), torch.cat(p).numpy())
+
+    criterion = Criterion("val AUC of the classification head sigma(GAP(cam_fg)); tie-break its BCE", evaluate)
+    rule = rule_from_profile(profile, cfg, "score", default_every=batches.per_epoch)
     t0 = time.perf_counter()
-    weights, info = run_resumable(work, model, opt, total, step, 0.0, progress, every=checkpoint_interval)
+    weights, info = run_resumable(work, model, opt, total, step, 0.0, progress, every=checkpoint_interval,
+                                  criterion=criterion, rule=rule)
     info.update(
         batch=int(cfg.batch), epochs=int(cfg.epochs), view_scale=view_scale, flips=bool(flips), bf16=bool(bf16),
         n_train=int(len(batches.idx)), recipe=dict(RECIPE), geometry=geometry,
