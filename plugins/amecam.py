@@ -82,9 +82,11 @@ class AmeCam(CamSource):
         import sys
 
         from wsss_bench.nn import amecam as am
+        from wsss_bench.nn.training import rule_from_profile, rule_params
 
         self.ctx = ctx
         cfg = self.config(ctx)
+        conv = rule_params(ctx.profile, cfg)
         channels, device, bf16 = int(ctx.task.channels), ctx.device, bool(ctx.bf16)
         arch = {"arch": "resnet18-instancenorm", "channels": list(am.widths(cfg)),
                 "output_stride": int(cfg["output_stride"]), "in_chans": channels,
@@ -124,10 +126,11 @@ class AmeCam(CamSource):
             if simclr_state is not None:
                 am.load_encoder(model, simclr_state)
             return am.train_stage1(model, ctx.data, cfg, run.work, run.seed, run.device, bf16=bf16,
-                                   progress=run.advance)
+                                   progress=run.advance,
+                                   rule=rule_from_profile(ctx.profile, cfg, "score", per_epoch(cfg["batch"])))
 
         params1 = {**arch, "stage1_epochs": int(cfg["stage1_epochs"]), "batch": int(cfg["batch"]), "lr": am.LR,
-                   "exit_weights": list(am.EXIT_WEIGHTS), "pretrained": simclr_state is not None}
+                   "exit_weights": list(am.EXIT_WEIGHTS), "pretrained": simclr_state is not None, **conv}
         stage1 = ctx.shared_model("amecam-stage1", seeded("amecam-stage1", lambda: am.MultiExitResNet(cfg, channels)),
                                   train1, params=params1, source=src, upstream=upstream1,
                                   total=int(cfg["stage1_epochs"]) * per_epoch(cfg["batch"]))
@@ -135,11 +138,13 @@ class AmeCam(CamSource):
 
         # stage 2: attention aggregation, stage 1 frozen
         params2 = {"stage2_epochs": int(cfg["stage2_epochs"]), "batch": int(cfg["batch"]), "lr": am.LR,
-                   "att_width": am.ATT_WIDTH, "rank_alpha": am.RANK_ALPHA, "clamp": list(am.SIM_CLAMP)}
+                   "att_width": am.ATT_WIDTH, "rank_alpha": am.RANK_ALPHA, "clamp": list(am.SIM_CLAMP), **conv}
         stage2 = ctx.shared_model(
             "amecam-stage2", seeded("amecam-stage2", lambda: am.AttentionAggregator()),
             lambda model, run: am.train_stage2(model, stage1, ctx.data, cfg, run.work, run.seed, run.device,
-                                               bf16=bf16, progress=run.advance),
+                                               bf16=bf16, progress=run.advance,
+                                               rule=rule_from_profile(ctx.profile, cfg, "loss",
+                                                                      per_epoch(cfg["batch"]))),
             params=params2, source=src, upstream=[key1],
             total=int(cfg["stage2_epochs"]) * per_epoch(cfg["batch"]))
         key2 = ctx.shared_model_key("amecam-stage2")

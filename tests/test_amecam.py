@@ -303,7 +303,7 @@ def killed_then_resumed(train, tmp_path, stop_at):
 
 
 def test_stage1_trains_keeps_best_val_auc_and_resumes_bit_identically(tmp_path):
-    data, cfg = FakeTaskData(), smoke_cfg(stage1_epochs=3)
+    data, cfg = FakeTaskData(), smoke_cfg(stage1_epochs=3, eval_every=2)  # one evaluation per epoch
 
     def train(work, progress):
         model = stage1(seed=5)
@@ -315,7 +315,9 @@ def test_stage1_trains_keeps_best_val_auc_and_resumes_bit_identically(tmp_path):
     assert info2["loss_log"] == info["loss_log"] and info2["val_auc"] == info["val_auc"]
     # the kept weights are those of the best validation AUC of sigma(logit_4)
     aucs = info["val_auc"]
-    assert len(aucs) == 3 and info["best_epoch"] == int(np.argmax(aucs))
+    per_epoch = 36 // 16
+    assert len(aucs) == 3 and max(aucs) == aucs[info["best_step"] // per_epoch - 1]
+    assert info["convergence"]["criterion"].startswith("val AUC of sigma(logit_4)")
     model = stage1(seed=5)
     model.load_state_dict(w_full)
     assert am.val_auc(model, data, 16, "cpu") == pytest.approx(max(aucs))
@@ -340,6 +342,17 @@ def test_stage2_trains_the_attention_only_and_resumes_bit_identically(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # stage 1 untouched
     assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
     assert math.isfinite(info["final_loss"])
+    conv = info["convergence"]  # the criterion is L2 on the validation slices, recomputed here
+    assert "C2AM" in conv["criterion"] and conv["higher_is_better"] is False
+    att = am.AttentionAggregator()
+    att.load_state_dict(w_full)
+    att.eval()
+    rows = data.split("val")
+    x = torch.from_numpy(data.images(rows)).float()
+    with torch.no_grad():
+        a, _ = att(x, frozen.up_maps(x)[1].float())
+        fg, bg = am.fg_bg(x, a.float())
+        assert float(am.c2am_loss(fg, bg)) == pytest.approx(conv["best"], rel=1e-5)  # one batch of val
 
 
 def test_stage2_loss_falls_on_fixed_maps(tmp_path):

@@ -10,8 +10,9 @@ the profile's ``amecam`` section).  Exit k is a 1x1 convolution with bias on the
     m_k = Up(M_k)                         (B, S, S), bilinear, align_corners=False
     L1 = sum_k w_k BCEWithLogits(logit_k, y),   w = (0.25, 0.5, 0.75, 1.0)
 
-Adam lr 1e-4, weight decay 1e-5, cosine to 5e-6; no augmentation; the epoch with the best
-validation AUC of sigma(logit_4) is kept.
+Adam lr 1e-4, weight decay 1e-5, cosine to 5e-6 over the step cap; no augmentation; the
+convergence rule scores the validation AUC of sigma(logit_4) (tie-break: its BCE), keeps the
+best weights and stops on a plateau.
 
 Stage 0, **SimCLR pre-training** of the same encoder (paper profile only): two views per
 slice (RandomResizedCrop(S), left-right flip on BraTS, per-channel brightness/contrast
@@ -31,7 +32,8 @@ Stage 2, the **attention aggregation** (stage 1 frozen, in eval; labels unused):
 
 with S(X, Y)_ij = clamp(cos(X_i, Y_j), 5e-4, 0.9995), SimMax(X) = mean_ij -log S(X, X)_ij *
 exp(-0.25 (r_ij - 1)) (r_ij the 0-based descending rank of S_ij in row i) and SimMin(F, B) =
-mean_ij -log(1 - S(B, F)_ij).  Adam lr 1e-4, weight decay 1e-5, cosine to 5e-6; last epoch.
+mean_ij -log(1 - S(B, F)_ij).  Adam lr 1e-4, weight decay 1e-5, cosine to 5e-6 over the step
+cap; the convergence rule scores L2 on the validation split (lower is better).
 
 **Final map**: avg = mean(m_1, m_2, m_3, m_4, A); cam = minmax(s * avg), where the polarity
 s is chosen by the deletion test (:func:`polarity_test`), never by a blind inversion.
@@ -55,7 +57,8 @@ from torch import nn
 
 from wsss_bench._compat import import_timm
 from wsss_bench.maps import minmax, upsample
-from wsss_bench.nn.training import IterationBatches, iteration_generator, run_resumable
+from wsss_bench.nn.training import (ConvergenceRule, Criterion, IterationBatches, auc_and_loss, iteration_generator,
+                                    rule_from_profile, run_resumable)
 
 # ---------------------------------------------------------------------------- recipe constants
 #: exit-loss weights, shallow to deep [reference code]
@@ -380,11 +383,12 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
-def val_auc(model: MultiExitResNet, data: Any, batch: int, device: Any, bf16: bool = False) -> float | None:
-    """Validation AUC of sigma(logit_4) (None when the split holds one class or is empty)."""
+def val_auc_and_loss(model: MultiExitResNet, data: Any, batch: int, device: Any,
+                     bf16: bool = False) -> tuple[float | None, float | None]:
+    """(validation AUC of sigma(logit_4), its BCE); AUC None when the split holds one class."""
     idx = np.asarray(data.split("val"))
     if len(idx) == 0:
-        return None
+        return None, None
     dev = torch.device(device)
     was = model.training
     model.eval()
@@ -394,7 +398,16 @@ def val_auc(model: MultiExitResNet, data: Any, batch: int, device: Any, bf16: bo
             p.append(torch.sigmoid(model(b.images.to(dev))[0][:, 3].float()).cpu())
             y.append(b.labels.cpu())
     model.train(was)
-    return _auc(torch.cat(y).numpy(), torch.cat(p).numpy())
+    return auc_and_loss(torch.cat(y).numpy(), torch.cat(p).numpy())
+
+
+def val_auc(model: MultiExitResNet, data: Any, batch: int, device: Any, bf16: bool = False) -> float | None:
+    """Validation AUC of sigma(logit_4) (None when the split holds one class or is empty)."""
+    return val_auc_and_loss(model, data, batch, device, bf16)[0]
+
+
+def _rule(cfg: Mapping[str, Any], rule: ConvergenceRule | None, kind: str, per_epoch: int) -> ConvergenceRule:
+    return rule if rule is not None else rule_from_profile({}, cfg, kind, default_every=per_epoch)
 
 
 def train_simclr(model: SimCLRNet, data: Any, cfg: Mapping[str, Any], work: Path, seed: int, device: Any,
@@ -436,8 +449,10 @@ def load_encoder(stage1: MultiExitResNet, simclr_state: Mapping[str, torch.Tenso
 
 def train_stage1(model: MultiExitResNet, data: Any, cfg: Mapping[str, Any], work: Path, seed: int, device: Any,
                  bf16: bool = False, progress: Callable[[int], Any] | None = None, every: int | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Stage 1: deep-weighted exit BCE; the epoch with the best validation AUC of sigma(logit_4)."""
+                 rule: ConvergenceRule | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Stage 1: deep-weighted exit BCE; ``stage1_epochs`` is the cap, the convergence ``rule``
+    (the profile's; defaults with one evaluation per epoch when None) scores the validation
+    AUC of sigma(logit_4) with its BCE as the tie-break."""
     dev = torch.device(device)
     model.to(dev)
     batch = int(cfg["batch"])
@@ -456,24 +471,25 @@ def train_stage1(model: MultiExitResNet, data: Any, cfg: Mapping[str, Any], work
         opt.step()
         return float(loss.detach())
 
-    weights, info = run_resumable(work, model, opt, iterations, step, progress=progress, every=every, sched=sched,
-                                  evaluate=lambda m: val_auc(m, data, batch, dev, bf16),
-                                  eval_every=batches.per_epoch)
-    best = info.get("best_iteration")
-    info.update(stage="multi-exit", epochs=int(cfg["stage1_epochs"]), batch=batch, lr=LR,
+    criterion = Criterion("val AUC of sigma(logit_4); tie-break its BCE",
+                          lambda m: val_auc_and_loss(m, data, batch, dev, bf16))
+    weights, info = run_resumable(work, model, opt, iterations, step, progress=progress,
+                                  every=every or batches.per_epoch, sched=sched, criterion=criterion, rule=_rule(cfg, rule, "score", batches.per_epoch))
+    conv = info["convergence"]
+    info.update(stage="multi-exit", epochs_cap=int(cfg["stage1_epochs"]), batch=batch, lr=LR,
                 exit_weights=list(EXIT_WEIGHTS), n_train=int(len(batches.idx)),
-                val_auc=[s for _, s in info.get("scores", [])],
-                best_epoch=None if best is None else int(best) // batches.per_epoch - 1,
-                selection="best validation AUC of sigma(logit_4)" if best is not None
-                else "last epoch (validation AUC undefined)")
+                val_auc=[p[2] for p in conv["curve"]], best_step=conv["kept_step"],
+                selection="best validation AUC of sigma(logit_4)" if conv["kept_step"] is not None
+                else "last step (validation AUC undefined)")
     return weights, info
 
 
 def train_stage2(model: AttentionAggregator, stage1: MultiExitResNet, data: Any, cfg: Mapping[str, Any],
                  work: Path, seed: int, device: Any, bf16: bool = False,
                  progress: Callable[[int], Any] | None = None, every: int | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Stage 2: the C^2AM objective on the attention net; stage 1 frozen in eval; last epoch."""
+                 rule: ConvergenceRule | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Stage 2: the C^2AM objective on the attention net; stage 1 frozen in eval.
+    ``stage2_epochs`` is the cap; the convergence ``rule`` scores L2 on the validation split."""
     dev = torch.device(device)
     model.to(dev)
     stage1.to(dev).eval().requires_grad_(False)
@@ -495,10 +511,26 @@ def train_stage2(model: AttentionAggregator, stage1: MultiExitResNet, data: Any,
         opt.step()
         return float(loss.detach())
 
+    val_idx = np.asarray(data.split("val"))
+
+    def val_loss(m) -> tuple[float | None, None]:
+        total, n = 0.0, 0
+        with _autocast(dev, bf16):
+            for b in data.batches(val_idx, batch, shuffle=False, device=str(dev)):
+                x = b.images.to(dev).float()
+                _, maps = stage1.up_maps(x)
+                a, _ = m(x, maps.float())
+                fg, bg = fg_bg(x, a.float())
+                total += float(c2am_loss(fg, bg)) * x.shape[0]
+                n += x.shape[0]
+        return (total / n if n else None), None
+
+    criterion = Criterion("val C2AM loss L2 (lower is better)", val_loss, higher_is_better=False)
     weights, info = run_resumable(work, model, opt, iterations, step, progress=progress,
-                                  every=every or batches.per_epoch, sched=sched)
-    info.update(stage="attention", epochs=int(cfg["stage2_epochs"]), batch=batch, lr=LR,
-                n_train=int(len(batches.idx)), selection="last epoch")
+                                  every=every or batches.per_epoch, sched=sched, criterion=criterion,
+                                  rule=_rule(cfg, rule, "loss", batches.per_epoch))
+    info.update(stage="attention", epochs_cap=int(cfg["stage2_epochs"]), batch=batch, lr=LR,
+                n_train=int(len(batches.idx)), selection="lowest validation L2")
     return weights, info
 
 
@@ -553,5 +585,5 @@ def polarity_rows(labels: np.ndarray, train_idx: Sequence[int], g: torch.Generat
 
 
 __all__ = ["MultiExitResNet", "SimCLRNet", "AttentionAggregator", "AmeCamNet", "train_simclr", "train_stage1",
-           "train_stage2", "polarity_test", "sim_max", "sim_min", "c2am_loss", "geometry_problems", "final_cam",
+           "train_stage2", "polarity_test", "val_auc", "val_auc_and_loss", "sim_max", "sim_min", "c2am_loss", "geometry_problems", "final_cam",
            "load_encoder"]
