@@ -218,3 +218,9 @@ def test_smoke_training_beats_the_majority_rate_at_small_t(tmp_path):
     accuracy = float(((p1 >= 0.5) == labels).mean())
     majority = max(labels.mean(), 1 - labels.mean())
     assert accuracy > majority, (accuracy, majority)
+    from wsss_bench.nn.training import convergence_of
+
+    folder = next((tmp_path / "cache").rglob("noisy_classifier.safetensors")).parent
+    conv = convergence_of(folder)["noisy_classifier"]  # the rule's record is stored with the model
+    assert "MG t-set" in conv["criterion"] and conv["steps"] == conv["curve"][-1][0] <= conv["cap"]
+    assert conv["stop_reason"] in ("converged", "cap while improving", "cap on a plateau")

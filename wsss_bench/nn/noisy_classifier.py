@@ -33,6 +33,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder, get_
 from torch import nn
 
 from wsss_bench.nn import diffusion as dif
+from wsss_bench.nn.training import Criterion, auc_and_loss, rule_from_profile, rule_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsss_bench.context import RunContext
@@ -114,7 +115,13 @@ def train_noisy_classifier(model: NoisyClassifier, data: Any, profile: Any, devi
                            work: Path, flips: bool, bf16: bool = False,
                            progress: Callable[[int], Any] | None = None,
                            iterations: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Cross-entropy on noised inputs at uniform t (docs/methods/diffusion.md); resumable like the CDM."""
+    """Cross-entropy on noised inputs at uniform t (docs/methods/diffusion.md); resumable like the CDM.
+
+    ``noisy_classifier.iterations`` is the step cap: the convergence rule scores the AUC of
+    p(1) on the validation slices noised at every timestep of the profile's MG t-set (pooled,
+    fixed noise; tie-break the cross-entropy) every ``eval_every`` steps, keeps the best
+    weights and stops on a plateau.
+    """
     cfg = profile.noisy_classifier
     iterations = int(cfg.iterations if iterations is None else iterations)
     t_max = int(dif.harness_scheduler(profile).num_train_timesteps)
@@ -140,9 +147,27 @@ def train_noisy_classifier(model: NoisyClassifier, data: Any, profile: Any, devi
         opt.step()
         return float(loss.detach())
 
-    weights, info = dif.run_resumable(work, model, opt, iterations, step, 0.0, progress)
+    val_idx = data.split("val")
+    t_set = [int(t) for t in dif.match(list(profile.mg.t_ref), profile=profile)]
+
+    def evaluate(m) -> tuple[float | None, float | None]:
+        p_all, y_all = [], []
+        for k, t in enumerate(t_set):
+            p1, labels = noisy_scores(m, data, val_idx, t, seed=dif._mix(seed, 4, k), batch=int(cfg.batch),
+                                      profile=profile)
+            p_all.append(p1)
+            y_all.append(labels)
+        if not p_all:
+            return None, None
+        return auc_and_loss(np.concatenate(y_all), np.concatenate(p_all))
+
+    criterion = Criterion(f"val AUC of p(1) on val slices noised at the MG t-set (harness t {t_set}); "
+                          f"tie-break its cross-entropy", evaluate)
+    rule = rule_from_profile(profile, cfg, "score", default_every=max(1, iterations // 10))
+    weights, info = dif.run_resumable(work, model, opt, iterations, step, 0.0, progress, criterion=criterion,
+                                      rule=rule)
     info.update(batch=int(cfg.batch), lr=LR, weight_decay=WEIGHT_DECAY, flips=bool(flips), bf16=bool(bf16),
-                n_train=int(len(batches.idx)), kept="last")
+                n_train=int(len(batches.idx)), t_set=t_set)
     return weights, info
 
 
@@ -183,7 +208,8 @@ def get_noisy_classifier(ctx: "RunContext") -> NoisyClassifier:
         return train_noisy_classifier(model, ctx.data, ctx.profile, run.device, run.seed, run.work,
                                       flips=ctx.task.flips, bf16=ctx.bf16, progress=run.advance)
 
-    params = {"encoder": spec, "train": recipe, "schedule": [int(ctx.profile.common.diffusion_timesteps),
+    params = {"encoder": spec, "train": recipe, **rule_params(ctx.profile, ctx.profile.noisy_classifier),
+              "mg_t_ref": [int(t) for t in ctx.profile.mg.t_ref], "schedule": [int(ctx.profile.common.diffusion_timesteps),
                                                              str(ctx.profile.common.schedule)],
               "image_size": size, "channels": int(ctx.task.channels)}
     return ctx.shared_model("noisy-classifier", build, train, params=params, source=[sys.modules[__name__]],
