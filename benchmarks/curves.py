@@ -1,0 +1,191 @@
+"""Training curves of every trained model, per task, under the profile's convergence rule.
+
+Each model is trained exactly as a run trains it (the shared-model path, the profile's cap,
+k, P and delta) in a cache of its own, then its stored convergence record is read back
+(:func:`wsss_bench.nn.training.convergence_of`): the train loss and the validation criterion
+against steps, the stop reason (converged / cap while improving / cap on a plateau), the
+kept step, and the training wall time.  Only the validation split is read; the test split
+never is.  One JSON line per (task, model) goes to ``--log`` as soon as that model is done,
+so an interrupted run keeps what it measured; ``--report`` merges logs into
+``benchmarks/results/curves.jsonl`` and the Markdown summary ``curves.md``.
+
+    python benchmarks/curves.py --task brats --models classifier,seam,amecam,noisy-classifier
+    python benchmarks/curves.py --report benchmarks/results/curves_*.jsonl
+
+Models: ``classifier`` (CAM classifier), ``table2-resnet``, ``seam``, ``amecam`` (stages 1
+and 2), ``noisy-classifier``, ``fsl``, ``dig`` and ``cldf`` (both need the task's CDM,
+3,000 iterations, first).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import command_line, provenance, provenance_lines  # noqa: E402
+
+SOURCES = ["benchmarks/curves.py", "wsss_bench/nn/training.py", "wsss_bench/nn/classifier.py",
+           "wsss_bench/nn/seam.py", "wsss_bench/nn/amecam.py", "wsss_bench/nn/noisy_classifier.py",
+           "wsss_bench/nn/fsl.py", "wsss_bench/nn/dig.py", "wsss_bench/nn/cldf.py", "wsss_bench/profiles.toml",
+           "wsss_bench/data/taskdata.py"]
+MODELS = ("classifier", "table2-resnet", "seam", "amecam", "noisy-classifier", "fsl", "dig", "cldf")
+#: shared-model names each curve model trains (and whose records it reports)
+TRAINS = {"classifier": ["classifier"], "table2-resnet": ["table2-resnet"], "seam": ["seam"],
+          "amecam": ["amecam-stage1", "amecam-stage2"], "noisy-classifier": ["noisy-classifier"],
+          "fsl": ["fsl"], "dig": ["dig"], "cldf": ["cldf-decoder"]}
+
+
+def make(ctx, model: str) -> None:
+    """Train ``model`` in ``ctx`` the way a run does."""
+    if model == "classifier":
+        ctx.classifier()
+    elif model == "table2-resnet":
+        from wsss_bench_plugins.resnet_features import get_table2_resnet
+
+        get_table2_resnet(ctx)
+    elif model == "noisy-classifier":
+        from wsss_bench.nn.noisy_classifier import get_noisy_classifier
+
+        get_noisy_classifier(ctx)
+    elif model in ("seam", "amecam", "dig"):
+        ctx.plugin("cams", model)
+    elif model == "fsl":
+        ctx.plugin("refiners", "fsl")
+    elif model == "cldf":
+        ctx.plugin("refiners", "cldf", sources=(ctx.plugin("cams", "amecam"),))
+    else:
+        raise SystemExit(f"--models: unknown model '{model}'; choose from {', '.join(MODELS)}")
+
+
+def records_of(ctx, names: list[str]) -> dict[str, dict]:
+    """{shared-model name: (convergence record, train info)} from the models' artifact folders."""
+    from wsss_bench.nn.training import convergence_of
+
+    out = {}
+    for name in names:
+        folder = ctx.cache.path(name, ctx.shared_model_key(name))
+        fname = name.replace("-", "_")
+        info = json.loads((folder / f"{fname}.train.json").read_text())
+        out[name] = {"convergence": convergence_of(folder / f"{fname}.train.json").get(fname), "info": info}
+    return out
+
+
+def run(args) -> None:
+    import torch
+
+    from wsss_bench.running.runner import RunConfig, Session
+
+    torch.set_num_threads(args.threads)
+    cfg = RunConfig(profile=args.profile, device="cpu", cache_dir=args.cache_dir, out=Path(f"/tmp/wsss-curves-{args.task}"),
+                    overrides=list(args.set or []))
+    session = Session(cfg)
+    ctx = session.context(args.task, args.seed)
+    data = ctx.task_data
+    log = Path(args.log or ROOT / "benchmarks" / "results" / f"curves_{args.profile}_{args.task}.jsonl")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = command_line(argv=sys.argv[1:])
+    split = data.summary()["splits"]
+    header = {"kind": "header", "task": args.task, "provenance": provenance(command, args.profile, data, SOURCES),
+              "val": dict(data.val_info), "n_train_cases": split["train"]["n_cases"],
+              "n_train_slices": split["train"]["n_slices"], "n_val_cases": split["val"]["n_cases"],
+              "threads": args.threads}
+    with log.open("a") as fh:
+        fh.write(json.dumps(header) + "\n")
+    for model in args.models:
+        t0 = time.perf_counter()
+        make(ctx, model)
+        wall = time.perf_counter() - t0
+        for name, rec in records_of(ctx, TRAINS[model]).items():
+            info = rec["info"]
+            row = {"kind": "curve", "task": args.task, "model": name, "profile": args.profile,
+                   "convergence": rec["convergence"], "train_seconds": info.get("seconds_this_attempt", info.get("seconds")),
+                   "resumed_from": info.get("resumed_from"), "wall_seconds_with_prepare": round(wall, 1)}
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            conv = rec["convergence"] or {}
+            print(f"{args.task} {name}: {conv.get('stop_reason')} at step {conv.get('steps')} "
+                  f"(kept {conv.get('kept_step')}, cap {conv.get('cap')}, best {conv.get('best')}), "
+                  f"{row['train_seconds']} s", flush=True)
+
+
+# ---------------------------------------------------------------------------- report
+def _fmt(v, digits=3) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def report(logs: list[Path], out_jsonl: Path, out_md: Path) -> None:
+    headers, rows = {}, {}
+    for path in logs:
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "header":
+                headers[rec["task"]] = rec
+            else:
+                rows[(rec["task"], rec["model"])] = rec  # the latest line of a (task, model) wins
+    ordered = [rows[k] for k in sorted(rows)]
+    tmp = out_jsonl.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps({**r, "provenance": headers.get(r["task"], {}).get("provenance")}) + "\n"
+                           for r in ordered))
+    os.replace(tmp, out_jsonl)
+    command = command_line(argv=sys.argv[1:])
+    lines = ["# Training curves under the convergence rule", "",
+             "Written by `benchmarks/curves.py` from the logs named below; each row is one trained model",
+             "on one task, trained the way a run trains it. The curves (train loss and validation",
+             "criterion at every evaluation) are in `curves.jsonl`. Only the validation split was read.", "",
+             "Report:", *provenance_lines(command, sources=SOURCES), "", "Runs:"]
+    for task, h in sorted(headers.items()):
+        p = h["provenance"]
+        lines.append(f"- {task}: `{p['command']}`, git `{p['git_sha']}`"
+                     f"{' (uncommitted: ' + ', '.join(p['uncommitted']) + ')' if p['uncommitted'] else ''}, "
+                     f"{p['machine']}, {p['date']}, profile {p['profile']}, phantom {p['phantom_generator']}; "
+                     f"{h['n_train_cases']} training cases ({h['n_train_slices']} slices), validation "
+                     f"{h['val']['n_pos']} positive + {h['val']['n_neg']} hard negative slices")
+    lines += ["", "| task | model | criterion | stop reason | steps | kept step | cap | k | P | best value | "
+              "train wall time (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in ordered:
+        c = r["convergence"] or {}
+        lines.append(f"| {r['task']} | {r['model']} | {c.get('criterion', '-')} | {c.get('stop_reason', '-')} | "
+                     f"{c.get('steps', '-')} | {c.get('kept_step', '-')} | {c.get('cap', '-')} | {c.get('every', '-')} | "
+                     f"{c.get('patience', '-')} | {_fmt(c.get('best'), 4)} | {_fmt(r.get('train_seconds'), 1)} |")
+    lines += ["", "## Curves (step: validation value / mean train loss since the previous evaluation)", ""]
+    for r in ordered:
+        c = r["convergence"] or {}
+        pts = c.get("curve") or []
+        shown = pts if len(pts) <= 24 else pts[:: max(1, len(pts) // 24)] + [pts[-1]]
+        text = ", ".join(f"{p[0]}: {_fmt(p[2])}/{_fmt(p[1])}" for p in shown)
+        lines.append(f"- **{r['task']} {r['model']}** ({len(pts)} evaluations): {text}")
+    tmp = out_md.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out_md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu")
+    ap.add_argument("--task", default="brats")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                    default=["classifier", "seam", "amecam", "noisy-classifier"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", help="a profile override KEY=VALUE (as wsss-bench --set)")
+    ap.add_argument("--log", type=Path)
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/wsss-curves-cache"))
+    ap.add_argument("--report", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "curves.jsonl")
+    args = ap.parse_args()
+    for m in args.models:
+        if m not in MODELS:
+            ap.error(f"--models: unknown model '{m}'; choose from {', '.join(MODELS)}")
+    if args.report:
+        report(args.report, args.out, args.out.with_suffix(".md"))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
