@@ -47,12 +47,15 @@ class FullySupervised(Refiner):
             return fsl.build_fsl(spec, c, seed=ctx.seed("init/fsl"))
 
         def train(model, run):
+            from wsss_bench.nn.training import rule_from_profile
+
+            rule = rule_from_profile(ctx.profile, spec, "score", default_every=max(1, int(spec["iterations"]) // 10))
             return fsl.train_fsl(model, ctx.data, idx, spec, run.device, run.seed, run.work,
-                                 flips=bool(ctx.task.flips), bf16=ctx.bf16, progress=run.advance)
+                                 flips=bool(ctx.task.flips), bf16=ctx.bf16, progress=run.advance, rule=rule)
 
         params = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
                   "train": spec, "lr": fsl.LR, "weight_decay": fsl.WEIGHT_DECAY, "flips": bool(ctx.task.flips),
-                  "image_size": int(ctx.data.image_size)}
+                  "image_size": int(ctx.data.image_size), "convergence": dict(ctx.profile.get("convergence") or {})}
         self.model = ctx.shared_model("fsl", build, train, params=params, source=[fsl, sys.modules[__name__]],
                                       total=int(spec["iterations"]))
         ctx.record("fsl", {"n_train": int(len(idx)), "iterations": int(spec["iterations"]),
