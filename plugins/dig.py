@@ -91,6 +91,7 @@ class DiGSource(CamSource):
     # ------------------------------------------------------------------ prepare
     def prepare(self, ctx: "RunContext") -> None:
         from wsss_bench.nn import dig as D
+        from wsss_bench.nn import training as tr
 
         self.ctx = ctx
         spec = dict(ctx.profile.dig)
@@ -134,7 +135,8 @@ class DiGSource(CamSource):
         def train(model, run):
             return D.train_dig(model, ctx.data, idx, inputs, spec, run.device, run.seed, run.work,
                                flips=ctx.task.flips, warmup_fraction=float(ctx.profile.common.dig_warmup_fraction),
-                               bf16=ctx.bf16, progress=run.advance)
+                               bf16=ctx.bf16, progress=run.advance,
+                               rule=tr.rule_from_profile(ctx.profile, spec, "score", per_epoch))
 
         per_epoch = max(1, len(idx) // int(spec["batch"]))
         iterations = int(spec["epochs"]) * per_epoch
@@ -142,7 +144,7 @@ class DiGSource(CamSource):
                   "recipe": {"lr": D.dig_lr(int(spec["batch"])), "weight_decay": D.WEIGHT_DECAY,
                              "lr_warmup_fraction": D.LR_WARMUP_FRACTION, "kd_alpha": D.KD_ALPHA, "kd_t": D.KD_T,
                              "pac_weight": D.PAC_WEIGHT, "drop_path": D.DROP_PATH, "topk": D.TOPK},
-                  "flips": bool(ctx.task.flips), "channels": c}
+                  "flips": bool(ctx.task.flips), "channels": c, **tr.rule_params(ctx.profile, spec)}
         model = ctx.shared_model("dig", build, train, params=params, source=[D, sys.modules[__name__]],
                                  upstream=upstream, total=iterations)
         self.vit = model.vit

@@ -290,6 +290,9 @@ class ToyData:
         self.x = torch.rand(n, C, S, S, generator=g)
         self.y = torch.tensor([i % 2 for i in range(n)])
 
+    def split(self, name):
+        return np.arange(len(self.y))  # validation = every row (the toy has no other)
+
     def batches(self, idx, batch_size, shuffle=False, seed=None, device="cpu", with_masks=False):
         idx = np.asarray(idx)
         for s in range(0, len(idx), batch_size):
@@ -363,6 +366,16 @@ def test_training_resumes_bit_identically_after_a_kill(tmp_path):
     assert ref_w.keys() == w.keys() and all(torch.equal(ref_w[k], w[k]) for k in w)
     assert ref_info["loss_log"] == info["loss_log"]
     assert not all(torch.equal(ref_w[k], model().state_dict()[k]) for k in w)  # it did train
+    conv = ref_info["convergence"]  # the criterion: the ViT's classification AUC on val, kept weights reproduce it
+    assert "classification" in conv["criterion"] and info["convergence"]["curve"] == conv["curve"]
+    from sklearn.metrics import roc_auc_score
+
+    kept = model()
+    kept.load_state_dict(ref_w)
+    kept.eval()
+    with torch.no_grad():
+        p = torch.sigmoid(kept.vit(data.x)["cls"].float().reshape(-1)).numpy()
+    assert roc_auc_score(data.y.numpy(), p) == pytest.approx(conv["best"], abs=1e-6)
 
 
 def test_lr_schedule_warms_up_then_decays_by_cosine():

@@ -564,11 +564,14 @@ def _training():
 def train_dig(model: DiG, data: Any, idx: Sequence[int], inputs: Callable[[Any], tuple[Tensor, Tensor]],
               spec: Mapping[str, Any], device: Any, seed: int, work: Path, flips: bool, warmup_fraction: float,
               bf16: bool = False, progress: Callable[[int], Any] | None = None, iterations: int | None = None,
-              every: int | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+              every: int | None = None, rule: Any = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Train DiG on the rows ``idx`` of ``data`` (docs/methods/dig.md, "Training").
 
     ``inputs(batch) -> (features, x0-hat)`` of the (unflipped) batch.  ``epochs`` and ``batch``
-    come from ``spec`` (the profile's ``dig`` section); ``iterations`` overrides the count.
+    come from ``spec`` (the profile's ``dig`` section) and make the step cap; ``iterations``
+    overrides it.  The convergence ``rule`` (default: one evaluation per epoch) scores the
+    ViT's classification on the validation split (AUC of sigma(cls) on the image alone, as
+    at inference; tie-break its BCE), keeps the best weights and stops on a plateau.
     """
     tr = _training()
     dev = torch.device(device)
@@ -603,9 +606,26 @@ def train_dig(model: DiG, data: Any, idx: Sequence[int], inputs: Callable[[Any],
             log_terms[k] = float(v.detach())
         return log_terms["total"]
 
+    val_idx = data.split("val")
+
+    def val_cls(m) -> tuple[float | None, float | None]:
+        p, y = [], []
+        for b in data.batches(val_idx, batch, shuffle=False, device=str(dev)):
+            with (amp() if amp is not None else nullcontext()):
+                out = m.vit(b.images.to(dev).float())
+            p.append(torch.sigmoid(out["cls"].float().reshape(-1)).cpu())
+            y.append(b.labels.cpu())
+        if not p:
+            return None, None
+        return tr.auc_and_loss(torch.cat(y).numpy(), torch.cat(p).numpy())
+
+    if rule is None:
+        rule = tr.rule_from_profile({}, spec, "score", default_every=batches.per_epoch)
+    criterion = tr.Criterion("val AUC of the ViT's classification sigma(cls); tie-break its BCE", val_cls)
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        weights, info = tr.run_resumable(work, model, opt, iterations, step, 0.0, progress, every=every)
+        weights, info = tr.run_resumable(work, model, opt, iterations, step, 0.0, progress, every=every,
+                                         criterion=criterion, rule=rule)
     info.update(batch=batch, lr=lr, weight_decay=WEIGHT_DECAY, lr_warmup_iterations=lr_warm,
                 loss_warmup_iterations=warm, flips=bool(flips), bf16=bool(bf16), n_train=int(len(batches.idx)),
                 last_terms=dict(log_terms))
