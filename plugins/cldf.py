@@ -151,6 +151,7 @@ class CLDF(Refiner):
             "lr": float(ctx.profile.common.cldf_lr), "momentum": core.MOMENTUM, "weight_decay": core.WEIGHT_DECAY,
             "epochs": epochs, "batch": batch, "fg_cap": int(cfg.fg_cap), "bg_per_batch": int(cfg.bg_per_batch),
             "standardise_batches": core.STANDARDISE_BATCHES,
+            "convergence": dict(ctx.profile.get("convergence") or {}), "eval_every": cfg.get("eval_every"),
         }
         fg_bits, bg_bits = seeds["fg"], seeds["bg"]
         pos_of = {int(r): k for k, r in enumerate(rows)}
@@ -165,19 +166,42 @@ class CLDF(Refiner):
             k = [pos_of[int(r)] for r in b.index]
             return core.unpack_masks(fg_bits[k], size), core.unpack_masks(bg_bits[k], size)
 
+        val = self._train_seeds(ctx, "val")
+        val_of = {int(r): k for k, r in enumerate(val["rows"])}
+
+        def val_supcon(m) -> tuple[float | None, None]:
+            """SupCon of the decoder on the validation seeds, fixed pixels per batch (lower is better)."""
+            total, n = 0.0, 0
+            for k, b in enumerate(ctx.data.batches(val["rows"], batch, device=ctx.device)):
+                pos = [val_of[int(r)] for r in b.index]
+                fg, bg = core.unpack_masks(val["fg"][pos], size), core.unpack_masks(val["bg"][pos], size)
+                sel = core.sample_pixels(fg, bg, int(cfg.fg_cap), int(cfg.bg_per_batch),
+                                         torch.Generator().manual_seed(1_000_003 + k))
+                if sel is None:
+                    continue
+                coords, labels = sel
+                z = m(self.backbone.gather(b.images.to(ctx.device), coords.to(ctx.device)).float())
+                total += float(core.supcon_loss(z.float(), labels.to(ctx.device), float(self.p["tau"]))) * len(labels)
+                n += len(labels)
+            return (total / n if n else None), None
+
         def train(model, run):
-            from wsss_bench.nn.training import IterationBatches
+            from wsss_bench.nn.training import Criterion, IterationBatches, rule_from_profile
 
             batches = IterationBatches(ctx.data, rows, batch, run.seed, run.device)
             weights, info = core.train_decoder(
                 model, batches, seeds_for, self.backbone.gather, batches.epochs(epochs), run.seed, run.work,
                 fg_cap=int(cfg.fg_cap), bg_per_batch=int(cfg.bg_per_batch), tau=float(self.p["tau"]),
-                lr=float(ctx.profile.common.cldf_lr), device=run.device, progress=run.advance)
+                lr=float(ctx.profile.common.cldf_lr), device=run.device, progress=run.advance,
+                criterion=Criterion("val SupCon loss on the validation slices' seeds (lower is better)", val_supcon,
+                                    higher_is_better=False),
+                rule=rule_from_profile(ctx.profile, cfg, "loss", batches.per_epoch))
             info.update(n_slices=int(len(rows)), epochs=epochs, batch=batch)
             return weights, info
 
         self.decoder = ctx.shared_model(DECODER_MODEL, build, train, params=params,
-                                        source=[sys.modules[__name__], core], upstream=[seeds["key"], *backbone_keys],
+                                        source=[sys.modules[__name__], core],
+                                        upstream=[seeds["key"], val["key"], *backbone_keys],
                                         total=n_iter)
         self.decoder.eval()
         ctx.record("cldf/variant", {"variant": self.variant, "name": VARIANT_NAMES[self.variant],
@@ -188,15 +212,16 @@ class CLDF(Refiner):
                                     "kmeans_restarts": self.restarts})
 
     # ------------------------------------------------------------------ training seeds
-    def _train_seeds(self, ctx: "RunContext") -> dict[str, Any]:
-        """Bit-packed fg / bg seeds of every label-1 training slice (cached artifact)."""
+    def _train_seeds(self, ctx: "RunContext", split: str = "train") -> dict[str, Any]:
+        """Bit-packed fg / bg seeds of every label-1 slice of ``split`` (cached artifact); the
+        validation seeds score the decoder's convergence criterion."""
         from wsss_bench.nn import cldf as core
 
-        train = np.asarray(ctx.data.split("train"))
-        pos = np.nonzero(np.asarray(ctx.data.labels)[train] == 1)[0]  # positions in the train split
+        train = np.asarray(ctx.data.split(split))
+        pos = np.nonzero(np.asarray(ctx.data.labels)[train] == 1)[0]  # positions in the split
         with ctx.recording() as upstream:
-            cam_maps = ctx.maps(self.cam, "train") if self.cam is not None else None
-            mg_maps = ctx.maps(self.mg, "train") if self.variant != "cam" else None
+            cam_maps = ctx.maps(self.cam, split) if self.cam is not None else None
+            mg_maps = ctx.maps(self.mg, split) if self.variant != "cam" else None
         size = self.size
 
         def build(work):
@@ -219,12 +244,12 @@ class CLDF(Refiner):
             return {"composition": comp or {}}
 
         params = {"variant": self.variant, "sources": [s.spec() for s in self._used_sources()],
-                  "rules": [s.mask_rule for s in self._used_sources()], "split": "train", "labels": "positive"}
+                  "rules": [s.mask_rule for s in self._used_sources()], "split": split, "labels": "positive"}
         built = ctx.artifact("cldf-seeds", "cldf-seeds", build, params=params, upstream=upstream,
                              source=[sys.modules[__name__], core])
         comp = _read_meta(built).get("composition")
         if comp is not None:
-            ctx.record("cldf/seeds/train", comp)
+            ctx.record(f"cldf/seeds/{split}", comp)
         return {"fg": np.load(built.path / "fg.npy", mmap_mode="r"), "bg": np.load(built.path / "bg.npy", mmap_mode="r"),
                 "rows": np.load(built.path / "rows.npy"), "key": built.key}
 

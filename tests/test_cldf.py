@@ -635,6 +635,16 @@ def test_cli_cldf_runs_end_to_end_and_backbones_form_a_grid(run_cli, tmp_path):
     for c in manifest["cells"]:
         assert c["records"]["cldf/variant"]["name"] == "CAM+MG+CL"
         assert c["records"]["cldf/seeds/train"]["fg"] > 0
+        assert c["records"]["cldf/seeds/val"]["fg"] > 0  # the validation seeds score the decoder's criterion
+    from wsss_bench.nn.training import convergence_of
+
+    import os
+
+    decoders = list(Path(os.environ["WSSS_BENCH_CACHE"]).rglob("cldf_decoder.train.json"))
+    assert decoders
+    for f in decoders:
+        conv = convergence_of(f)["cldf_decoder"]
+        assert "SupCon" in conv["criterion"] and conv["higher_is_better"] is False and conv["curve"]
     res = run_cli(*base, "--cam", "gradcam", "--backbone", "[resnet50,unet-encoder]", "--out", tmp_path / "b")
     assert res.exit_code == 0, res.output
     frame = pd.read_parquet(tmp_path / "b" / "results.parquet")

@@ -303,7 +303,8 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
                   gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], iterations: int, seed: int,
                   work: Path, fg_cap: int, bg_per_batch: int, tau: float = 0.1, lr: float = LR,
                   momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY, device: Any = "cpu",
-                  progress: Callable[[int], Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                  progress: Callable[[int], Any] | None = None, criterion: Any = None,
+                  rule: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train ``decoder`` with SupCon on seed pixels; resumable (docs/methods/cldf.md).
 
     ``batches.get(it)`` gives the SliceBatch of iteration ``it`` (epoch-wise reshuffled,
@@ -313,6 +314,8 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
     ``iteration_generator(seed, it)``, so the standardisation (first 16 batches) sees
     exactly the pixels those steps train on, and a resumed run draws what an uninterrupted
     one would.  The standardisation is written to ``work/standardise.safetensors`` once.
+    With a ``criterion`` (the caller's SupCon loss on validation seeds) and its convergence
+    ``rule``, ``iterations`` is the step cap and the loop keeps the best weights.
     """
     from safetensors.torch import load_file, save_file
 
@@ -355,7 +358,8 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
         sizes.append(int(labels.numel()))
         return float(loss.detach())
 
-    weights, info = run_resumable(work, decoder, opt, int(iterations), step, progress=progress)
+    weights, info = run_resumable(work, decoder, opt, int(iterations), step, progress=progress,
+                                  criterion=criterion, rule=rule)
     info.update(lr=lr, momentum=momentum, weight_decay=weight_decay, tau=float(tau), fg_cap=int(fg_cap),
                 bg_per_batch=int(bg_per_batch), standardisation=std_info, skipped_this_attempt=len(skipped),
                 mean_pixels_per_step=(sum(sizes) / len(sizes)) if sizes else None)
