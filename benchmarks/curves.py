@@ -103,7 +103,8 @@ def run(args) -> None:
         for name, rec in records_of(ctx, TRAINS[model]).items():
             info = rec["info"]
             row = {"kind": "curve", "task": args.task, "model": name, "profile": args.profile,
-                   "convergence": rec["convergence"], "train_seconds": info.get("seconds_this_attempt", info.get("seconds")),
+                   "convergence": rec["convergence"],
+                   "train_seconds": info.get("seconds_this_attempt", info.get("seconds")),
                    "resumed_from": info.get("resumed_from"), "wall_seconds_with_prepare": round(wall, 1)}
             with log.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -111,6 +112,34 @@ def run(args) -> None:
             print(f"{args.task} {name}: {conv.get('stop_reason')} at step {conv.get('steps')} "
                   f"(kept {conv.get('kept_step')}, cap {conv.get('cap')}, best {conv.get('best')}), "
                   f"{row['train_seconds']} s", flush=True)
+
+
+# ---------------------------------------------------------------------------- snapshot
+class _NoTensors(dict):
+    def __missing__(self, key):
+        return None
+
+
+def snapshot(cache_dir: Path, task: str, log: Path) -> None:
+    """Append the curves of models still training in ``cache_dir`` (their last checkpoint) to
+    ``log``, marked ``in_progress``: what a run had measured when it had to stop."""
+    from wsss_bench.nn.training import CHECKPOINT_META, _unflatten
+
+    for meta in sorted(Path(cache_dir).glob(f"artifacts/*/.partial-*/{CHECKPOINT_META}")):
+        state = _unflatten(json.loads(meta.read_text())["state"], _NoTensors())
+        curve = state.get("curve") or []
+        model = meta.parent.parent.name
+        if not curve:
+            continue
+        conv = {"criterion": None, "stop_reason": f"not finished (stopped by hand at step {state['iteration']})",
+                "steps": int(state["iteration"]), "kept_step": state.get("best_step"), "best": state.get("best_value"),
+                "since_best": state.get("since"), "curve": curve, "cap": None, "every": None, "patience": None}
+        row = {"kind": "curve", "task": task, "model": model, "profile": "cpu", "in_progress": True,
+               "convergence": conv, "train_seconds": None, "resumed_from": None}
+        with log.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{task} {model}: in progress at step {state['iteration']}, best {state.get('best_value')} "
+              f"at {state.get('best_step')}, {state.get('since')} evaluation(s) since")
 
 
 # ---------------------------------------------------------------------------- report
@@ -176,6 +205,8 @@ def main() -> None:
     ap.add_argument("--log", type=Path)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/wsss-curves-cache"))
     ap.add_argument("--report", type=Path, nargs="+")
+    ap.add_argument("--snapshot", action="store_true",
+                    help="append the last checkpoints of models still training in --cache-dir to --log")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "curves.jsonl")
     args = ap.parse_args()
     for m in args.models:
@@ -183,6 +214,9 @@ def main() -> None:
             ap.error(f"--models: unknown model '{m}'; choose from {', '.join(MODELS)}")
     if args.report:
         report(args.report, args.out, args.out.with_suffix(".md"))
+    elif args.snapshot:
+        snapshot(args.cache_dir, args.task, Path(args.log or ROOT / "benchmarks" / "results" /
+                                                 f"curves_{args.profile}_{args.task}.jsonl"))
     else:
         run(args)
 
