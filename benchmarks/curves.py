@@ -123,8 +123,19 @@ class _NoTensors(dict):
 def snapshot(cache_dir: Path, task: str, log: Path) -> None:
     """Append the curves of models still training in ``cache_dir`` (their last checkpoint) to
     ``log``, marked ``in_progress``: what a run had measured when it had to stop."""
-    from wsss_bench.nn.training import CHECKPOINT_META, _unflatten
+    from wsss_bench.nn.training import CHECKPOINT_META, _unflatten, convergence_of
 
+    for done in sorted(Path(cache_dir).glob("artifacts/*/*/*.train.json")):  # finished, not yet logged
+        if done.parent.name.startswith("."):
+            continue
+        info = json.loads(done.read_text())
+        for name, conv in convergence_of(done).items():
+            row = {"kind": "curve", "task": task, "model": done.parent.parent.name, "profile": "cpu",
+                   "convergence": conv, "train_seconds": info.get("seconds_this_attempt", info.get("seconds")),
+                   "resumed_from": info.get("resumed_from")}
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"{task} {row['model']}: {conv['stop_reason']} at step {conv['steps']}")
     for meta in sorted(Path(cache_dir).glob(f"artifacts/*/.partial-*/{CHECKPOINT_META}")):
         state = _unflatten(json.loads(meta.read_text())["state"], _NoTensors())
         curve = state.get("curve") or []
@@ -153,13 +164,13 @@ def report(logs: list[Path], out_jsonl: Path, out_md: Path) -> None:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             if rec["kind"] == "header":
-                headers[rec["task"]] = rec
+                headers[(rec["task"], rec["provenance"]["command"])] = rec
             else:
                 rows[(rec["task"], rec["model"])] = rec  # the latest line of a (task, model) wins
     ordered = [rows[k] for k in sorted(rows)]
     tmp = out_jsonl.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps({**r, "provenance": headers.get(r["task"], {}).get("provenance")}) + "\n"
-                           for r in ordered))
+    runs = {task: [h["provenance"] for (t, _), h in headers.items() if t == task] for task, _ in rows}
+    tmp.write_text("".join(json.dumps({**r, "provenance": runs.get(r["task"])}) + "\n" for r in ordered))
     os.replace(tmp, out_jsonl)
     command = command_line(argv=sys.argv[1:])
     lines = ["# Training curves under the convergence rule", "",
@@ -167,7 +178,7 @@ def report(logs: list[Path], out_jsonl: Path, out_md: Path) -> None:
              "on one task, trained the way a run trains it. The curves (train loss and validation",
              "criterion at every evaluation) are in `curves.jsonl`. Only the validation split was read.", "",
              "Report:", *provenance_lines(command, sources=SOURCES), "", "Runs:"]
-    for task, h in sorted(headers.items()):
+    for (task, _), h in sorted(headers.items()):
         p = h["provenance"]
         lines.append(f"- {task}: `{p['command']}`, git `{p['git_sha']}`"
                      f"{' (uncommitted: ' + ', '.join(p['uncommitted']) + ')' if p['uncommitted'] else ''}, "
