@@ -179,7 +179,7 @@ def test_jobs_1_and_2_give_byte_identical_stores(tmp_path, parallel, brats_phant
     two = st.prepare_slices(cls(), root, 32, tmp_path / "j2", jobs=2)
     assert one.key == two.key and one.built and two.built
     assert _digests(one.path) == _digests(two.path)
-    assert set(_digests(one.path)) == {"images.npy", "labels.npy", "index.parquet", "meta.json", "done"}
+    assert set(_digests(one.path)) == {"images.npy", "labels.npy", "index.parquet", "meta.json", "integrity.json", "done"}
     import json
 
     assert json.loads((two.path / "build.json").read_text())["workers"] == 2

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from wsss_bench import integrity
+
 META = "artifact.json"
 
 
@@ -70,6 +72,7 @@ NEUTRAL_MODULES = frozenset({
     "wsss_bench.running", "wsss_bench.running.manifest", "wsss_bench.running.rundir",
     "wsss_bench.running.runner", "wsss_bench.running.bench",
     "wsss_bench.testing", "wsss_bench.contract_suite", "wsss_bench._compat", "wsss_bench_plugins",
+    "wsss_bench.integrity",
 })
 #: packages whose every module is neutral (tables, statistics marks, HTML, figures, mask export)
 NEUTRAL_PACKAGES = ("wsss_bench.reporting",)
@@ -235,6 +238,8 @@ class ArtifactCache:
         self.enabled = enabled
         self.force = force
         self.events: list[dict[str, Any]] = []
+        #: key -> (stage, folder) of every artifact served or built through this cache
+        self.served: dict[str, tuple[str, Path]] = {}
 
     @staticmethod
     def key(
@@ -275,7 +280,9 @@ class ArtifactCache:
 
         ``builder`` writes its files into ``workdir`` (which persists across a failed attempt,
         for checkpoints) and returns extra metadata.  Only on success is the directory moved
-        into place.
+        into place.  A cached directory is served only after it passed its integrity check
+        (:mod:`wsss_bench.integrity`); one that fails is moved to ``<root>/.quarantine/`` and
+        rebuilt, and one line names the bad file.
         """
         if not self.enabled:
             tmp = Path(tempfile.mkdtemp(prefix=f"wsss-{stage}-"))
@@ -284,25 +291,94 @@ class ArtifactCache:
             self.events.append({"stage": stage, "key": key, "hit": False, "cache": "off"})
             return Built(tmp, key, False)
         final = self.path(stage, key)
+        damage: tuple[integrity.Damaged, Path] | None = None
         with self._lock(stage, key):
-            if not self.force and (final / META).is_file():
-                self.events.append({"stage": stage, "key": key, "hit": True})
-                return Built(final, key, True)
+            if not self.force and (final.is_symlink() or (final / META).is_file()):
+                try:
+                    self._check(stage, key, final)
+                except integrity.Damaged as err:
+                    damage = (err, integrity.quarantine(final, self.quarantine_root(stage)))
+                else:
+                    self.events.append({"stage": stage, "key": key, "hit": True})
+                    self.served[key] = (stage, final)
+                    return Built(final, key, True)
             work = self.root / stage / f".partial-{key}"
             work.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             meta = builder(work) or {}
             _write_meta(work, stage, key, describe, meta, time.perf_counter() - t0)
-            if final.exists():
+            if final.is_symlink():
+                integrity.quarantine(final, self.quarantine_root(stage))
+            elif final.exists():
                 shutil.rmtree(final)
             os.replace(work, final)
+            integrity.mark_verified(final, key)
         self.events.append({"stage": stage, "key": key, "hit": False})
+        self.served[key] = (stage, final)
+        if damage is not None:
+            from rich.markup import escape
+
+            from wsss_bench.progress import say
+
+            say(escape(integrity.report(damage[0], damage[1], f"{stage} artifact {key[:10]}")))
+            self.events[-1]["repaired"] = damage[0].path
         return Built(final, key, False)
+
+    def quarantine_root(self, stage: str) -> Path:
+        """Where damaged artifacts of ``stage`` are moved (kept for inspection, never read)."""
+        return self.root / ".quarantine" / stage
+
+    def _check(self, stage: str, key: str, final: Path) -> None:
+        """Raise :class:`integrity.Damaged` unless ``final`` holds the artifact ``stage``/``key``
+        as written: a real folder, its record naming this key, every file as recorded (the full
+        hash on first use in this process and under ``--verify``)."""
+        if final.is_symlink():
+            raise integrity.Damaged(final, f"is a symbolic link (to {os.readlink(final)}); an artifact "
+                                           f"folder is never a link, so it is not served")
+        try:
+            meta = read_meta(final)
+        except (OSError, ValueError) as err:
+            raise integrity.Damaged(final / META, f"unreadable ({err})") from None
+        if meta.get("key") != key or meta.get("stage") != stage:
+            raise integrity.Damaged(final / META, f"records {meta.get('stage')}/{str(meta.get('key'))[:16]}, "
+                                                  f"not {stage}/{key[:16]} (a folder moved or copied)")
+        files = meta.get("files")
+        if not isinstance(files, dict):  # written before files were recorded: adopt it as it is
+            meta["files"] = integrity.record_folder(final, skip=(META,))
+            atomic_write_json(final / META, meta)
+            integrity.mark_verified(final, key)
+            return
+        full = integrity.needs_full(final, key)
+        integrity.check_folder(final, files, full=full)
+        if full:
+            integrity.mark_verified(final, key)
+
+    def recheck(self, keys: list[str] | tuple[str, ...]) -> tuple[integrity.Damaged, Path] | None:
+        """Fully re-hash the artifacts ``keys`` served by this cache; the first damaged one is
+        moved aside and returned with its new place (None when all are intact).  Used when a
+        result looks impossible (non-finite maps) to tell a corrupt artifact from a plugin bug."""
+        for key in keys:
+            if key not in self.served:
+                continue
+            stage, final = self.served[key]
+            try:
+                meta = read_meta(final)
+                integrity.check_folder(final, meta.get("files") or {}, full=True)
+            except (OSError, ValueError) as err:
+                return integrity.Damaged(final / META, f"unreadable ({err})"), final
+            except integrity.Damaged as err:
+                with self._lock(stage, key):
+                    moved = integrity.quarantine(final, self.quarantine_root(stage))
+                self.served.pop(key, None)
+                return err, moved
+        return None
 
 
 def _write_meta(directory: Path, stage: str, key: str, describe: dict | None, meta: dict, seconds: float) -> None:
+    """Write ``artifact.json``: the key, what built it, and each file's integrity record."""
+    files = integrity.record_folder(directory, skip=(META,))
     atomic_write_json(directory / META, {"stage": stage, "key": key, "describe": describe or {},
-                                         "meta": meta, "build_seconds": round(seconds, 3),
+                                         "meta": meta, "build_seconds": round(seconds, 3), "files": files,
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 

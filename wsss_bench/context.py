@@ -449,7 +449,11 @@ class RunContext:
                     grad = torch.no_grad() if getattr(source, "no_grad", False) else torch.enable_grad()
                     with grad:
                         out = source.maps(batch)
-                    check_maps(out, batch, source)
+                    try:
+                        check_maps(out, batch, source)
+                    except PluginError:
+                        self._blame_corrupt_artifact(upstream, source)
+                        raise
                     arr[pos:pos + len(batch)] = out.detach().float().clamp(0, 1).cpu().numpy()
                     pos += len(batch)
                     advance(len(batch))
@@ -462,6 +466,17 @@ class RunContext:
         maps = np.load(built.path / "maps.npy", mmap_mode="r")
         self._memo[memo_key] = _Memo(maps, cap["used"], cap["records"], cap["seeds"])
         return maps
+
+    def _blame_corrupt_artifact(self, upstream: Sequence[str], source: Any) -> None:
+        """Impossible maps: raise a corrupt-artifact error when one of the artifacts they were
+        made from fails a full re-hash (it is moved aside), else return (the plugin is at fault)."""
+        bad = self.cache.recheck(list(upstream))
+        if bad is not None:
+            err, moved = bad
+            self._memo.clear()  # models loaded from the bad file must not be served again
+            raise UserError((
+                f"the maps of '{source.name}' are invalid because the cached artifact file {err.path} is "
+                f"corrupt ({err.reason}); it was moved to {moved}: run the same command again to rebuild it"))
 
 
 def check_maps(maps: Any, batch: Any, source: Any) -> None:
