@@ -11,6 +11,7 @@ from their last checkpoint.  A file lock serialises concurrent builders of one k
 from __future__ import annotations
 
 import ast
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -220,6 +221,43 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def reserve(path: Path) -> None:
+    """Make sure every byte of the (sparse) file ``path`` has its disk blocks, so a later write
+    through a memory map cannot die of SIGBUS on a full disk: ``posix_fallocate`` where the file
+    system supports it, else a free-space check.  Raises OSError(ENOSPC) naming ``path``."""
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
+        st, vfs = os.fstat(fd), os.fstatvfs(fd)
+        missing = size - st.st_blocks * 512
+        if missing > vfs.f_bavail * vfs.f_frsize:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    finally:
+        os.close(fd)
+
+
+def open_memmap_reserved(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """``np.lib.format.open_memmap(path, "w+", dtype, shape)`` with its blocks reserved first
+    (:func:`reserve`): a full disk is an OSError naming the file, never a bus error."""
+    import numpy as np
+
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        reserve(path)
+    except OSError:
+        del arr
+        Path(path).unlink(missing_ok=True)
+        raise
+    return arr
 
 
 # ------------------------------------------------------------------ the store

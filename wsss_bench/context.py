@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from wsss_bench.cache import ArtifactCache, Built, atomic_path, atomic_write_json, closure_hash, stable_hash
+from wsss_bench.cache import (ArtifactCache, Built, atomic_path, atomic_write_json, closure_hash,
+                             open_memmap_reserved, stable_hash)
 from wsss_bench.data.view import DataView
 from wsss_bench.errors import PluginError, UserError
 from wsss_bench.lazy import torch
@@ -440,8 +441,7 @@ class RunContext:
         spec = source.spec()
 
         def build(work: Path) -> dict:
-            arr = np.lib.format.open_memmap(work / "maps.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(idx), size, size))
+            arr = open_memmap_reserved(work / "maps.npy", np.float32, (len(idx), size, size))
             pos = 0
             with self.stage(f"maps/{spec}/{split}"), self.progress(f"maps {spec} ({split})", len(idx)) as advance, \
                     self.acting(source):

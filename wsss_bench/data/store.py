@@ -41,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import stat
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -175,14 +176,29 @@ def data_fingerprint(root: Path, cache_root: Path | None = None, jobs: int | Non
     """
     root = Path(root)
     entries = []
+    skipped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):
                 continue
             p = Path(dirpath) / name
-            st = p.stat()
+            try:
+                st = p.stat()
+            except OSError:  # a symbolic link that points nowhere or loops
+                skipped.append(f"{p.relative_to(root).as_posix()} (a link that points nowhere)")
+                continue
+            if not stat.S_ISREG(st.st_mode):  # FIFO, socket, device: reading could block forever
+                skipped.append(f"{p.relative_to(root).as_posix()} (not a regular file)")
+                continue
             entries.append((p.relative_to(root).as_posix(), p, [st.st_size, st.st_mtime_ns, st.st_ctime_ns]))
+    if skipped:
+        from rich.markup import escape
+
+        from wsss_bench.progress import say
+
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        say(escape(f"note: {root}: skipped {len(skipped)} file(s) that are not regular files: {shown}"))
     memo_path = _hash_memo_path(cache_root, root) if cache_root is not None else None
     memo: dict = {}
     if memo_path is not None and memo_path.is_file():
