@@ -114,9 +114,13 @@ def _split_csv(values: list[str]) -> list[str]:
 
 def _seeds(values: list[str]) -> list[int]:
     try:
-        return [int(s) for s in _split_csv(values)]
+        seeds = [int(s) for s in _split_csv(values)]
     except ValueError:
         raise UserError(f"--seed {','.join(values)}: seeds are integers, e.g. --seed 0 or --seed 0,1,2") from None
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise UserError(f"--seed {bad[0]}: a seed is an integer from 0 to 2**63-1, e.g. --seed 0 or --seed 0,1,2")
+    return seeds
 
 
 def _slug(text: str) -> str:
