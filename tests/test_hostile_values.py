@@ -57,3 +57,28 @@ def test_good_overrides_still_pass():
     assert short.cdm.iterations == 200 and short.amecam.simclr_epochs == 0
     with pytest.raises(UserError, match="must be greater than 0"):
         apply_overrides(cpu, ["classifier.batch=0"])
+
+
+# ============================================================================ plugin files are code
+def test_loose_plugin_files_are_named_as_code(tmp_path, monkeypatch):
+    """`list` and `profiles` run the files of WSSS_BENCH_PLUGINS_DIR too: the command says which."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "plugs"
+    d.mkdir()
+    marker = tmp_path / "ran.txt"
+    (d / "sneaky.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    env = dict(__import__("os").environ, WSSS_BENCH_PLUGINS_DIR=str(d), CI="1")
+    code = "import sys; from wsss_bench.cli import main; main(sys.argv[1:])"
+    for cmd in (["list", "cams"], ["profiles"]):
+        marker.unlink(missing_ok=True)
+        result = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, env=env,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert marker.is_file()  # it did run: the note is the truth, not a formality
+        note = " ".join(result.stderr.split())
+        assert f"note: ran 1 loose plugin file(s) as code: {d / 'sneaky.py'}" in note, result.stderr
+    help_text = subprocess.run([sys.executable, "-c", code, "run", "--help"], capture_output=True, text=True,
+                               env=dict(env, WSSS_BENCH_PLUGINS_DIR="", COLUMNS="200"), timeout=120).stdout
+    assert "Python code that runs with your permissions" in " ".join(help_text.replace("│", " ").split())
