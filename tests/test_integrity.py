@@ -268,3 +268,28 @@ def test_truncated_store_and_force_rebuild_store_and_phantom(smoke_profile, tmp_
     assert (store / "done").stat().st_mtime > t_store
     np.testing.assert_array_equal(np.asarray(forced.images(np.arange(len(forced)))), want)
     assert not os.path.islink(store)
+
+
+def test_large_folders_skip_the_first_use_hash_only_while_untouched(tmp_path, monkeypatch):
+    """Above LARGE_BYTES an untouched folder is not re-hashed in a new process; any write to a
+    file (same size, so the cheap check passes) changes its ctime and brings the full hash back."""
+    cache = ArtifactCache(tmp_path / "artifacts")
+    make = lambda w: np.save(w / "a.npy", np.arange(256, dtype=np.float32))  # noqa: E731
+    built = cache.build("maps", "l" * 64, make)
+    monkeypatch.setattr(integrity, "LARGE_BYTES", 0)
+    monkeypatch.setattr(integrity, "_VERIFIED", set())  # a new process
+
+    def no_hash(path):
+        raise AssertionError("hashed an untouched large folder")
+
+    real_hash = integrity.hash_file
+    monkeypatch.setattr(integrity, "hash_file", no_hash)
+    assert cache.build("maps", "l" * 64, make).hit
+    monkeypatch.setattr(integrity, "hash_file", real_hash)
+    path = built.path / "a.npy"
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"\x01", path.stat().st_size - 3)
+    os.close(fd)
+    monkeypatch.setattr(integrity, "_VERIFIED", set())
+    again = cache.build("maps", "l" * 64, make)
+    assert not again.hit and cache.events[-1]["repaired"] == str(path)

@@ -386,10 +386,12 @@ class ArtifactCache:
             atomic_write_json(final / META, meta)
             integrity.mark_verified(final, key)
             return
-        full = integrity.needs_full(final, key)
+        full = integrity.needs_full(final, key, files)
         integrity.check_folder(final, files, full=full)
         if full:
             integrity.mark_verified(final, key)
+            if integrity.restamp(final, files):
+                atomic_write_json(final / META, meta)
 
     def recheck(self, keys: list[str] | tuple[str, ...]) -> tuple[integrity.Damaged, Path] | None:
         """Fully re-hash the artifacts ``keys`` served by this cache; the first damaged one is

@@ -110,8 +110,10 @@ def array_header(path: Path) -> dict | None:
 
 
 def record_file(path: Path) -> dict:
-    """The integrity record of one file: size, BLAKE2b and its array header where it has one."""
-    rec: dict[str, Any] = {"size": os.stat(path).st_size, "blake2b": hash_file(path)}
+    """The integrity record of one file: size, BLAKE2b, its array header where it has one, and
+    its (mtime, ctime) stamp (see :func:`needs_full`)."""
+    st = os.stat(path)
+    rec: dict[str, Any] = {"size": st.st_size, "blake2b": hash_file(path), "stamp": [st.st_mtime_ns, st.st_ctime_ns]}
     head = array_header(path)
     if head is not None:
         rec["array"] = head
@@ -174,10 +176,50 @@ def _brief(head: dict | None) -> str:
     return f"{head.get('tensors')} tensors ({head.get('names_shapes_dtypes')}), {head.get('bytes')} bytes"
 
 
-def needs_full(folder: Path, identity: str) -> bool:
-    """True when ``folder`` (with this recorded identity) has not been fully hashed in this
-    process, or ``--verify`` is on."""
-    return verify_always() or (os.path.realpath(folder), identity) not in _VERIFIED
+#: a folder holding more bytes than this skips the first-use full hash while none of its files
+#: was touched since it was recorded or last fully hashed (same mtime and ctime: any write,
+#: truncation, copy or chmod changes the ctime, and user space cannot set it back); ``--verify``
+#: always hashes.  A paper-scale slice store is tens of GB: hashing it in every process of a
+#: SLURM array would cost minutes per job.
+LARGE_BYTES = 1 << 30
+
+
+def _stamps_hold(folder: Path, records: dict[str, dict]) -> bool:
+    for rel, rec in records.items():
+        try:
+            st = os.stat(Path(folder) / rel)
+        except OSError:
+            return False
+        if rec.get("stamp") != [st.st_mtime_ns, st.st_ctime_ns]:
+            return False
+    return True
+
+
+def needs_full(folder: Path, identity: str, records: dict[str, dict] | None = None) -> bool:
+    """True when ``folder`` (with this recorded identity) must be fully hashed now: ``--verify``
+    is on, or it was not hashed yet in this process -- unless it is larger than
+    :data:`LARGE_BYTES` and no file was touched since its stamps were taken."""
+    if verify_always():
+        return True
+    if (os.path.realpath(folder), identity) in _VERIFIED:
+        return False
+    if records and sum(int(r.get("size", 0)) for r in records.values()) > LARGE_BYTES \
+            and _stamps_hold(folder, records):
+        return False
+    return True
+
+
+def restamp(folder: Path, records: dict[str, dict]) -> bool:
+    """After a successful full check: refresh the records' stamps in place (a copied cache is
+    hashed once, not at every first use); True when one changed and the record should be saved."""
+    changed = False
+    for rel, rec in records.items():
+        st = os.stat(Path(folder) / rel)
+        stamp = [st.st_mtime_ns, st.st_ctime_ns]
+        if rec.get("stamp") != stamp:
+            rec["stamp"] = stamp
+            changed = True
+    return changed
 
 
 def mark_verified(folder: Path, identity: str) -> None:

@@ -402,10 +402,12 @@ def check_store(final: Path, key: str) -> None:
         raise integrity.Damaged(path, f"unreadable ({err})") from None
     if rec.get("key") != key:
         raise integrity.Damaged(path, f"records store {rec.get('key')!r}, not {key!r} (a folder moved or copied)")
-    full = integrity.needs_full(final, key)
+    full = integrity.needs_full(final, key, files)
     integrity.check_folder(final, files, full=full)
     if full:
         integrity.mark_verified(final, key)
+        if integrity.restamp(final, files):
+            _write_json_atomic(path, rec, indent=1)
 
 
 def _usable(final: Path, key: str, force_since: float) -> bool:

@@ -106,8 +106,13 @@ def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: 
 
 
 def _record_phantom(folder: Path) -> None:
-    files = integrity.record_folder(folder, skip=(PHANTOM_FILES, PHANTOM_MARKER))
-    (folder / PHANTOM_FILES).write_text(json.dumps({"files": files}, indent=1))
+    _write_files_record(folder, integrity.record_folder(folder, skip=(PHANTOM_FILES, PHANTOM_MARKER)))
+
+
+def _write_files_record(folder: Path, files: dict) -> None:
+    from wsss_bench.cache import atomic_write_json
+
+    atomic_write_json(folder / PHANTOM_FILES, {"files": files})
 
 
 def check_phantom(final: Path) -> None:
@@ -125,10 +130,12 @@ def check_phantom(final: Path) -> None:
         files = json.loads(path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise integrity.Damaged(path, f"unreadable ({err})") from None
-    full = integrity.needs_full(final, "phantom")
+    full = integrity.needs_full(final, "phantom", files)
     integrity.check_folder(final, files, full=full)
     if full:
         integrity.mark_verified(final, "phantom")
+        if integrity.restamp(final, files):
+            _write_files_record(final, files)
 
 
 # --------------------------------------------------------------------------- task data
