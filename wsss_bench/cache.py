@@ -345,8 +345,10 @@ class ArtifactCache:
             t0 = time.perf_counter()
             meta = builder(work) or {}
             _write_meta(work, stage, key, describe, meta, time.perf_counter() - t0)
-            if final.is_symlink():
-                integrity.quarantine(final, self.quarantine_root(stage))
+            if final.is_symlink() or (final.exists() and not self.force):  # a folder without its record
+                moved = integrity.quarantine(final, self.quarantine_root(stage))
+                if damage is None:
+                    damage = (integrity.Damaged(final / META, "missing"), moved)
             elif final.exists():
                 shutil.rmtree(final)
             os.replace(work, final)
