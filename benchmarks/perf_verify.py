@@ -34,11 +34,23 @@ SOURCES = ["benchmarks/perf_verify.py", "wsss_bench/integrity.py", "wsss_bench/c
 TABLES = ["benchmarks/table1.toml", "benchmarks/table2.toml", "benchmarks/table3.toml"]
 #: runs the CLI with every integrity check patched out (the baseline), or as shipped
 RUNNER = """
-import sys
+import atexit, sys, time
+from wsss_bench import integrity
 mode = sys.argv[1]
 if mode == "none":
-    from wsss_bench import integrity
     integrity.check_folder = lambda *a, **k: None
+else:  # time every check this process makes (the direct cost, immune to the machine's noise)
+    spent = [0.0, 0]
+    real = integrity.check_folder
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+    integrity.check_folder = timed
+    atexit.register(lambda: sys.stderr.write(f"\\nCHECK_SECONDS {spent[0]:.4f} {spent[1]}\\n"))
 from wsss_bench.cli import main
 main(sys.argv[2:])
 """
@@ -73,8 +85,9 @@ def per_read(sizes_mib: list[int], reads: int) -> list[tuple[int, str, float]]:
     return rows
 
 
-def warm_bench(repeats: int, log) -> dict[str, list[float]]:
-    cache = Path(tempfile.mkdtemp(prefix="wsss-perf-verify-cache-"))
+def warm_bench(repeats: int, log, cache_dir: str | None = None) -> tuple[dict, dict]:
+    checks: dict[str, list[tuple[float, int, float]]] = {"default": [], "verify": [], "none": []}
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="wsss-perf-verify-cache-"))
     outs = Path(tempfile.mkdtemp(prefix="wsss-perf-verify-out-"))
     env = {**__import__("os").environ, "WSSS_BENCH_CACHE": str(cache), "CI": "1"}
 
@@ -88,7 +101,10 @@ def warm_bench(repeats: int, log) -> dict[str, list[float]]:
         seconds = time.perf_counter() - t0
         if done.returncode != 0:
             raise SystemExit(f"bench {mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-        log(f"  {tag}: {seconds:.1f}s")
+        found = [ln.split() for ln in done.stderr.splitlines() if ln.startswith("CHECK_SECONDS")]
+        if found:
+            checks[mode].append((float(found[-1][1]), int(found[-1][2]), seconds))
+        log(f"  {tag}: {seconds:.1f}s" + (f" (checks {found[-1][1]}s in {found[-1][2]} calls)" if found else ""))
         return seconds
 
     log("filling the cache (cold smoke bench of Tables 1-3)")
@@ -100,7 +116,7 @@ def warm_bench(repeats: int, log) -> dict[str, list[float]]:
         for mode in order:
             times[mode].append(one(mode, f"{mode}-{r}"))
     times["cold"] = [cold]
-    return times
+    return times, checks
 
 
 def main() -> None:
@@ -108,6 +124,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,16,128", help="artifact sizes in MiB (comma list)")
     ap.add_argument("--reads", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of warm benches (0: skip the bench)")
+    ap.add_argument("--cache", default=None, help="reuse this cache folder (default: a fresh one, filled cold)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "perf_verify.md")
     args = ap.parse_args()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -122,7 +139,7 @@ def main() -> None:
                      f"{full * 1e3:.1f} ms | {mib * 1.048576 / full:.0f} |")
         log(lines[-1])
     if args.repeats > 0:
-        times = warm_bench(args.repeats, log)
+        times, checks = warm_bench(args.repeats, log, args.cache)
         base = statistics.median(times["none"])
         lines += ["", f"## Warm smoke bench of Tables 1-3 (wall seconds, {args.repeats} round(s), fresh process and --out each)", "",
                   "| mode | median | runs | vs none |", "|---|---|---|---|"]
@@ -130,7 +147,16 @@ def main() -> None:
             med = statistics.median(times[mode])
             lines.append(f"| {mode} | {med:.1f} | {', '.join(f'{t:.1f}' for t in times[mode])} | "
                          f"{(med / base - 1) * 100:+.1f}% |")
-        lines.append(f"\nCold run that filled the cache: {times['cold'][0]:.1f}s.")
+        lines.append(f"\nCold run that filled (or re-used) the cache: {times['cold'][0]:.1f}s.")
+        lines += ["", "Time spent inside the checks themselves (measured in the bench process; workers none: "
+                  "the local executor runs the cells in it):", "",
+                  "| mode | check seconds (median) | calls | share of the run's wall time |", "|---|---|---|---|"]
+        for mode in ("default", "verify"):
+            if checks[mode]:
+                sec = statistics.median(c[0] for c in checks[mode])
+                calls = statistics.median(c[1] for c in checks[mode])
+                share = statistics.median(c[0] / c[2] for c in checks[mode])
+                lines.append(f"| {mode} | {sec:.3f} | {calls:.0f} | {share * 100:.2f}% |")
     lines += ["", "The machine was shared with other developers' jobs while this ran (2 cores): the warm-bench "
               "differences of a few percent are within its noise; the per-read numbers are the direct cost."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
