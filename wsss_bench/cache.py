@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from rich.markup import escape
+
 from wsss_bench import integrity
+from wsss_bench.progress import say
 
 META = "artifact.json"
 
@@ -356,10 +359,6 @@ class ArtifactCache:
         self.events.append({"stage": stage, "key": key, "hit": False})
         self.served[key] = (stage, final)
         if damage is not None:
-            from rich.markup import escape
-
-            from wsss_bench.progress import say
-
             say(escape(integrity.report(damage[0], damage[1], f"{stage} artifact {key[:10]}")))
             self.events[-1]["repaired"] = damage[0].path
         return Built(final, key, False)

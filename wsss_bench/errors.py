@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -59,8 +60,6 @@ def _as_os_error(err: BaseException) -> OSError | None:
         return err
     if type(err).__name__ != "SafetensorError":
         return None
-    import re
-
     text = str(err)
     found = re.search(r"Os \{ code: (\d+)", text)
     if found is not None:

@@ -6,6 +6,8 @@ A profile is a plain nested dict with attribute access (``profile.classifier.epo
 from __future__ import annotations
 
 import copy
+import difflib
+import math
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -126,8 +128,6 @@ def _shipped() -> "dict[str, list[Any]]":
 
 
 def _did_you_mean(key: str) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, list(_shipped()), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -147,8 +147,6 @@ def check_value(key: str, value: Any) -> str | None:
     integers takes integers; it may be 0 only if a shipped profile uses 0, and is never negative;
     a float key whose shipped values are all below 1 stays below 1 (rates, decays, fractions).
     """
-    import math
-
     shipped = _numbers(_shipped().get(key, []))
     items = value if isinstance(value, list) else [value]
     for v in items:

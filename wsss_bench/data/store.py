@@ -51,13 +51,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from rich.markup import escape
 
+from wsss_bench import integrity
 from wsss_bench.data.preprocess import PREPROCESS_VERSION, resize_images, resize_masks, tissue_fraction
 from wsss_bench.data.spacing import spacing_record
-from wsss_bench import integrity
 from wsss_bench.errors import UserError
 from wsss_bench.lazy import pd, torch
-from wsss_bench.progress import progress
+from wsss_bench.progress import progress, say
 
 STORE_VERSION = "2"
 DONE = "done"
@@ -193,10 +194,6 @@ def data_fingerprint(root: Path, cache_root: Path | None = None, jobs: int | Non
                 continue
             entries.append((p.relative_to(root).as_posix(), p, [st.st_size, st.st_mtime_ns, st.st_ctime_ns]))
     if skipped:
-        from rich.markup import escape
-
-        from wsss_bench.progress import say
-
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         say(escape(f"note: {root}: skipped {len(skipped)} file(s) that are not regular files: {shown}"))
     memo_path = _hash_memo_path(cache_root, root) if cache_root is not None else None
@@ -781,9 +778,5 @@ def prepare_slices(
         os.replace(build, final)
         integrity.mark_verified(final, key)
     if damage is not None:
-        from rich.markup import escape
-
-        from wsss_bench.progress import say
-
         say(escape(integrity.report(damage[0], damage[1], f"{source.name} slice store")))
     return open_store(final, built=True)

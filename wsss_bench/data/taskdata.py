@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from rich.markup import escape
 
 from wsss_bench import integrity
-from wsss_bench.cache import stable_hash
+from wsss_bench.cache import atomic_write_json, stable_hash
 from wsss_bench.data import splits as sp
 from wsss_bench.data.spacing import spacing_record
 from wsss_bench.data.store import SliceStore, case_geometry, data_fingerprint, prepare_slices
@@ -31,6 +32,7 @@ from wsss_bench.errors import UserError
 from wsss_bench.interfaces import DatasetSource, SliceBatch, TaskDef
 from wsss_bench.lazy import torch
 from wsss_bench.profiles import common, load_profile
+from wsss_bench.progress import say
 from wsss_bench.seeding import derive_seed
 
 AMBIGUOUS_POLICIES = ("exclude", "negative")
@@ -97,10 +99,6 @@ def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: 
         shutil.rmtree(tmp, ignore_errors=True)
     integrity.mark_verified(final, "phantom")
     if damage is not None:
-        from rich.markup import escape
-
-        from wsss_bench.progress import say
-
         say(escape(integrity.report(damage[0], damage[1], f"{source.name} phantom")))
     return final
 
@@ -110,8 +108,6 @@ def _record_phantom(folder: Path) -> None:
 
 
 def _write_files_record(folder: Path, files: dict) -> None:
-    from wsss_bench.cache import atomic_write_json
-
     atomic_write_json(folder / PHANTOM_FILES, {"files": files})
 
 
