@@ -68,6 +68,10 @@ def user_errors(fn: Callable) -> Callable:
                 raise
             err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
+        finally:
+            from wsss_bench.running import rundir
+
+            rundir.release()  # the run folder's lock ends with the command
 
     return wrapper
 
@@ -321,8 +325,14 @@ def bench(
     seed_list = _seeds([seeds]) if seeds else None
     specs, cells, planned = plan_bench(host, tables, seed_list, _split_csv(task) or None, collect_only=collect)
     ex = make_executor(host, executor)
-    check_out_dir(cfg)
     unavailable = [p for p in planned if p.error]
+    for p in unavailable:  # on stderr, not only in the manifest
+        err_console.print(escape(f"warning: {p.table}: row '{p.row}' ({p.task}) {p.error}"), soft_wrap=True,
+                          highlight=False)
+    if unavailable and _STATE["strict"]:
+        raise UserError(f"{len(unavailable)} table row(s) are not available (see the warnings above) and --strict "
+                        f"is set; install the plugins they name or remove the rows")
+    check_out_dir(cfg)
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
         f"{escape(profile)}, out {escape(str(out))}" + (f"; {len(unavailable)} row(s) not available" if unavailable else ""))
     result = execute_bench(cfg, host, ex, specs, cells, planned, tables=tables, only_tasks=_split_csv(task) or None,

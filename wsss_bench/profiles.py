@@ -104,6 +104,12 @@ def apply_overrides(profile: Section, overrides: "list[str] | tuple[str, ...]") 
 MAX_COUNT = 10**9
 
 
+def flat_values(profile: Any) -> "dict[str, Any]":
+    """Every value of a profile under its dotted key (``classifier.batch``), without name,
+    common, overrides and hardware: what a refused configuration change is described by."""
+    return _leaves(profile)
+
+
 def _leaves(node: Any, prefix: str = "") -> "dict[str, Any]":
     out: dict[str, Any] = {}
     if isinstance(node, dict):

@@ -27,7 +27,7 @@ from wsss_bench.errors import PluginError, UserError, disk_problem
 from wsss_bench.labels import complete_sources
 from wsss_bench.lazy import torch
 from wsss_bench.plugins import load_plugins, show_problem
-from wsss_bench.profiles import apply_overrides, load_profile
+from wsss_bench.profiles import apply_overrides, flat_values, load_profile
 from wsss_bench.progress import say
 from wsss_bench import runwarnings
 from wsss_bench.running import stages
@@ -270,7 +270,7 @@ def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = N
 def check_out_dir(cfg: RunConfig) -> None:
     """Before any compute: the run folder is writable, and holds no results of another
     configuration (those would be relabelled); ``--force`` clears it instead."""
-    rundir.prepare(cfg.out, cfg.identity(), force=cfg.force)
+    rundir.prepare(cfg.out, cfg.identity(), force=cfg.force, values=flat_values(cfg.load_profile()))
 
 
 # ============================================================================ execution
