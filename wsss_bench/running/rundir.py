@@ -14,9 +14,9 @@ Layout of a run directory::
 
 Every write goes through a temporary file in the same folder (``.<name>.<random><suffix>``)
 moved into place, so a reader sees a whole file or none.  Readers match only committed
-names: a name that starts with a dot (a temporary file) is never read, and in ``cells/`` only
-``<key>.<kind>`` names with a 12-hex-digit cell key count (a stray ``*.parquet`` is not a
-result).  Runner, bench, command line, reporting and mask export reach these files only
+names: a name that starts with a dot (a temporary file) is never read, a ``cells/*.parquet``
+counts only next to its ``<key>.json`` record (a stray ``*.parquet`` is not a result), and a
+JSON file that is not a cell record is ignored.  Runner, bench, command line, reporting and mask export reach these files only
 through this module.
 
 Ownership: ``run.json`` marks a folder as made by wsss-bench.  A run writes only into an empty
@@ -54,19 +54,26 @@ LOCK_FILE = ".lock"
 #: the names of a run folder's own top-level entries (a folder holding only these is ours)
 OWN_TOP = frozenset({RUN_FILE, RESULTS_FILE, MANIFEST_FILE, SUMMARY_FILE, TABLES_FILE, CELLS_DIR, PREDICTIONS_DIR,
                      LOCK_FILE})
-#: a committed cell file: ``<12 hex>.<kind>``
-_CELL_NAME = re.compile(r"^[0-9a-f]{12}(\.parquet|\.json|\.failed\.json|\.error\.txt|\.npz)$")
-#: a cell file or the temporary file of one (``.<name>.<random><suffix>``)
+#: the kinds of a cell's files (``cells/<key><kind>``, ``predictions/<key>.npz``)
+CELL_KINDS = (".parquet", ".json", FAILED_SUFFIX, ".error.txt")
+#: a cell file of a 12-hex-digit key or the temporary file of one (``.<name>.<random><suffix>``)
 _OWN_CELL_FILE = re.compile(r"^\.?[0-9a-f]{12}(\.parquet|\.json|\.failed\.json|\.error\.txt|\.npz)"
                             r"(\.[A-Za-z0-9_]+(\.parquet|\.tmp|\.npz|\.txt|\.json))?$")
 _HELD: dict[str, Any] = {}
 
 
-def _committed(folder: Path, pattern: str, cells: bool = False) -> list[Path]:
-    """Files of ``folder`` matching ``pattern`` whose name is not a temporary one (no leading dot);
-    with ``cells``, only committed cell names (``<key>.<kind>``)."""
-    return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith(".") and p.is_file()
-                  and (not cells or _CELL_NAME.match(p.name)))
+def _committed(folder: Path, pattern: str) -> list[Path]:
+    """Files of ``folder`` matching ``pattern`` whose name is not a temporary one (no leading dot)."""
+    return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith(".") and p.is_file())
+
+
+def _record(path: Path) -> dict | None:
+    """A cell record (JSON object with a ``status``) read from ``path``; None for anything else."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and "status" in rec else None
 
 
 def results_path(out: str | Path) -> Path:
@@ -191,11 +198,19 @@ def exclusive(out: str | Path) -> Iterator[None]:
 
 def _delete_own_files(out: Path) -> None:
     """``--force`` on a folder of another configuration: delete this module's files only."""
+    cells = out / CELLS_DIR
+    keys = set()  # keys with a cell record of ours (whatever their spelling)
+    for p in _committed(cells, "*.json"):
+        if _record(p) is not None:
+            keys.add(p.name[: -len(FAILED_SUFFIX)] if p.name.endswith(FAILED_SUFFIX) else p.name[: -len(".json")])
     for sub in (CELLS_DIR, PREDICTIONS_DIR):
         folder = out / sub
         if folder.is_dir():
             for p in folder.iterdir():
-                if p.is_file() and _OWN_CELL_FILE.match(p.name):
+                stem = p.name.lstrip(".")
+                ours = _OWN_CELL_FILE.match(p.name) or any(
+                    stem.startswith(k + kind) for k in keys for kind in (*CELL_KINDS, ".npz"))
+                if p.is_file() and ours:
                     p.unlink()
     for name in (RESULTS_FILE, MANIFEST_FILE, SUMMARY_FILE, TABLES_FILE):
         (out / name).unlink(missing_ok=True)
@@ -222,8 +237,7 @@ def _describe_change(theirs: Mapping[str, Any], mine: Mapping[str, Any], old_val
 # --------------------------------------------------------------------------- cells
 def cell_files(out: str | Path) -> list[Path]:
     """The finished cells' row files (``cells/<key>.parquet`` with their ``<key>.json`` record)."""
-    return [p for p in _committed(Path(out) / CELLS_DIR, "*.parquet", cells=True)
-            if p.with_suffix(".json").is_file()]
+    return [p for p in _committed(Path(out) / CELLS_DIR, "*.parquet") if p.with_suffix(".json").is_file()]
 
 
 def stored_identity(out: str | Path, key: str) -> Any:
@@ -260,7 +274,7 @@ def write_traceback(out: str | Path, key: str, text: str) -> Path:
 
 def cell_manifests(out: str | Path) -> list[dict[str, Any]]:
     """Every cell record of ``out``: finished (``<key>.json``) and failed (``<key>.failed.json``)."""
-    return [json.loads(p.read_text()) for p in _committed(Path(out) / CELLS_DIR, "*.json", cells=True)]
+    return [rec for rec in map(_record, _committed(Path(out) / CELLS_DIR, "*.json")) if rec is not None]
 
 
 @dataclass(frozen=True)
@@ -300,7 +314,7 @@ def failed_cells(source: str | Path | Sequence[Mapping[str, Any]]) -> list[Faile
     (their ``cells`` records): the one reader of failure records."""
     if isinstance(source, (str, os.PathLike)):
         out = []
-        for p in _committed(Path(source) / CELLS_DIR, f"*{FAILED_SUFFIX}", cells=True):
+        for p in _committed(Path(source) / CELLS_DIR, f"*{FAILED_SUFFIX}"):
             try:
                 rec = json.loads(p.read_text())
             except (OSError, ValueError):
