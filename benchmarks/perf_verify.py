@@ -157,8 +157,9 @@ def main() -> None:
                 calls = statistics.median(c[1] for c in checks[mode])
                 share = statistics.median(c[0] / c[2] for c in checks[mode])
                 lines.append(f"| {mode} | {sec:.3f} | {calls:.0f} | {share * 100:.2f}% |")
-    lines += ["", "The machine was shared with other developers' jobs while this ran (2 cores): the warm-bench "
-              "differences of a few percent are within its noise; the per-read numbers are the direct cost."]
+    lines += ["", "The machine was shared with other developers' jobs while this ran (2 cores): compare the "
+              "spread of one mode's runs with the differences between modes before reading the wall times; the "
+              "per-read numbers and the time spent inside the checks are the direct cost."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     log(f"wrote {args.out}")
