@@ -49,7 +49,7 @@ class LocalExecutor(Executor):
         jobs = min(int(self.p["jobs"]), len(cells))
         threads = max(1, len(os.sched_getaffinity(0)) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+                                 initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
             futures = [pool.submit(fn, cell) for cell in cells]
             results = []
             for fut in futures:
@@ -60,11 +60,38 @@ class LocalExecutor(Executor):
         return results
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int | None = None) -> None:
+    """A pool worker: ``threads`` torch threads, and it ends when its parent process ends."""
     import torch
 
+    if parent is not None:
+        _die_with(parent)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+
+
+#: how often a worker looks whether its parent is still alive (seconds)
+PARENT_POLL_S = 1.0
+
+
+def _die_with(parent: int) -> None:
+    """End this worker within a second of process ``parent`` ending, even by SIGKILL (which runs
+    no clean-up in the parent): a daemon thread exits when this process was re-parented.
+    (Not PR_SET_PDEATHSIG: it fires when the *thread* that started the worker ends, which in a
+    pool need not be the main one.)  Without it, killing only the parent of ``local[jobs=N]``
+    left N workers running for minutes."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(PARENT_POLL_S)
+
+    if os.getppid() != parent:  # the parent died before we got here
+        os._exit(1)
+    threading.Thread(target=watch, name="wsss-parent-watch", daemon=True).start()
 
 
 class SlurmExecutor(Executor):

@@ -3,6 +3,7 @@ locking, and the content fingerprint (issues 16 and 8)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -26,9 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _digests(path: Path) -> dict[str, str]:
-    """sha256 of every file of a store except build.json (how long it took, with how many jobs)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
-            if p.name != "build.json"}
+    """sha256 of every file of a store except build.json (how long it took, with how many jobs); for
+    integrity.json, the files' recorded digests only (its stamps are the files' mtimes)."""
+    out = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())
+           if p.name not in ("build.json", "integrity.json")}
+    if (path / "integrity.json").is_file():
+        rec = json.loads((path / "integrity.json").read_text())
+        out["integrity.json"] = str(sorted((k, r["blake2b"]) for k, r in rec["files"].items()))
+    return out
 
 
 @pytest.fixture
@@ -179,7 +185,7 @@ def test_jobs_1_and_2_give_byte_identical_stores(tmp_path, parallel, brats_phant
     two = st.prepare_slices(cls(), root, 32, tmp_path / "j2", jobs=2)
     assert one.key == two.key and one.built and two.built
     assert _digests(one.path) == _digests(two.path)
-    assert set(_digests(one.path)) == {"images.npy", "labels.npy", "index.parquet", "meta.json", "done"}
+    assert set(_digests(one.path)) == {"images.npy", "labels.npy", "index.parquet", "meta.json", "integrity.json", "done"}
     import json
 
     assert json.loads((two.path / "build.json").read_text())["workers"] == 2

@@ -248,6 +248,7 @@ def test_out_holding_another_configuration_fails_before_compute(run_cli, tmp_pat
     out = tmp_path / "out"
     (out / "cells").mkdir(parents=True)
     (out / "cells" / "abc.parquet").write_bytes(b"")
+    (out / "cells" / "abc.json").write_text(json.dumps({"status": "done"}))  # a finished cell: rows + record
     (out / "run.json").write_text(json.dumps({"identity": {"profile": "paper", "bf16": True}}))
     result = run_cli(*_run_args(tmp_path, "--cam", "gradcam"))
     check_bad(result, "--out holding another configuration's results", tmp_path / "cache",

@@ -11,6 +11,7 @@ from their last checkpoint.  A file lock serialises concurrent builders of one k
 from __future__ import annotations
 
 import ast
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -24,6 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from rich.markup import escape
+
+from wsss_bench import integrity
+from wsss_bench.progress import say
 
 META = "artifact.json"
 
@@ -70,6 +76,7 @@ NEUTRAL_MODULES = frozenset({
     "wsss_bench.running", "wsss_bench.running.manifest", "wsss_bench.running.rundir",
     "wsss_bench.running.runner", "wsss_bench.running.bench",
     "wsss_bench.testing", "wsss_bench.contract_suite", "wsss_bench._compat", "wsss_bench_plugins",
+    "wsss_bench.integrity",
 })
 #: packages whose every module is neutral (tables, statistics marks, HTML, figures, mask export)
 NEUTRAL_PACKAGES = ("wsss_bench.reporting",)
@@ -219,6 +226,43 @@ def atomic_path(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def reserve(path: Path) -> None:
+    """Make sure every byte of the (sparse) file ``path`` has its disk blocks, so a later write
+    through a memory map cannot die of SIGBUS on a full disk: ``posix_fallocate`` where the file
+    system supports it, else a free-space check.  Raises OSError(ENOSPC) naming ``path``."""
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
+        st, vfs = os.fstat(fd), os.fstatvfs(fd)
+        missing = size - st.st_blocks * 512
+        if missing > vfs.f_bavail * vfs.f_frsize:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    finally:
+        os.close(fd)
+
+
+def open_memmap_reserved(path: Path, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """``np.lib.format.open_memmap(path, "w+", dtype, shape)`` with its blocks reserved first
+    (:func:`reserve`): a full disk is an OSError naming the file, never a bus error."""
+    import numpy as np
+
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        reserve(path)
+    except OSError:
+        del arr
+        Path(path).unlink(missing_ok=True)
+        raise
+    return arr
+
+
 # ------------------------------------------------------------------ the store
 @dataclass
 class Built:
@@ -235,6 +279,8 @@ class ArtifactCache:
         self.enabled = enabled
         self.force = force
         self.events: list[dict[str, Any]] = []
+        #: key -> (stage, folder) of every artifact served or built through this cache
+        self.served: dict[str, tuple[str, Path]] = {}
 
     @staticmethod
     def key(
@@ -275,7 +321,9 @@ class ArtifactCache:
 
         ``builder`` writes its files into ``workdir`` (which persists across a failed attempt,
         for checkpoints) and returns extra metadata.  Only on success is the directory moved
-        into place.
+        into place.  A cached directory is served only after it passed its integrity check
+        (:mod:`wsss_bench.integrity`); one that fails is moved to ``<root>/.quarantine/`` and
+        rebuilt, and one line names the bad file.
         """
         if not self.enabled:
             tmp = Path(tempfile.mkdtemp(prefix=f"wsss-{stage}-"))
@@ -284,25 +332,94 @@ class ArtifactCache:
             self.events.append({"stage": stage, "key": key, "hit": False, "cache": "off"})
             return Built(tmp, key, False)
         final = self.path(stage, key)
+        damage: tuple[integrity.Damaged, Path] | None = None
         with self._lock(stage, key):
-            if not self.force and (final / META).is_file():
-                self.events.append({"stage": stage, "key": key, "hit": True})
-                return Built(final, key, True)
+            if not self.force and (final.is_symlink() or (final / META).is_file()):
+                try:
+                    self._check(stage, key, final)
+                except integrity.Damaged as err:
+                    damage = (err, integrity.quarantine(final, self.quarantine_root(stage)))
+                else:
+                    self.events.append({"stage": stage, "key": key, "hit": True})
+                    self.served[key] = (stage, final)
+                    return Built(final, key, True)
             work = self.root / stage / f".partial-{key}"
             work.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             meta = builder(work) or {}
             _write_meta(work, stage, key, describe, meta, time.perf_counter() - t0)
-            if final.exists():
+            if final.is_symlink() or (final.exists() and not self.force):  # a folder without its record
+                moved = integrity.quarantine(final, self.quarantine_root(stage))
+                if damage is None:
+                    damage = (integrity.Damaged(final / META, "missing"), moved)
+            elif final.exists():
                 shutil.rmtree(final)
             os.replace(work, final)
+            integrity.mark_verified(final, key)
         self.events.append({"stage": stage, "key": key, "hit": False})
+        self.served[key] = (stage, final)
+        if damage is not None:
+            say(escape(integrity.report(damage[0], damage[1], f"{stage} artifact {key[:10]}")))
+            self.events[-1]["repaired"] = damage[0].path
         return Built(final, key, False)
+
+    def quarantine_root(self, stage: str) -> Path:
+        """Where damaged artifacts of ``stage`` are moved (kept for inspection, never read)."""
+        return self.root / ".quarantine" / stage
+
+    def _check(self, stage: str, key: str, final: Path) -> None:
+        """Raise :class:`integrity.Damaged` unless ``final`` holds the artifact ``stage``/``key``
+        as written: a real folder, its record naming this key, every file as recorded (the full
+        hash on first use in this process and under ``--verify``)."""
+        if final.is_symlink():
+            raise integrity.Damaged(final, f"is a symbolic link (to {os.readlink(final)}); an artifact "
+                                           f"folder is never a link, so it is not served")
+        try:
+            meta = read_meta(final)
+        except (OSError, ValueError) as err:
+            raise integrity.Damaged(final / META, f"unreadable ({err})") from None
+        if meta.get("key") != key or meta.get("stage") != stage:
+            raise integrity.Damaged(final / META, f"records {meta.get('stage')}/{str(meta.get('key'))[:16]}, "
+                                                  f"not {stage}/{key[:16]} (a folder moved or copied)")
+        files = meta.get("files")
+        if not isinstance(files, dict):  # written before files were recorded: adopt it as it is
+            meta["files"] = integrity.record_folder(final, skip=(META,))
+            atomic_write_json(final / META, meta)
+            integrity.mark_verified(final, key)
+            return
+        full = integrity.needs_full(final, key, files)
+        integrity.check_folder(final, files, full=full)
+        if full:
+            integrity.mark_verified(final, key)
+            if integrity.restamp(final, files):
+                atomic_write_json(final / META, meta)
+
+    def recheck(self, keys: list[str] | tuple[str, ...]) -> tuple[integrity.Damaged, Path] | None:
+        """Fully re-hash the artifacts ``keys`` served by this cache; the first damaged one is
+        moved aside and returned with its new place (None when all are intact).  Used when a
+        result looks impossible (non-finite maps) to tell a corrupt artifact from a plugin bug."""
+        for key in keys:
+            if key not in self.served:
+                continue
+            stage, final = self.served[key]
+            try:
+                meta = read_meta(final)
+                integrity.check_folder(final, meta.get("files") or {}, full=True)
+            except (OSError, ValueError) as err:
+                return integrity.Damaged(final / META, f"unreadable ({err})"), final
+            except integrity.Damaged as err:
+                with self._lock(stage, key):
+                    moved = integrity.quarantine(final, self.quarantine_root(stage))
+                self.served.pop(key, None)
+                return err, moved
+        return None
 
 
 def _write_meta(directory: Path, stage: str, key: str, describe: dict | None, meta: dict, seconds: float) -> None:
+    """Write ``artifact.json``: the key, what built it, and each file's integrity record."""
+    files = integrity.record_folder(directory, skip=(META,))
     atomic_write_json(directory / META, {"stage": stage, "key": key, "describe": describe or {},
-                                         "meta": meta, "build_seconds": round(seconds, 3),
+                                         "meta": meta, "build_seconds": round(seconds, 3), "files": files,
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 

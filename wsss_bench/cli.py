@@ -43,6 +43,9 @@ def default_cache() -> Path:
     return Path(os.environ.get("WSSS_BENCH_CACHE") or Path.home() / ".cache" / "wsss-bench")
 
 
+PLUGINS_DIR_HELP = ("Folder of loose *.py plugin files (repeatable; also $WSSS_BENCH_PLUGINS_DIR). Each file is "
+                    "Python code that runs with your permissions for every command, list and profiles "
+                    "included: use only folders you trust.")
 CACHE_HELP = "Artifact, phantom and slice cache (default: $WSSS_BENCH_CACHE or ~/.cache/wsss-bench)."
 
 
@@ -65,6 +68,10 @@ def user_errors(fn: Callable) -> Callable:
                 raise
             err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
+        finally:
+            from wsss_bench.running import rundir
+
+            rundir.release()  # the run folder's lock ends with the command
 
     return wrapper
 
@@ -80,6 +87,10 @@ def get_host(extra_dirs: list[str] | None = None, strict: bool | None = None):
         cached = (key, load_plugins(strict=strict or None, plugins_dirs=dirs, trace=_STATE["trace"],
                                     report=show_problem))
         _STATE["host"] = cached
+        loose = cached[1].loose_files
+        if loose:  # plugin files are code: say which ones ran
+            err_console.print(escape(f"note: ran {len(loose)} loose plugin file(s) as code: "
+                                     f"{', '.join(str(f) for f in loose)}"), soft_wrap=True, highlight=False)
     return cached[1]
 
 
@@ -97,7 +108,7 @@ def main_options(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
                                  callback=_version),
     strict: bool = typer.Option(False, "--strict", help="Fail on a plugin that cannot load (default: warn and skip)."),
-    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable)."),
+    plugins_dir: List[Path] = typer.Option([], "--plugins-dir", help=PLUGINS_DIR_HELP),
     trace: bool = typer.Option(False, "--trace", help="Print every plugin hook call."),
 ) -> None:
     _STATE["strict"] = True if strict else None
@@ -114,9 +125,13 @@ def _split_csv(values: list[str]) -> list[str]:
 
 def _seeds(values: list[str]) -> list[int]:
     try:
-        return [int(s) for s in _split_csv(values)]
+        seeds = [int(s) for s in _split_csv(values)]
     except ValueError:
         raise UserError(f"--seed {','.join(values)}: seeds are integers, e.g. --seed 0 or --seed 0,1,2") from None
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise UserError(f"--seed {bad[0]}: a seed is an integer from 0 to 2**63-1, e.g. --seed 0 or --seed 0,1,2")
+    return seeds
 
 
 def _slug(text: str) -> str:
@@ -130,26 +145,28 @@ def _slug(text: str) -> str:
 PROFILE_OPT = typer.Option("cpu", "--profile", "-p", help="smoke | cpu | paper (docs/profiles.md).")
 DEVICE_OPT = typer.Option("auto", "--device", help="auto | cpu | cuda[:N].")
 BF16_OPT = typer.Option(False, "--bf16", help="bf16 autocast for training and feature extraction.")
-FORCE_OPT = typer.Option(False, "--force", help="Rebuild artifacts and re-run finished cells.")
+FORCE_OPT = typer.Option(False, "--force", help="Rebuild artifacts, slice stores and phantoms, and re-run finished cells.")
+VERIFY_OPT = typer.Option(False, "--verify", help="Hash every cached file (models, maps, slice stores, phantoms) on every read, not only on its first use in a process; damaged ones are moved aside and rebuilt.")
 CACHE_OPT = typer.Option(None, "--cache-dir", help=CACHE_HELP)
 PHANTOM_SEED_OPT = typer.Option(0, "--phantom-seed", help="Seed of the embedded phantom(s) (the data, not the training).")
 EXECUTOR_OPT = typer.Option("local", "--executor", help=escape(
     "Executor spec: local, local[jobs=2], slurm[partition=gpu,gpus=1] or slurm[config=cluster.yaml]."))
-PLUGINS_DIR_OPT = typer.Option([], "--plugins-dir", help="Folder of loose *.py plugin files (repeatable).")
+PLUGINS_DIR_OPT = typer.Option([], "--plugins-dir", help=PLUGINS_DIR_HELP)
 SET_OPT = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable).")
 NONFINITE_OPT = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero "
                              "(read as background, counted in the manifest).")
 
 
 def _common(profile: str, device: str, bf16: bool, force: bool, cache_dir: Optional[Path], phantom_seed: int,
-            executor: str, plugins_dir: List[Path], set_: List[str], nonfinite: str):
+            executor: str, plugins_dir: List[Path], set_: List[str], nonfinite: str, verify: bool = False):
     """The shared options as one object (plugin folders: the global ones, then the command's)."""
     from wsss_bench.running.execute import CommonOptions
 
     return CommonOptions(profile=profile, device=device, bf16=bf16, force=force,
                          cache_dir=Path(cache_dir or default_cache()), phantom_seed=phantom_seed, executor=executor,
                          plugins_dirs=tuple(_STATE["plugins_dirs"] + [str(p) for p in plugins_dir]),
-                         strict=bool(_STATE["strict"]), overrides=tuple(set_), nonfinite=nonfinite)
+                         strict=bool(_STATE["strict"]), overrides=tuple(set_), nonfinite=nonfinite,
+                         verify=verify)
 
 
 @app.command()
@@ -173,6 +190,7 @@ def run(
     plugins_dir: List[Path] = PLUGINS_DIR_OPT,
     set_: List[str] = SET_OPT,
     nonfinite: str = NONFINITE_OPT,
+    verify: bool = VERIFY_OPT,
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
     from wsss_bench.context import resolve_device
@@ -180,7 +198,8 @@ def run(
     from wsss_bench.running.runner import check_out_dir, plan_cells
 
     host = get_host([str(p) for p in plugins_dir])
-    opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite)
+    opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite,
+                   verify)
     tasks, seeds = _split_csv(task), _seeds(seed)
     if out is None:
         out = Path("runs") / _slug(f"{'+'.join(tasks)}_{cam or 'nocam'}_{method}_{profile}_s{'-'.join(map(str, seeds))}")
@@ -288,6 +307,7 @@ def bench(
     plugins_dir: List[Path] = PLUGINS_DIR_OPT,
     set_: List[str] = SET_OPT,
     nonfinite: str = NONFINITE_OPT,
+    verify: bool = VERIFY_OPT,
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
     from wsss_bench.boundary import check_rule, parse_metrics
@@ -298,14 +318,21 @@ def bench(
     check_rule(empty_distance)
     chosen = ",".join(parse_metrics(metrics)) if metrics is not None else None
     host = get_host([str(p) for p in plugins_dir])
-    opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite)
+    opts = _common(profile, device, bf16, force, cache_dir, phantom_seed, executor, plugins_dir, set_, nonfinite,
+                   verify)
     out = Path(out or Path("runs") / f"bench_{profile}")
     cfg = make_config(opts, out, data_roots=_data_roots(data_root))
     seed_list = _seeds([seeds]) if seeds else None
     specs, cells, planned = plan_bench(host, tables, seed_list, _split_csv(task) or None, collect_only=collect)
     ex = make_executor(host, executor)
-    check_out_dir(cfg)
     unavailable = [p for p in planned if p.error]
+    for p in unavailable:  # on stderr, not only in the manifest
+        err_console.print(escape(f"warning: {p.table}: row '{p.row}' ({p.task}) {p.error}"), soft_wrap=True,
+                          highlight=False)
+    if unavailable and _STATE["strict"]:
+        raise UserError(f"{len(unavailable)} table row(s) are not available (see the warnings above) and --strict "
+                        f"is set; install the plugins they name or remove the rows")
+    check_out_dir(cfg)
     say(f"[bold]wsss-bench bench[/bold]: {len(specs)} table(s), {len(cells)} unique cell(s), profile "
         f"{escape(profile)}, out {escape(str(out))}" + (f"; {len(unavailable)} row(s) not available" if unavailable else ""))
     result = execute_bench(cfg, host, ex, specs, cells, planned, tables=tables, only_tasks=_split_csv(task) or None,

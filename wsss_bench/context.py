@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from wsss_bench.cache import ArtifactCache, Built, atomic_path, atomic_write_json, closure_hash, stable_hash
+from wsss_bench.cache import (ArtifactCache, Built, atomic_path, atomic_write_json, closure_hash,
+                             open_memmap_reserved, stable_hash)
 from wsss_bench.data.view import DataView
 from wsss_bench.errors import PluginError, UserError
 from wsss_bench.lazy import torch
@@ -440,8 +441,7 @@ class RunContext:
         spec = source.spec()
 
         def build(work: Path) -> dict:
-            arr = np.lib.format.open_memmap(work / "maps.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(idx), size, size))
+            arr = open_memmap_reserved(work / "maps.npy", np.float32, (len(idx), size, size))
             pos = 0
             with self.stage(f"maps/{spec}/{split}"), self.progress(f"maps {spec} ({split})", len(idx)) as advance, \
                     self.acting(source):
@@ -449,7 +449,11 @@ class RunContext:
                     grad = torch.no_grad() if getattr(source, "no_grad", False) else torch.enable_grad()
                     with grad:
                         out = source.maps(batch)
-                    check_maps(out, batch, source)
+                    try:
+                        check_maps(out, batch, source)
+                    except PluginError:
+                        self._blame_corrupt_artifact(upstream, source)
+                        raise
                     arr[pos:pos + len(batch)] = out.detach().float().clamp(0, 1).cpu().numpy()
                     pos += len(batch)
                     advance(len(batch))
@@ -462,6 +466,17 @@ class RunContext:
         maps = np.load(built.path / "maps.npy", mmap_mode="r")
         self._memo[memo_key] = _Memo(maps, cap["used"], cap["records"], cap["seeds"])
         return maps
+
+    def _blame_corrupt_artifact(self, upstream: Sequence[str], source: Any) -> None:
+        """Impossible maps: raise a corrupt-artifact error when one of the artifacts they were
+        made from fails a full re-hash (it is moved aside), else return (the plugin is at fault)."""
+        bad = self.cache.recheck(list(upstream))
+        if bad is not None:
+            err, moved = bad
+            self._memo.clear()  # models loaded from the bad file must not be served again
+            raise UserError((
+                f"the maps of '{source.name}' are invalid because the cached artifact file {err.path} is "
+                f"corrupt ({err.reason}); it was moved to {moved}: run the same command again to rebuild it"))
 
 
 def check_maps(maps: Any, batch: Any, source: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -51,12 +52,34 @@ def _path_in_traceback(err: BaseException) -> str | None:
     return None
 
 
+def _as_os_error(err: BaseException) -> OSError | None:
+    """``err`` itself when it is an OSError; for a library that reports an operating-system error
+    in its own exception type (safetensors: ``IoError(Os { code: 28, ... })``), an OSError with
+    that errno and ``err``'s traceback; else None."""
+    if isinstance(err, OSError):
+        return err
+    if type(err).__name__ != "SafetensorError":
+        return None
+    text = str(err)
+    found = re.search(r"Os \{ code: (\d+)", text)
+    if found is not None:
+        code = int(found.group(1))
+    else:
+        code = next((c for c in sorted(DISK_ERRNOS) if os.strerror(c) in text), 0)
+        if not code:
+            return None
+    mapped = OSError(code, os.strerror(code))
+    mapped.__traceback__ = err.__traceback__
+    return mapped
+
+
 def disk_problem(err: BaseException, folders: Iterable[str | Path] = ()) -> str | None:
     """One sentence for an OSError that says the disk refused a write, else None.
 
     ``folders`` (the cache and the run folder) are named when the file is not known.
     """
-    if not isinstance(err, OSError) or err.errno not in DISK_ERRNOS:
+    err = _as_os_error(err)
+    if err is None or err.errno not in DISK_ERRNOS:
         return None
     where = _path_in_traceback(err)
     target = where or " or ".join(str(f) for f in folders) or "the cache or the run folder"

@@ -18,7 +18,8 @@ Environment:
 - ``WSSS_BENCH_LOAD_PLUGINS=a,b``: load only these third-party entry points ("" = none);
   the built-ins always load.
 - ``WSSS_BENCH_PLUGINS_DIR=DIR[:DIR]``: extra directories of loose ``*.py`` plugin files
-  (same as ``--plugins-dir``).
+  (same as ``--plugins-dir``).  Each file is Python code, executed with the user's
+  permissions by every command (``list`` and ``profiles`` too); the CLI names the files it ran.
 - ``WSSS_BENCH_STRICT_PLUGINS=1``: re-raise plugin errors.
 - ``WSSS_BENCH_TRACE_PLUGINS=1``: print every hook call.
 """
@@ -148,6 +149,8 @@ class Host:
         self.registries: dict[str, Registry] = {k: Registry(k, noun) for k, (_, noun) in HOOKS.items()}
         self.infos: dict[str, PluginInfo] = {}
         self.problems: list[str] = []
+        #: loose plugin files executed from --plugins-dir / WSSS_BENCH_PLUGINS_DIR, in load order
+        self.loose_files: list[Path] = []
 
     # ----------------------------------------------------------------- loading
     def _problem(self, message: str, fatal: str, err: BaseException | None = None) -> None:
@@ -210,6 +213,7 @@ class Host:
             name = path.stem
             info = PluginInfo(name, f"file:{path.parent}", "-", str(path), module=path.stem)
             mod_name = f"wsss_bench_local_plugins.{name}"
+            self.loose_files.append(path.resolve())
             try:
                 spec = importlib.util.spec_from_file_location(mod_name, path)
                 assert spec is not None and spec.loader is not None

@@ -24,6 +24,7 @@ nibabel is imported inside functions so that listing plugins stays cheap.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -165,6 +166,19 @@ def _check_root(root: Path | None, dataset: str, layout: str) -> Path:
     return Path(root)
 
 
+def _why_missing(f: Path) -> str:
+    """Why an expected case file is not a readable file, when there is more to say than 'missing'."""
+    if f.is_symlink() and not f.exists():
+        try:
+            target = os.readlink(f)
+        except OSError:
+            target = "?"
+        return f" ({f} is a symbolic link to {target}, which points nowhere or loops; fix or remove the link)"
+    if f.exists() and not f.is_file():
+        return f" ({f} is not a regular file: a folder, FIFO, socket or device; replace it by the NIfTI file)"
+    return ""
+
+
 def _shape_error(case: str, a: Path, sa: tuple, b: Path, sb: tuple) -> UserError:
     return UserError(f"case {case}: image {a} has shape {sa} but {b} has shape {sb}; they must match")
 
@@ -203,7 +217,7 @@ class BratsDataset(DatasetSource):
             if missing:
                 raise UserError(
                     f"BraTS case {d.name} is missing its {', '.join(missing)} file(s): "
-                    f"expected {files[missing[0]]}"
+                    f"expected {files[missing[0]]}{_why_missing(files[missing[0]])}"
                 )
             found.append(d.name)
         if not found:
@@ -219,7 +233,7 @@ class BratsDataset(DatasetSource):
         files = phantom_brain.case_files(Path(root), case)
         for m, f in files.items():
             if not f.is_file():
-                raise UserError(f"BraTS case {case} is missing its {m} file: expected {f}")
+                raise UserError(f"BraTS case {case} is missing its {m} file: expected {f}{_why_missing(f)}")
         return files
 
     def geometry(self, root: Path, case: str) -> tuple[int, tuple[int, int, int]]:
@@ -312,7 +326,7 @@ class Flare21Dataset(DatasetSource):
             case = f.name[: -len("_0000.nii.gz")]
             _, lab = phantom_abdomen.case_paths(root, case, layout)
             if not lab.is_file():
-                raise UserError(f"FLARE21 case {case} has image {f} but no label file: expected {lab}")
+                raise UserError(f"FLARE21 case {case} has image {f} but no label file: expected {lab}{_why_missing(lab)}")
             found.append(case)
         if not found:
             raise UserError(f"no FLARE21 images (*_0000.nii.gz) in {img_dir}; expected {FLARE_LAYOUTS}")
@@ -326,7 +340,7 @@ class Flare21Dataset(DatasetSource):
         img_path, lab_path = phantom_abdomen.case_paths(Path(root), case, layout)
         for f in (img_path, lab_path):
             if not f.is_file():
-                raise UserError(f"FLARE21 case {case}: file {f} does not exist")
+                raise UserError(f"FLARE21 case {case}: file {f} does not exist{_why_missing(f)}")
         return img_path, lab_path
 
     def geometry(self, root: Path, case: str) -> tuple[int, tuple[int, int, int]]:

@@ -41,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import stat
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -50,12 +51,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from rich.markup import escape
 
+from wsss_bench import integrity
 from wsss_bench.data.preprocess import PREPROCESS_VERSION, resize_images, resize_masks, tissue_fraction
 from wsss_bench.data.spacing import spacing_record
 from wsss_bench.errors import UserError
 from wsss_bench.lazy import pd, torch
-from wsss_bench.progress import progress
+from wsss_bench.progress import progress, say
 
 STORE_VERSION = "2"
 DONE = "done"
@@ -174,14 +177,25 @@ def data_fingerprint(root: Path, cache_root: Path | None = None, jobs: int | Non
     """
     root = Path(root)
     entries = []
+    skipped: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith("."):
                 continue
             p = Path(dirpath) / name
-            st = p.stat()
+            try:
+                st = p.stat()
+            except OSError:  # a symbolic link that points nowhere or loops
+                skipped.append(f"{p.relative_to(root).as_posix()} (a link that points nowhere)")
+                continue
+            if not stat.S_ISREG(st.st_mode):  # FIFO, socket, device: reading could block forever
+                skipped.append(f"{p.relative_to(root).as_posix()} (not a regular file)")
+                continue
             entries.append((p.relative_to(root).as_posix(), p, [st.st_size, st.st_mtime_ns, st.st_ctime_ns]))
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        say(escape(f"note: {root}: skipped {len(skipped)} file(s) that are not regular files: {shown}"))
     memo_path = _hash_memo_path(cache_root, root) if cache_root is not None else None
     memo: dict = {}
     if memo_path is not None and memo_path.is_file():
@@ -349,6 +363,62 @@ def open_store(path: Path, built: bool = False) -> SliceStore:
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     return SliceStore(path=path, meta=meta, index=pd.read_parquet(path / "index.parquet"), built=built)
+
+
+# --------------------------------------------------------------------------- integrity
+#: the store's file records (size, BLAKE2b, array headers), written before ``done``
+INTEGRITY = "integrity.json"
+#: files of a finished store that are recorded and checked on every open
+RECORDED = ("images.npy", "labels.npy", "index.parquet", "meta.json")
+
+
+def _record_store(folder: Path) -> None:
+    records = {name: integrity.record_file(folder / name) for name in RECORDED}
+    _write_json_atomic(folder / INTEGRITY, {"key": folder.name.removeprefix(".build-"), "files": records}, indent=1)
+
+
+def check_store(final: Path, key: str) -> None:
+    """Raise :class:`integrity.Damaged` unless the finished store ``final`` is as written:
+    a real folder whose record names ``key``, files of the recorded sizes and array headers,
+    and (first open in this process, or ``--verify``) the recorded BLAKE2b digests.  A store
+    finished before records existed is adopted: its records are written now."""
+    if final.is_symlink():
+        raise integrity.Damaged(final, f"is a symbolic link (to {os.readlink(final)}); a store folder is never a link")
+    path = final / INTEGRITY
+    if not path.is_file():
+        if not all((final / name).is_file() for name in RECORDED):
+            missing = next(name for name in RECORDED if not (final / name).is_file())
+            raise integrity.Damaged(final / missing, "missing")
+        _record_store(final)
+        integrity.mark_verified(final, key)
+        return
+    try:
+        rec = json.loads(path.read_text())
+        files = rec["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise integrity.Damaged(path, f"unreadable ({err})") from None
+    if rec.get("key") != key:
+        raise integrity.Damaged(path, f"records store {rec.get('key')!r}, not {key!r} (a folder moved or copied)")
+    full = integrity.needs_full(final, key, files)
+    integrity.check_folder(final, files, full=full)
+    if full:
+        integrity.mark_verified(final, key)
+        if integrity.restamp(final, files):
+            _write_json_atomic(path, rec, indent=1)
+
+
+def _usable(final: Path, key: str, force_since: float) -> bool:
+    """True when ``final`` is a finished store that passes :func:`check_store` and is not older
+    than ``force_since`` (``--force`` rebuilds stores made before the run started)."""
+    if not (final.is_symlink() or (final / DONE).is_file()):
+        return False
+    if force_since and not final.is_symlink() and (final / DONE).stat().st_mtime < force_since:
+        return False
+    try:
+        check_store(final, key)
+    except integrity.Damaged:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- one case
@@ -584,6 +654,7 @@ def _finish(build: Path, plan: dict, meta: dict) -> None:
     (build / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(build / "cases")
     (build / "plan.json").unlink()
+    _record_store(build)
     (build / DONE).write_text(meta["key"])
 
 
@@ -596,8 +667,13 @@ def prepare_slices(
     extra_key: Any = None,
     jobs: int | None = None,
     codec: str | None = None,
+    force_since: float = 0.0,
 ) -> SliceStore:
     """Open the store of ``root`` at ``image_size``, building (or resuming) it first if needed.
+
+    A finished store is checked before it is opened (:func:`check_store`); a damaged one is
+    moved to ``slices/.quarantine/`` and rebuilt, with one line naming the bad file.  A store
+    finished before ``force_since`` (a time.time(); ``--force``) is rebuilt.
 
     ``case_cap`` > 0 keeps the first ``case_cap`` cases by sorted id.  ``extra_key`` (JSON-able)
     is folded into the key, e.g. the phantom's generator version and seed.  ``jobs`` worker
@@ -616,12 +692,19 @@ def prepare_slices(
     fingerprint = data_fingerprint(root, cache_root, jobs)
     key = store_key(source, fingerprint, image_size, case_cap, extra_key, codec)
     final = base / key
-    if (final / DONE).is_file():
+    if _usable(final, key, force_since):
         return open_store(final)
+    damage = None
     with _locked(base / ".locks" / key):
-        if (final / DONE).is_file():  # built by another process while we waited
+        if _usable(final, key, force_since):  # built by another process while we waited
             return open_store(final)
-        if final.exists():  # left over without its marker: not trustworthy
+        if final.is_symlink() or (final / DONE).is_file():
+            try:
+                check_store(final, key)
+                shutil.rmtree(final)  # intact but made before this --force run
+            except integrity.Damaged as err:
+                damage = (err, integrity.quarantine(final, base / ".quarantine"))
+        elif final.exists():  # left over without its marker: not trustworthy
             shutil.rmtree(final, ignore_errors=True)
         build = base / f".build-{key}"
         t0 = time.perf_counter()
@@ -693,4 +776,7 @@ def prepare_slices(
                 "resumed_cases": resumed, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }, indent=2))
         os.replace(build, final)
+        integrity.mark_verified(final, key)
+    if damage is not None:
+        say(escape(integrity.report(damage[0], damage[1], f"{source.name} slice store")))
     return open_store(final, built=True)

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from rich.markup import escape
 
-from wsss_bench.cache import stable_hash
+from wsss_bench import integrity
+from wsss_bench.cache import atomic_write_json, stable_hash
 from wsss_bench.data import splits as sp
 from wsss_bench.data.spacing import spacing_record
 from wsss_bench.data.store import SliceStore, case_geometry, data_fingerprint, prepare_slices
@@ -31,11 +33,14 @@ from wsss_bench.errors import UserError
 from wsss_bench.interfaces import DatasetSource, SliceBatch, TaskDef
 from wsss_bench.lazy import torch
 from wsss_bench.profiles import common, load_profile
+from wsss_bench.progress import say
 from wsss_bench.seeding import derive_seed
 
 AMBIGUOUS_POLICIES = ("exclude", "negative")
 PHANTOM_MARKER = ".done"
 PHANTOM_META = ".phantom.json"
+#: the phantom's file records (hidden: not part of the data fingerprint)
+PHANTOM_FILES = ".files.json"
 
 
 # --------------------------------------------------------------------------- phantoms
@@ -45,11 +50,30 @@ def phantom_dir(cache_root: Path, source: DatasetSource, profile: Any, seed: int
     return Path(cache_root) / "phantoms" / f"{source.name}-{profile.name}-{source.phantom_version}-seed{seed}-{sizes}"
 
 
-def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: int = 0) -> Path:
-    """The phantom folder for (dataset, profile, generator version, seed), written once, atomically."""
+def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: int = 0, force_since: float = 0.0) -> Path:
+    """The phantom folder for (dataset, profile, generator version, seed), written once, atomically.
+
+    Its files' records (size, BLAKE2b) are kept in ``.files.json``; a folder that fails
+    :func:`check_phantom` is moved to ``phantoms/.quarantine/`` and written again, with one line
+    naming the bad file.  One written before ``force_since`` (``--force``) is written again.
+    """
     final = phantom_dir(cache_root, source, profile, seed)
-    if (final / PHANTOM_MARKER).is_file():
-        return final
+    damage = None
+    if final.is_symlink() or (final / PHANTOM_MARKER).is_file():
+        try:
+            check_phantom(final)
+        except integrity.Damaged as err:
+            damage = err
+        else:
+            if not force_since or (final / PHANTOM_MARKER).stat().st_mtime >= force_since:
+                return final
+        try:
+            moved = integrity.quarantine(final, final.parent / ".quarantine")
+        except FileNotFoundError:  # another process moved it first
+            moved = None
+        if damage is None and moved is not None:  # intact, written again under --force
+            shutil.rmtree(moved, ignore_errors=True)
+        damage = (damage, moved) if damage is not None and moved is not None else None
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         shutil.rmtree(final, ignore_errors=True)
@@ -65,6 +89,7 @@ def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: 
             "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / PHANTOM_META).write_text(json.dumps(meta, indent=2))
+        _record_phantom(tmp)
         (tmp / PHANTOM_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         try:
             os.replace(tmp, final)
@@ -73,7 +98,41 @@ def ensure_phantom(source: DatasetSource, profile: Any, cache_root: Path, seed: 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    integrity.mark_verified(final, "phantom")
+    if damage is not None:
+        say(escape(integrity.report(damage[0], damage[1], f"{source.name} phantom")))
     return final
+
+
+def _record_phantom(folder: Path) -> None:
+    _write_files_record(folder, integrity.record_folder(folder, skip=(PHANTOM_FILES, PHANTOM_MARKER)))
+
+
+def _write_files_record(folder: Path, files: dict) -> None:
+    atomic_write_json(folder / PHANTOM_FILES, {"files": files})
+
+
+def check_phantom(final: Path) -> None:
+    """Raise :class:`integrity.Damaged` unless the phantom folder ``final`` is as written (sizes
+    always; BLAKE2b digests on first use in this process and under ``--verify``).  A phantom
+    written before records existed is adopted."""
+    if final.is_symlink():
+        raise integrity.Damaged(final, f"is a symbolic link (to {os.readlink(final)}); a phantom folder is never a link")
+    path = final / PHANTOM_FILES
+    if not path.is_file():
+        _record_phantom(final)
+        integrity.mark_verified(final, "phantom")
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise integrity.Damaged(path, f"unreadable ({err})") from None
+    full = integrity.needs_full(final, "phantom", files)
+    integrity.check_folder(final, files, full=full)
+    if full:
+        integrity.mark_verified(final, "phantom")
+        if integrity.restamp(final, files):
+            _write_files_record(final, files)
 
 
 # --------------------------------------------------------------------------- task data
@@ -248,6 +307,7 @@ def load_task_data(
     phantom_seed: int = 0,
     ambiguous: str = "exclude",
     jobs: int | None = None,
+    force_since: float = 0.0,
 ) -> TaskData:
     """Everything a cell needs about its task's data (phantom when ``data_root`` is None).
 
@@ -266,7 +326,7 @@ def load_task_data(
     cache_root = Path(cache_root)
     size = int(profile.image_size)
     if data_root is None:
-        root = ensure_phantom(source, profile, cache_root, phantom_seed)
+        root = ensure_phantom(source, profile, cache_root, phantom_seed, force_since=force_since)
         phantom = json.loads((root / PHANTOM_META).read_text())
         phantom.pop("seconds", None)
         cap = 0
@@ -276,7 +336,8 @@ def load_task_data(
         phantom = None
         cap = int(dict(profile.real_case_cap).get(source.cap_key, 0)) if source.cap_key else 0
         extra = None
-    store = prepare_slices(source, root, size, cache_root, case_cap=cap, extra_key=extra, jobs=jobs)
+    store = prepare_slices(source, root, size, cache_root, case_cap=cap, extra_key=extra, jobs=jobs,
+                           force_since=force_since)
 
     index = store.index
     case_ids = index["case_id"].to_numpy().astype(str)

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss_bench.cache import open_memmap_reserved  # blocks reserved: a full disk is ENOSPC, not SIGBUS
 from wsss_bench.maps import minmax, upsample
 from wsss_bench.nn import diffusion as dif
 from wsss_bench.nn import training
@@ -507,9 +508,8 @@ def build_feature_cache(work: Path, inputs: DiffusionInputs, batches: Iterable[A
     work = Path(work)
     rows = np.asarray(rows, dtype=np.int64)
     n, g, d = len(rows), int(inputs.grid), int(feat_dim)
-    feats = np.lib.format.open_memmap(work / "features.npy", mode="w+", dtype=np.float32, shape=(n, d, g, g))
-    x0 = np.lib.format.open_memmap(work / "x0hat.npy", mode="w+", dtype=np.float32,
-                                   shape=(n, int(channels), int(size), int(size)))
+    feats = open_memmap_reserved(work / "features.npy", np.float32, (n, d, g, g))
+    x0 = open_memmap_reserved(work / "x0hat.npy", np.float32, (n, int(channels), int(size), int(size)))
     done = 0
     for b in batches:
         k = len(b)

@@ -66,6 +66,12 @@ class Table:
     rows: list[Row] = field(default_factory=list)
 
 
+#: limits of one table file: every row is a line of a printed table, so a few hundred is already
+#: large; the limits turn a runaway generated file into one sentence instead of minutes of planning
+MAX_ROWS = 1000
+MAX_TABLE_BYTES = 1 << 20
+
+
 def _where(path: Path, row: int | None = None, name: str | None = None) -> str:
     if row is None:
         return f"{path}"
@@ -77,8 +83,15 @@ def load_table(path: Path, host=None) -> Table:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"benchmark file {path} does not exist; give a table file such as benchmarks/table1.toml")
+    size = path.stat().st_size
+    if size > MAX_TABLE_BYTES:
+        raise UserError(f"benchmark file {path} is {size} bytes; a table file is at most {MAX_TABLE_BYTES} bytes "
+                        f"({MAX_ROWS} rows): split it into several tables")
     try:
         doc = tomllib.loads(path.read_text())
+    except RecursionError:
+        raise UserError(f"benchmark file {path} is nested too deeply for a table file (arrays or tables inside "
+                        f"each other hundreds of levels deep); a table has [table] and [[rows]] entries") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"benchmark file {path} is not valid TOML: {err}") from None
     head = doc.get("table")
@@ -102,6 +115,8 @@ def load_table(path: Path, host=None) -> Table:
     rows = doc.get("rows")
     if not isinstance(rows, list) or not rows:
         raise UserError(f"{path}: no [[rows]]; each row needs at least 'name' and 'method'")
+    if len(rows) > MAX_ROWS:
+        raise UserError(f"{path}: {len(rows)} [[rows]]; a table has at most {MAX_ROWS} rows: split it into several tables")
     for i, raw in enumerate(rows):
         name = raw.get("name") if isinstance(raw, dict) else None
         if not isinstance(raw, dict):

@@ -42,6 +42,7 @@ class CommonOptions:
     strict: bool = False
     overrides: tuple[str, ...] = ()
     nonfinite: str = "error"
+    verify: bool = False
 
 
 def check_nonfinite(value: str) -> str:
@@ -62,7 +63,7 @@ def make_config(opts: CommonOptions, out: Path, *, data_root: Path | None = None
                      cache_dir=Path(opts.cache_dir), bf16=opts.bf16, use_cache=use_cache, force=opts.force,
                      phantom_seed=opts.phantom_seed, data_roots=data_roots, plugins_dirs=tuple(opts.plugins_dirs),
                      strict=opts.strict, executor=opts.executor, overrides=tuple(opts.overrides),
-                     nonfinite=opts.nonfinite)
+                     nonfinite=opts.nonfinite, verify=opts.verify)
 
 
 def make_executor(host, spec: str):

@@ -14,17 +14,28 @@ Layout of a run directory::
 
 Every write goes through a temporary file in the same folder (``.<name>.<random><suffix>``)
 moved into place, so a reader sees a whole file or none.  Readers match only committed
-names: a name that starts with a dot (a temporary file) is never read.  Runner, bench,
-command line, reporting and mask export reach these files only through this module.
+names: a name that starts with a dot (a temporary file) is never read, a ``cells/*.parquet``
+counts only next to its ``<key>.json`` record (a stray ``*.parquet`` is not a result), and a
+JSON file that is not a cell record is ignored.  Runner, bench, command line, reporting and mask export reach these files only
+through this module.
+
+Ownership: ``run.json`` marks a folder as made by wsss-bench.  A run writes only into an empty
+(or new) folder or one holding ``run.json``, never into ``/`` or the home folder, and
+``--force`` deletes only the names above, so a user's own files in the folder survive.  A run
+holds an exclusive lock on ``.lock`` while it writes; a second run into the same folder is
+refused in one sentence.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -38,11 +49,31 @@ SUMMARY_FILE = "summary.md"
 TABLES_FILE = "tables.md"
 CELLS_DIR = "cells"
 FAILED_SUFFIX = ".failed.json"
+PREDICTIONS_DIR = "predictions"
+LOCK_FILE = ".lock"
+#: the names of a run folder's own top-level entries (a folder holding only these is ours)
+OWN_TOP = frozenset({RUN_FILE, RESULTS_FILE, MANIFEST_FILE, SUMMARY_FILE, TABLES_FILE, CELLS_DIR, PREDICTIONS_DIR,
+                     LOCK_FILE})
+#: the kinds of a cell's files (``cells/<key><kind>``, ``predictions/<key>.npz``)
+CELL_KINDS = (".parquet", ".json", FAILED_SUFFIX, ".error.txt")
+#: a cell file of a 12-hex-digit key or the temporary file of one (``.<name>.<random><suffix>``)
+_OWN_CELL_FILE = re.compile(r"^\.?[0-9a-f]{12}(\.parquet|\.json|\.failed\.json|\.error\.txt|\.npz)"
+                            r"(\.[A-Za-z0-9_]+(\.parquet|\.tmp|\.npz|\.txt|\.json))?$")
+_HELD: dict[str, Any] = {}
 
 
 def _committed(folder: Path, pattern: str) -> list[Path]:
     """Files of ``folder`` matching ``pattern`` whose name is not a temporary one (no leading dot)."""
     return sorted(p for p in Path(folder).glob(pattern) if not p.name.startswith(".") and p.is_file())
+
+
+def _record(path: Path) -> dict | None:
+    """A cell record (JSON object with a ``status``) read from ``path``; None for anything else."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and "status" in rec else None
 
 
 def results_path(out: str | Path) -> Path:
@@ -58,13 +89,18 @@ def tables_path(out: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- the folder itself
-def prepare(out: str | Path, identity: Mapping[str, Any], *, force: bool) -> None:
-    """Make ``out`` (and ``cells/``) writable and stamp it with ``identity``.
+def prepare(out: str | Path, identity: Mapping[str, Any], *, force: bool,
+            values: Mapping[str, Any] | None = None) -> None:
+    """Make ``out`` (and ``cells/``) writable, lock it for this process and stamp it with ``identity``.
 
-    A folder holding finished cells of another identity raises UserError (its rows would be
-    relabelled), unless ``force``, which clears its cells and tables instead.
+    Refused (UserError, before anything is written): ``/`` or the home folder, a non-empty folder
+    without ``run.json`` (not made by wsss-bench), a folder another run holds the lock of, and a
+    folder holding finished cells of another identity (its rows would be relabelled) unless
+    ``force``, which deletes only this module's own files.  ``values`` (the flattened profile)
+    are stored so a refusal can name the changed keys.
     """
     out = Path(out)
+    _check_ownership(out)
     probe_parent = out
     while not probe_parent.exists():
         probe_parent = probe_parent.parent
@@ -77,31 +113,131 @@ def prepare(out: str | Path, identity: Mapping[str, Any], *, force: bool) -> Non
         probe.unlink()
     except OSError as err:
         raise UserError(f"--out {out}: cannot write there ({err.strerror or err}); choose a writable folder") from None
+    _lock(out)
     mine = dict(identity)
     run_file = out / RUN_FILE
     if run_file.is_file():
         try:
-            theirs = json.loads(run_file.read_text()).get("identity", {})
+            stored = json.loads(run_file.read_text())
         except (OSError, ValueError):
-            theirs = {}
+            stored = {}
+        theirs = stored.get("identity", {}) if isinstance(stored, dict) else {}
         if theirs and theirs != mine and cell_files(out):
             if force:
-                shutil.rmtree(out / CELLS_DIR, ignore_errors=True)
-                (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
-                for name in (RESULTS_FILE, MANIFEST_FILE, SUMMARY_FILE):
-                    (out / name).unlink(missing_ok=True)
+                _delete_own_files(out)
             else:
-                diff = ", ".join(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(mine)
-                                 if theirs.get(k) != mine.get(k))
+                diff = _describe_change(theirs, mine, stored.get("values") if isinstance(stored, dict) else None,
+                                        values)
                 raise UserError(f"--out {out} holds results made with another configuration ({diff}); "
                                 f"choose a new --out, or pass --force to replace them")
-    atomic_write_json(run_file, {"identity": mine})
+    atomic_write_json(run_file, {"identity": mine, **({"values": dict(values)} if values is not None else {})})
+
+
+def _check_ownership(out: Path) -> None:
+    """Refuse ``/``, the home folder and a non-empty folder that wsss-bench did not make."""
+    try:
+        real = out.resolve()
+    except OSError:
+        real = out.absolute()
+    if real == Path(real.anchor) or real == Path.home().resolve():
+        raise UserError(f"--out {out}: refusing to write into {'the root folder' if real == Path(real.anchor) else 'your home folder'} "
+                        f"(not made by wsss-bench); choose a new folder such as runs/my-run")
+    if not out.is_dir() or (out / RUN_FILE).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_TOP and not p.name.startswith(".write-test-"))
+    if foreign:
+        raise UserError(f"--out {out}: the folder is not empty and was not made by wsss-bench (no {RUN_FILE}; it "
+                        f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+
+
+def _lock(out: Path) -> None:
+    """Hold an exclusive lock on ``out/.lock`` until :func:`release` (or the process ends)."""
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    fh = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise UserError(f"--out {out}: another wsss-bench run (pid {holder}) is writing into this folder; wait for it "
+                        f"to finish or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _HELD[key] = fh
+
+
+def release(out: str | Path | None = None) -> None:
+    """Release the lock of ``out`` (every lock this process holds when None)."""
+    keys = list(_HELD) if out is None else [str(Path(out).resolve())]
+    for key in keys:
+        fh = _HELD.pop(key, None)
+        if fh is not None:
+            fh.close()
+
+
+@contextmanager
+def exclusive(out: str | Path) -> Iterator[None]:
+    """Hold ``out``'s lock as another run would (tests, scripts that write into a run folder)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _delete_own_files(out: Path) -> None:
+    """``--force`` on a folder of another configuration: delete this module's files only."""
+    cells = out / CELLS_DIR
+    keys = set()  # keys with a cell record of ours (whatever their spelling)
+    for p in _committed(cells, "*.json"):
+        if _record(p) is not None:
+            keys.add(p.name[: -len(FAILED_SUFFIX)] if p.name.endswith(FAILED_SUFFIX) else p.name[: -len(".json")])
+    for sub in (CELLS_DIR, PREDICTIONS_DIR):
+        folder = out / sub
+        if folder.is_dir():
+            for p in folder.iterdir():
+                stem = p.name.lstrip(".")
+                ours = _OWN_CELL_FILE.match(p.name) or any(
+                    stem.startswith(k + kind) for k in keys for kind in (*CELL_KINDS, ".npz"))
+                if p.is_file() and ours:
+                    p.unlink()
+    for name in (RESULTS_FILE, MANIFEST_FILE, SUMMARY_FILE, TABLES_FILE):
+        (out / name).unlink(missing_ok=True)
+    (out / CELLS_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def _describe_change(theirs: Mapping[str, Any], mine: Mapping[str, Any], old_values: Any, new_values: Any) -> str:
+    """The changed identity keys with old and new values; for the profile's values, the changed
+    profile keys themselves (``classifier.batch 16 -> 8``) when both runs stored them."""
+    parts = []
+    for k in sorted(set(mine) | set(theirs)):
+        if theirs.get(k) == mine.get(k):
+            continue
+        if k == "profile_values" and isinstance(old_values, Mapping) and isinstance(new_values, Mapping):
+            changed = [f"{v} {old_values.get(v, '(unset)')!r} -> {new_values.get(v, '(unset)')!r}"
+                       for v in sorted(set(old_values) | set(new_values)) if old_values.get(v) != new_values.get(v)]
+            if changed:
+                parts.append("profile values " + ", ".join(changed).replace("'", ""))
+                continue
+        parts.append(f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}")
+    return ", ".join(parts)
 
 
 # --------------------------------------------------------------------------- cells
 def cell_files(out: str | Path) -> list[Path]:
-    """The finished cells' row files (``cells/<key>.parquet``)."""
-    return _committed(Path(out) / CELLS_DIR, "*.parquet")
+    """The finished cells' row files (``cells/<key>.parquet`` with their ``<key>.json`` record)."""
+    return [p for p in _committed(Path(out) / CELLS_DIR, "*.parquet") if p.with_suffix(".json").is_file()]
 
 
 def stored_identity(out: str | Path, key: str) -> Any:
@@ -138,7 +274,7 @@ def write_traceback(out: str | Path, key: str, text: str) -> Path:
 
 def cell_manifests(out: str | Path) -> list[dict[str, Any]]:
     """Every cell record of ``out``: finished (``<key>.json``) and failed (``<key>.failed.json``)."""
-    return [json.loads(p.read_text()) for p in _committed(Path(out) / CELLS_DIR, "*.json")]
+    return [rec for rec in map(_record, _committed(Path(out) / CELLS_DIR, "*.json")) if rec is not None]
 
 
 @dataclass(frozen=True)
@@ -198,7 +334,14 @@ def collect(out: str | Path):
     files = cell_files(out)
     if not files:
         return None
-    frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise UserError(f"cell result {f} is unreadable ({str(err).splitlines()[0][:120]}); delete it and run the "
+                            f"same command again (that cell is recomputed)") from None
+    frame = pd.concat(frames, ignore_index=True)
     with atomic_path(results_path(out)) as tmp:
         frame.to_parquet(tmp, index=False)
     return frame
@@ -269,7 +412,6 @@ def read_results(path: str | Path):
 
 
 # --------------------------------------------------------------------------- predictions
-PREDICTIONS_DIR = "predictions"
 FORMAT_VERSION = 1
 
 

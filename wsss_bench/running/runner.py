@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from wsss_bench import integrity
 from wsss_bench.cache import ArtifactCache, closure_hash, stable_hash
 from wsss_bench.context import RunContext, peak_rss_mb, resolve_device
 from wsss_bench.data import taskdata
@@ -26,7 +27,7 @@ from wsss_bench.errors import PluginError, UserError, disk_problem
 from wsss_bench.labels import complete_sources
 from wsss_bench.lazy import torch
 from wsss_bench.plugins import load_plugins, show_problem
-from wsss_bench.profiles import apply_overrides, load_profile
+from wsss_bench.profiles import apply_overrides, flat_values, load_profile
 from wsss_bench.progress import say
 from wsss_bench import runwarnings
 from wsss_bench.running import stages
@@ -115,6 +116,15 @@ class RunConfig:
     overrides: tuple[str, ...] = ()
     #: NaN/inf voxels in real data: "error" (default) or "zero" (read as background, counted)
     nonfinite: str = "error"
+    #: --verify: hash every cached file on every read (not only on its first use in a process)
+    verify: bool = False
+    #: with --force: phantoms and slice stores made before this time.time() are rebuilt (set
+    #: once when the configuration is made, so workers do not rebuild each other's)
+    force_since: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.force and not self.force_since:
+            self.force_since = time.time()
 
     def load_profile(self):
         return apply_overrides(load_profile(self.profile), self.overrides)
@@ -260,7 +270,7 @@ def compute_cell(ctx: RunContext, cell: Cell, profile: Any, out: Path | None = N
 def check_out_dir(cfg: RunConfig) -> None:
     """Before any compute: the run folder is writable, and holds no results of another
     configuration (those would be relabelled); ``--force`` clears it instead."""
-    rundir.prepare(cfg.out, cfg.identity(), force=cfg.force)
+    rundir.prepare(cfg.out, cfg.identity(), force=cfg.force, values=flat_values(cfg.load_profile()))
 
 
 # ============================================================================ execution
@@ -273,6 +283,7 @@ class Session:
         self.profile = cfg.load_profile()
         self.device = resolve_device(cfg.device)
         self.cache = ArtifactCache(Path(cfg.cache_dir) / "artifacts", enabled=cfg.use_cache, force=cfg.force)
+        integrity.set_verify_always(cfg.verify)
         self._contexts: dict[tuple[str, int], RunContext] = {}
         self._data_errors: dict[tuple[str, int], UserError] = {}
 
@@ -300,7 +311,7 @@ class Session:
             reader = dataset_cls(**({"nonfinite": self.cfg.nonfinite} if "nonfinite" in dataset_cls.params else {}))
             data = taskdata.load_task_data(reader, task_id, self.cfg.root_for(dataset_cls), self.profile, seed,
                                   Path(self.cfg.cache_dir), phantom_seed=self.cfg.phantom_seed,
-                                  ambiguous=self.cfg.ambiguous)
+                                  ambiguous=self.cfg.ambiguous, force_since=self.cfg.force_since)
             ctx = RunContext(task, data, self.profile, seed, self.device, self.cache, bf16=self.cfg.bf16,
                              host=self.host)
             ctx.data_seconds = round(time.perf_counter() - t0, 3)
