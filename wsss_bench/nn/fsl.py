@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from wsss_bench.metrics import dice_iou
 from wsss_bench.nn import training
 
 Tensor = torch.Tensor
@@ -95,8 +96,6 @@ def train_fsl(model, data: Any, idx: Sequence[int], spec: Mapping[str, Any], dev
         loss.backward()
         opt.step()
         return float(loss.detach())
-
-    from wsss_bench.metrics import dice_iou
 
     val_idx = data.split("val")
 
