@@ -115,8 +115,8 @@ def build_activation_cache(work: Path, activations: Callable[["Tensor"], list["T
 class CachedActivations:
     """The activations of a cache directory, read per slice row; gather / stream as the backbone's."""
 
-    def __init__(self, path: Path, size: int, device: Any = "cpu") -> None:
-        path = Path(path)
+    def __init__(self, path: Path, size: int, device: Any = "cpu", key: str = "") -> None:
+        path, self.key = Path(path), key
         rows = np.load(path / "rows.npy")
         self.pos = {int(r): i for i, r in enumerate(rows)}
         n_blocks = len(list(path.glob("block*.npy")))

@@ -280,9 +280,12 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, tau: float = 0.1) -> torc
 
 # ============================================================================ E. training
 def standardisation(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-                    gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample: Callable[[Any, int], Any],
+                    gather: Callable[[Any, torch.Tensor], torch.Tensor], sample: Callable[[Any, int], Any],
                     iterations: int, n_batches: int = STANDARDISE_BATCHES) -> dict[str, Any]:
-    """Estimate the frozen standardisation from the pixels the first ``n_batches`` steps select."""
+    """Estimate the frozen standardisation from the pixels the first ``n_batches`` steps select.
+
+    ``gather(batch, coords)`` gives the (N, D) features of the batch's slices at ``coords``.
+    """
     mom = Moments()
     used = 0
     for it in range(min(int(n_batches), int(iterations))):
@@ -292,7 +295,7 @@ def standardisation(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[An
             continue
         coords, _ = sel
         with torch.no_grad():
-            mom.add(gather(b.images, coords))
+            mom.add(gather(b, coords))
         used += 1
     mean, std = mom.result()
     decoder.set_standardisation(mean, std)
@@ -300,7 +303,7 @@ def standardisation(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[An
 
 
 def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-                  gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], iterations: int, seed: int,
+                  gather: Callable[[Any, torch.Tensor], torch.Tensor], iterations: int, seed: int,
                   work: Path, fg_cap: int, bg_per_batch: int, tau: float = 0.1, lr: float = LR,
                   momentum: float = MOMENTUM, weight_decay: float = WEIGHT_DECAY, device: Any = "cpu",
                   progress: Callable[[int], Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -308,8 +311,9 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
 
     ``batches.get(it)`` gives the SliceBatch of iteration ``it`` (epoch-wise reshuffled,
     :class:`~wsss_bench.nn.training.IterationBatches`); ``seeds_for(batch)`` its (fg, bg)
-    (B, S, S) bool seeds; ``gather(images, coords)`` the (N, D) frozen features at
-    ``coords``.  The pixels of iteration ``it`` are drawn from
+    (B, S, S) bool seeds; ``gather(batch, coords)`` the (N, D) frozen features of the
+    batch's slices at ``coords`` (the backbone on ``batch.images``, or a feature cache read by
+    ``batch.index``: both give the same features).  The pixels of iteration ``it`` are drawn from
     ``iteration_generator(seed, it)``, so the standardisation (first 16 batches) sees
     exactly the pixels those steps train on, and a resumed run draws what an uninterrupted
     one would.  The standardisation is written to ``work/standardise.safetensors`` once.
@@ -329,7 +333,7 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
         decoder.set_standardisation(st["mean"], st["std"])
         std_info = {"restored": True}
     else:
-        std_info = standardisation(decoder, batches, seeds_for, lambda x, c: gather(x.to(dev), c.to(dev)), sample,
+        std_info = standardisation(decoder, batches, seeds_for, lambda b, c: gather(b, c.to(dev)).to(dev), sample,
                                    iterations)
         with atomic_path(std_file) as tmp:
             save_file({"mean": decoder.mean.cpu().contiguous(), "std": decoder.std.cpu().contiguous()}, str(tmp))
@@ -346,7 +350,7 @@ def train_decoder(decoder: PixelDecoder, batches: Any, seeds_for: Callable[[Any]
             return 0.0
         coords, labels = sel
         with torch.no_grad():
-            feats = gather(b.images.to(dev), coords.to(dev)).float()  # (N, D), frozen backbone
+            feats = gather(b, coords.to(dev)).to(dev).float()  # (N, D), frozen backbone
         z = decoder(feats)  # (N, out_dim)
         loss = supcon_loss(z.float(), labels.to(dev), tau)
         opt.zero_grad(set_to_none=True)
