@@ -110,7 +110,7 @@ def run_path(case: str, path: str, threads: int) -> dict:
             "mask_pixels": int(mask.sum())}
 
 
-def run_decoders(task: str, threads: int, cache_dir: str, infer_slices: int) -> dict:
+def run_decoders(task: str, threads: int, cache_dir: str, infer_slices: int, streamed_iters: int = 0) -> dict:
     """One decoder trained and applied streamed and cached on ``task`` (cpu profile), in this process."""
     import tempfile
 
@@ -155,19 +155,33 @@ def run_decoders(task: str, threads: int, cache_dir: str, infer_slices: int) -> 
                  "threads": threads}
     infer = test[:infer_slices]
 
-    def one(name, gather, stream_of):
+    def train(gather, iters):
         with tempfile.TemporaryDirectory(prefix="perf-cldf-") as work:
             torch.manual_seed(0)
             dec = cldf.PixelDecoder(dim)
             batches = IterationBatches(data, rows, batch, 1, "cpu")
-            iters = batches.epochs(epochs)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             weights, _ = cldf.train_decoder(dec, batches, seeds_for, gather, iters, seed=1, work=Path(work),
                                             fg_cap=int(cfg.fg_cap), bg_per_batch=int(cfg.bg_per_batch))
-            t_train = time.perf_counter() - t0
+            return dec, weights, time.perf_counter() - t0, time.process_time() - c0
+
+    full = IterationBatches(data, rows, batch, 1, "cpu").epochs(epochs)
+    n_cmp = min(full, streamed_iters) if streamed_iters > 0 else full
+    out["compare_iterations"] = n_cmp
+
+    def one(name, gather, stream_of):
+        dec, weights, t_train, c_train = train(gather, n_cmp)
+        iters = n_cmp
+        if name == "cached" and n_cmp < full:  # the cached path also runs (and is timed on) the full schedule
+            _, _, t_train, c_train = train(gather, full)
+            iters = full
+        # streamed with --streamed-iters: scaled to the full schedule; the standardisation's 16
+        # batches cost about one step each and are paid once
+        scale = (full + cldf.STANDARDISE_BATCHES) / (iters + cldf.STANDARDISE_BATCHES)
+        t_train, c_train = t_train * scale, c_train * scale
         dec.load_state_dict(weights)
         dec.eval()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         masks = []
         for b in data.batches(infer, 32):
             emb = torch.stack([cldf.embed_stream(stream_of(img, int(r)), size * size, dec)
@@ -175,20 +189,23 @@ def run_decoders(task: str, threads: int, cache_dir: str, infer_slices: int) -> 
             fg = torch.from_numpy(data.masks(b.index)).reshape(len(b), -1)
             masks.append(cldf.segment(emb, fg, fg.float(), [mix(7, int(r)) for r in b.index],
                                       restarts=int(cfg.kmeans_restarts)))
-        t_infer = time.perf_counter() - t0
-        out[name] = {"iterations": iters, "train_s": t_train, "infer_s_measured": t_infer,
+        t_infer, c_infer = time.perf_counter() - t0, time.process_time() - c0
+        out[name] = {"iterations": full, "timed_iterations": iters, "train_s": t_train, "train_cpu_s": c_train,
+                     "infer_s_measured": t_infer, "infer_cpu_s_task": c_infer / len(infer) * len(test),
                      "infer_s_per_slice": t_infer / len(infer),
                      "infer_s_task": t_infer / len(infer) * len(test)}
         out[name]["decoder_s"] = t_train + out[name]["infer_s_task"]
+        out[name]["decoder_cpu_s"] = c_train + out[name]["infer_cpu_s_task"]
         return weights, torch.cat(masks)
 
     w_s, m_s = one("streamed", lambda b, c: dfeat.gather_from(activations(b.images), c, size),
                    lambda img, r: dfeat.stream_from(activations(img[None]), size, dfeat.DEFAULT_CHUNK))
     union = np.union1d(rows, test)
     with tempfile.TemporaryDirectory(prefix="perf-cldf-cache-") as work:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         meta = nb.build_activation_cache(Path(work), activations, data.batches(union, 16), union)
-        out["cache"] = {"build_s": time.perf_counter() - t0, "slices": int(len(union)), "bytes": meta["bytes"],
+        out["cache"] = {"build_s": time.perf_counter() - t0, "build_cpu_s": time.process_time() - c0,
+                        "slices": int(len(union)), "bytes": meta["bytes"],
                         "bytes_per_slice": meta["bytes_per_slice"]}
         feats = nb.CachedActivations(Path(work), size)
         w_c, m_c = one("cached", lambda b, c: feats.gather(np.asarray(b.index), c),
@@ -239,10 +256,14 @@ def main() -> None:
                     help="instead: time one CLDF decoder cached vs streamed on these tasks (cpu profile)")
     ap.add_argument("--cache-dir", default="/tmp/perf-cldf-cache", help="data cache of the --decoders runs")
     ap.add_argument("--infer-slices", type=int, default=48, help="test slices timed at inference (--decoders)")
+    ap.add_argument("--streamed-iters", type=int, default=0,
+                    help="--decoders: time the streamed training on this many iterations and scale to the full "
+                         "schedule (0 = run it all); weights are compared after this many iterations")
     args = ap.parse_args()
     if args.child:
         if args.child[0] == "decoders":
-            print(json.dumps(run_decoders(args.child[1], int(args.child[2]), args.child[3], int(args.child[4]))))
+            print(json.dumps(run_decoders(args.child[1], int(args.child[2]), args.child[3], int(args.child[4]),
+                                          int(args.child[5]))))
         else:
             print(json.dumps(run_path(args.child[0], args.child[1], int(args.child[2]))))
         return
@@ -313,9 +334,10 @@ def decoders_report(args) -> None:
     load0, t_start = os.getloadavg(), time.time()
     rows = []
     for task in args.decoders:
-        r = _child(["decoders", task, str(args.threads), args.cache_dir, str(args.infer_slices)], args.threads)
+        r = _child(["decoders", task, str(args.threads), args.cache_dir, str(args.infer_slices),
+                    str(args.streamed_iters)], args.threads)
         rows.append(r)
-        print(f"{task}: streamed {r['streamed']['decoder_s']:.1f}s, cached {r['cached']['decoder_s']:.1f}s, "
+        print(f"{task}: streamed {r['streamed']['decoder_cpu_s']:.1f}s CPU, cached {r['cached']['decoder_cpu_s']:.1f}s CPU, "
               f"cache build {r['cache']['build_s']:.1f}s, {r['cache']['bytes'] / 2**20:.0f} MiB", flush=True)
     load1 = os.getloadavg()
     cmd = " ".join(["python benchmarks/perf_cldf.py", *sys.argv[1:]])
@@ -331,26 +353,35 @@ def decoders_report(args) -> None:
         f"so absolute times carry that contention",
         f"- {args.threads} thread(s), each task in its own process; random-init cpu-profile CDM (D = "
         f"{rows[0]['dim'] if rows else '?'}), seeds = ground truth fg / its complement; training = the profile's "
-        f"full schedule; inference timed on {args.infer_slices} test slices and scaled to the test split",
+        f"full schedule" + (f" (streamed: timed on its first {args.streamed_iters} iterations and scaled to the "
+                            f"full schedule; weights compared after those iterations)" if args.streamed_iters else "")
+        + f"; inference timed on {args.infer_slices} test slices and scaled to the test split",
         "",
-        "| task | label-1 train slices | iterations | path | training (s) | inference per slice (s) | "
-        "inference, test split (s) | per decoder (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "Wall = elapsed time; CPU = the process's CPU time (one thread: what the work costs without the "
+        "other jobs' contention, the better number on a shared machine).",
+        "",
+        "| task | label-1 train slices | iterations | path | training wall (s) | training CPU (s) | "
+        "inference per slice, wall (s) | inference, test split, CPU (s) | per decoder wall (s) | "
+        "per decoder CPU (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for path in ("streamed", "cached"):
             p = r[path]
             lines.append(f"| {r['task']} | {r['train_slices']} | {p['iterations']} | {path} | {p['train_s']:.1f} | "
-                         f"{p['infer_s_per_slice']:.3f} | {p['infer_s_task']:.1f} | {p['decoder_s']:.1f} |")
-    lines += ["", "| task | cache slices (label-1 train + test) | build (s) | size (MiB) | per slice (MiB) | "
-                  "speed-up per decoder | break-even decoders | max rel. weight diff | mask pixels differing |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                         f"{p['train_cpu_s']:.1f} | {p['infer_s_per_slice']:.3f} | {p['infer_cpu_s_task']:.1f} | "
+                         f"{p['decoder_s']:.1f} | {p['decoder_cpu_s']:.1f} |")
+    lines += ["", "| task | cache slices (label-1 train + test) | build wall (s) | build CPU (s) | size (MiB) | "
+                  "per slice (MiB) | CPU speed-up per decoder | break-even decoders (CPU) | max rel. weight diff | "
+                  "mask pixels differing |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c, st, ca = r["cache"], r["streamed"], r["cached"]
-        saved = st["decoder_s"] - ca["decoder_s"]
-        lines.append(f"| {r['task']} | {c['slices']} | {c['build_s']:.1f} | {c['bytes'] / 2**20:.0f} | "
-                     f"{c['bytes_per_slice'] / 2**20:.2f} | {st['decoder_s'] / ca['decoder_s']:.1f}x | "
-                     f"{c['build_s'] / saved if saved > 0 else float('inf'):.2f} | {r['max_rel_weight_diff']:.1e} | "
+        saved = st["decoder_cpu_s"] - ca["decoder_cpu_s"]
+        lines.append(f"| {r['task']} | {c['slices']} | {c['build_s']:.1f} | {c['build_cpu_s']:.1f} | "
+                     f"{c['bytes'] / 2**20:.0f} | {c['bytes_per_slice'] / 2**20:.2f} | "
+                     f"{st['decoder_cpu_s'] / ca['decoder_cpu_s']:.1f}x | "
+                     f"{c['build_cpu_s'] / saved if saved > 0 else float('inf'):.2f} | {r['max_rel_weight_diff']:.1e} | "
                      f"{r['mask_pixels_differing']} of {r['mask_pixels']} |")
     lines += ["", "The cache is built once per task and backbone and shared by every decoder of that task "
               "(Table 3's variants, Table 2's rows of one backbone, Fig. 4's sizes). Weight and mask differences "
