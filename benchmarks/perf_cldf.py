@@ -128,7 +128,7 @@ def run_decoders(task: str, threads: int, cache_dir: str, infer_slices: int, str
     torch.set_num_threads(threads)
     session = Session(RunConfig(profile="cpu", device="cpu", cache_dir=Path(cache_dir)), host=load_plugins())
     ctx = session.context(task, 0)
-    prof, data = ctx.profile, object.__getattribute__(ctx.data, "_data")  # a benchmark: the seeds are the truth
+    prof, data = ctx.profile, ctx.task_data  # a benchmark: the seeds are the truth (not a plugin)
     size, cfg = int(data.image_size), prof.cldf
     unet = dif.build_cdm(prof.cdm_unet, int(ctx.task.channels), seed=0).eval().requires_grad_(False)
     blocks = dfeat.select_blocks(cfg.feature_blocks, prof.cdm_unet, size)

@@ -69,7 +69,11 @@ def test_cached_and_streamed_decoders_give_the_same_weights_and_masks(cached, st
     torch.testing.assert_close(a.refiner.features.gather([row], every), want, rtol=1e-5, atol=1e-5)
 
 
-def test_the_cache_is_built_once_for_every_decoder_of_a_task(cached):
+def test_the_cache_is_built_once_for_every_decoder_of_a_task(cache_root):
+    import shutil
+
+    shutil.rmtree(Path(cache_root) / "artifacts" / "cldf-features", ignore_errors=True)  # built here, not before
+    cached = _session(cache_root)  # a fresh session: nothing memoised
     cells = [run_cell(cached, "gradcam"), run_cell(cached, "mg"), run_cell(cached, "gradcam", "cldf[out_dim=8]"),
              run_cell(cached, "gradcam", "cldf[use_mg=false,decoder_depth=2]")]
     keys = {c.refiner.features.key for c in cells}

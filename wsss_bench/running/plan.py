@@ -8,8 +8,8 @@ cached:
   preparation, every artifact it finds is a hit, and the first artifact it would have to
   build stops it (:class:`WouldBuild`, a ``BaseException`` so no plugin's ``except
   Exception`` swallows it).  Nothing is trained, nothing is written to the cache;
-- a **cell** is cached when its result and its identity in the run folder match, the same
-  test the command itself makes before it skips a cell.
+- a **cell** is cached when the identity stored in the run folder (:mod:`rundir`) matches
+  its identity now, the same test the command itself makes before it skips a cell.
 
 Each uncached item gets an estimate from :data:`COSTS`, seconds per unit or cell measured on
 the cpu profile on this project's 2-core reference machine (one thread per worker), scaled
@@ -137,6 +137,7 @@ def probe_unit(session: Any, unit: Any) -> tuple[str, str]:
 def make_plan(cfg: Any, host: Any, cells: list) -> list[PlanItem]:
     """Every unit and cell the command would run, cached or not, with estimates."""
     from wsss_bench.profiles import load_profile
+    from wsss_bench.running import rundir
     from wsss_bench.running.bench import shared_units
     from wsss_bench.running.runner import Session, cell_identity
 
@@ -160,18 +161,10 @@ def make_plan(cfg: Any, host: Any, cells: list) -> list[PlanItem]:
             if missing:
                 item.seconds, item.known = estimate(key, profile, reference)
             items.append(item)
-    out = Path(cfg.out)
     for c in cells:
         ctx = session.context(c.task, c.seed)
-        done, meta = out / "cells" / f"{c.key}.parquet", out / "cells" / f"{c.key}.json"
-        cached = False
-        if done.is_file() and meta.is_file() and not cfg.force:
-            import json
-
-            try:
-                cached = json.loads(meta.read_text()).get("identity") == cell_identity(cfg, ctx, host, c)
-            except (OSError, ValueError):
-                cached = False
+        stored = None if cfg.force else rundir.stored_identity(Path(cfg.out), c.key)
+        cached = stored is not None and stored == cell_identity(cfg, ctx, host, c)
         key = f"cell:{_plugin_name(c.refiner_spec)}"
         item = PlanItem("2", f"cell {c.task} {c.method} seed {c.seed}", key, cached)
         if not cached:
