@@ -12,17 +12,17 @@ Hyperparameters:
 - class label 1 [inferred: only positive or gate-passed slices reach CLDF].
 
 Feature: F = mean_t concat_l Up(a_{l,t}), computed as Up(mean_t a_{l,t}) (exactly equal).
-Never materialised densely: ``gather`` samples the native-resolution activations at chosen
-pixels (grid_sample, bilinear, border, align_corners=False) and ``stream`` walks one image
-in pixel chunks, so memory is O(chunk * D) per image.
+Never materialised densely: the template (:class:`wsss_bench.nn.backbone.ActivationBackbone`)
+gathers the native-resolution activations at chosen pixels (grid_sample, bilinear, border,
+align_corners=False) and streams one image in pixel chunks, so memory is O(chunk * D) per image.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.interfaces import FeatureBackbone
 from wsss_bench.nn import diffusion_features as dfeat
+from wsss_bench.nn.backbone import ActivationBackbone
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,7 +33,7 @@ T_SCALES = ("ref4000", "native")
 REF_SCHEDULES = ("cosine", "linear")
 
 
-class CDMFeatures(FeatureBackbone):
+class CDMFeatures(ActivationBackbone):
     name = "cdm"
     version = "1"
     params = {"t_ref": [1, 10, 50, 100], "t_scale": "ref4000", "ref_schedule": "cosine", "blocks": "profile",
@@ -57,25 +57,19 @@ class CDMFeatures(FeatureBackbone):
 
         self.ctx = ctx
         self.unet = get_cdm(ctx)
-        self.size = int(ctx.data.image_size)
+        size = int(ctx.data.image_size)
         spec = ctx.profile.cdm_unet
         rule = ctx.profile.cldf.feature_blocks if self.p["blocks"] == "profile" else self.p["blocks"]
         try:
-            self.blocks = dfeat.select_blocks(rule, spec, self.size)
+            self.blocks = dfeat.select_blocks(rule, spec, size)
         except ValueError as err:
             raise self.bad_param("blocks", str(err)) from None
-        self._dim = dfeat.feature_dim(spec, self.blocks)
+        self.set_geometry(size, dfeat.feature_dim(spec, self.blocks))
         self.ts = harness_timesteps(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"], ctx.profile)
-        self.noises = [dfeat.feature_noise(ctx, t, self.size) for t in self.ts]
+        self.noises = [dfeat.feature_noise(ctx, t, size) for t in self.ts]
         ctx.record("match/features", match_table(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"],
                                                  ctx.profile))
-        ctx.record("features/cdm", {"blocks": self.blocks, "dim": self._dim, "label": int(self.p["label"])})
-
-    @property
-    def dim(self) -> int:
-        if not hasattr(self, "_dim"):
-            raise RuntimeError("backbone 'cdm': call prepare(ctx) before asking for dim")
-        return self._dim
+        ctx.record("features/cdm", {"blocks": self.blocks, "dim": self.dim, "label": int(self.p["label"])})
 
     # ------------------------------------------------------------------ what it computes
     def activations(self, images: "torch.Tensor") -> list["torch.Tensor"]:
@@ -83,15 +77,6 @@ class CDMFeatures(FeatureBackbone):
         return dfeat.mean_activations(self.unet, images.to(self.ctx.device), self.ts, self.noises, self.blocks,
                                       label=int(self.p["label"]), profile=self.ctx.profile,
                                       autocast=self.ctx.autocast)
-
-    def gather(self, images: "torch.Tensor", coords: "torch.Tensor") -> "torch.Tensor":
-        """(N, D) features at ``coords`` (N, 3) = (batch index, row, column)."""
-        return dfeat.gather_from(self.activations(images), coords, self.size)
-
-    def stream(self, image: "torch.Tensor", chunk: int = dfeat.DEFAULT_CHUNK) -> Iterator[tuple[slice, "torch.Tensor"]]:
-        """(flat pixel range, (n, D) features) over one image (C, S, S), n <= chunk."""
-        acts = self.activations(image[None])  # (1, C_l, h_l, w_l) per block, computed once
-        return dfeat.stream_from(acts, self.size, chunk)
 
 
 @hookimpl

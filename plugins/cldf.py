@@ -58,6 +58,8 @@ DECODER_MODEL = "cldf-decoder"
 KMEANS_PIXELS = 2**18
 #: slices per batch while building the training seeds
 SEED_BATCH = 64
+#: slices per backbone forward while building the feature cache
+CACHE_BATCH = 16
 VARIANT_NAMES = {"cam+mg": "CAM+MG+CL", "cam": "CAM+CL", "mg": "MG+CL"}
 
 
@@ -156,6 +158,12 @@ class CLDF(Refiner):
         fg_bits, bg_bits = seeds["fg"], seeds["bg"]
         pos_of = {int(r): k for k, r in enumerate(rows)}
         size = self.size
+        val = self._train_seeds(ctx, "val")  # the decoder's convergence criterion scores these seeds
+        # the cache holds the validation rows too, so the criterion reads cached features
+        self.features, cache_state = self._feature_cache(ctx, np.union1d(rows, val["rows"]), backbone_keys)
+        upstream = [seeds["key"], val["key"], *backbone_keys,
+                    *([self.features.key] if self.features is not None else [])]
+        gather = self._gather_from(self.features)
 
         def build():
             with torch.random.fork_rng(devices=[]):
@@ -166,7 +174,6 @@ class CLDF(Refiner):
             k = [pos_of[int(r)] for r in b.index]
             return core.unpack_masks(fg_bits[k], size), core.unpack_masks(bg_bits[k], size)
 
-        val = self._train_seeds(ctx, "val")
         val_of = {int(r): k for k, r in enumerate(val["rows"])}
 
         def val_supcon(m) -> tuple[float | None, None]:
@@ -180,7 +187,7 @@ class CLDF(Refiner):
                 if sel is None:
                     continue
                 coords, labels = sel
-                z = m(self.backbone.gather(b.images.to(ctx.device), coords.to(ctx.device)).float())
+                z = m(gather(b, coords.to(ctx.device)).float())
                 total += float(core.supcon_loss(z.float(), labels.to(ctx.device), float(self.p["tau"]))) * len(labels)
                 n += len(labels)
             return (total / n if n else None), None
@@ -190,7 +197,7 @@ class CLDF(Refiner):
 
             batches = IterationBatches(ctx.data, rows, batch, run.seed, run.device)
             weights, info = core.train_decoder(
-                model, batches, seeds_for, self.backbone.gather, batches.epochs(epochs), run.seed, run.work,
+                model, batches, seeds_for, gather, batches.epochs(epochs), run.seed, run.work,
                 fg_cap=int(cfg.fg_cap), bg_per_batch=int(cfg.bg_per_batch), tau=float(self.p["tau"]),
                 lr=float(ctx.profile.common.cldf_lr), device=run.device, progress=run.advance,
                 criterion=Criterion("val SupCon loss on the validation slices' seeds (lower is better)", val_supcon,
@@ -200,16 +207,49 @@ class CLDF(Refiner):
             return weights, info
 
         self.decoder = ctx.shared_model(DECODER_MODEL, build, train, params=params,
-                                        source=[sys.modules[__name__], core],
-                                        upstream=[seeds["key"], val["key"], *backbone_keys],
-                                        total=n_iter)
+                                        source=[sys.modules[__name__], core], upstream=upstream, total=n_iter)
         self.decoder.eval()
         ctx.record("cldf/variant", {"variant": self.variant, "name": VARIANT_NAMES[self.variant],
                                     "cam": self.cam.spec() if self.cam is not None else None,
                                     "mg": self.mg.spec() if self.mg is not None and self.variant != "cam" else None,
                                     "mg_added_by_refiner": bool(self.mg_added), "backbone": self.backbone.spec(),
                                     "dim": dim, "kmeans_region": self.p["kmeans_region"],
-                                    "kmeans_restarts": self.restarts})
+                                    "kmeans_restarts": self.restarts, "feature_cache": cache_state})
+
+    # ------------------------------------------------------------------ feature cache
+    def _feature_cache(self, ctx: "RunContext", train_rows, upstream: Sequence[str]) -> tuple[Any, str]:
+        """The backbone's activations of the training and test slices, cached once per task (or None).
+
+        Built when the profile's ``cldf.feature_cache`` is on and the backbone follows the
+        activation template; every decoder of the task (any variant, output dimension or
+        depth) shares it, because its key holds only the backbone, its upstream and the rows.
+        Returns (CachedActivations or None, a word for the manifest).
+        """
+        from wsss_bench.nn import backbone as nb
+
+        if not bool(ctx.profile.cldf.feature_cache):
+            return None, "off (profile cldf.feature_cache)"
+        if not isinstance(self.backbone, nb.ActivationBackbone):
+            return None, f"off (backbone '{self.backbone.spec()}' gives no activations: streamed)"
+        rows = np.union1d(np.asarray(train_rows, dtype=np.int64), np.asarray(ctx.data.split("test"), dtype=np.int64))
+        params = {"backbone": self.backbone.spec(), "dim": int(self.backbone.dim), "image_size": self.size,
+                  "rows": {"train": "label 1", "val": "label 1", "test": "all", "n": int(len(rows))}}
+
+        def build(work):
+            with ctx.stage("cldf/feature-cache"), ctx.progress("CLDF feature cache", len(rows)) as advance:
+                return nb.build_activation_cache(work, self.backbone.activations,
+                                                 ctx.data.batches(rows, CACHE_BATCH, device=ctx.device), rows,
+                                                 progress=advance)
+
+        built = ctx.artifact("cldf-features", self.backbone, build, params=params, upstream=list(upstream),
+                             source=[sys.modules[type(self.backbone).__module__], nb])
+        return nb.CachedActivations(built.path, self.size, ctx.device, key=built.key), "on"
+
+    def _gather_from(self, features: Any):
+        """``gather(batch, coords)`` for decoder training: from the cache, or the backbone on the images."""
+        if features is not None:
+            return lambda b, coords: features.gather(np.asarray(b.index), coords)
+        return lambda b, coords: self.backbone.gather(b.images.to(self.ctx.device), coords)
 
     # ------------------------------------------------------------------ training seeds
     def _train_seeds(self, ctx: "RunContext", split: str = "train") -> dict[str, Any]:
@@ -283,11 +323,20 @@ class CLDF(Refiner):
         score = mg_maps if self.variant == "mg" else cam_maps
         return fg, bg, score
 
-    def embed(self, image: "Tensor") -> "Tensor":
-        """(S^2, out_dim) decoder embeddings of one image (C, S, S), streamed in chunks."""
+    def embed(self, image: "Tensor", row: int | None = None) -> "Tensor":
+        """(S^2, out_dim) decoder embeddings of one image (C, S, S), streamed in chunks.
+
+        With the feature cache and a cached slice ``row``, the features come from the cache.
+        """
         from wsss_bench.nn import cldf as core
 
-        return core.embed_stream(self.backbone.stream(image, int(self.p["chunk"])), self.size ** 2, self.decoder)
+        chunk = int(self.p["chunk"])
+        feats = getattr(self, "features", None)
+        if feats is not None and row is not None and int(row) in feats.pos:
+            stream = feats.stream(int(row), chunk)
+        else:
+            stream = self.backbone.stream(image, chunk)
+        return core.embed_stream(stream, self.size ** 2, self.decoder)
 
     def refine(self, batch: SliceBatch, maps: Sequence["Tensor"], sources: Sequence[CamSource]) -> "Tensor":
         from wsss_bench.nn import cldf as core
@@ -310,7 +359,8 @@ class CLDF(Refiner):
         out = []
         for start in range(0, b, per):
             sl = slice(start, min(b, start + per))
-            emb = torch.stack([self.embed(img) for img in images[sl]])  # (b', S^2, out_dim)
+            rows = np.asarray(batch.index)[sl]
+            emb = torch.stack([self.embed(img, int(r)) for img, r in zip(images[sl], rows)])  # (b', S^2, out_dim)
             valid = tissue[sl].reshape(emb.shape[0], -1) if self.p["kmeans_region"] == "tissue" else None
             seeds = [mix(self.kmeans_seed, int(r)) for r in np.asarray(batch.index)[sl]]
             masks = core.segment(emb, fg[sl].reshape(emb.shape[0], -1), score[sl].reshape(emb.shape[0], -1),

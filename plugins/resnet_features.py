@@ -17,19 +17,18 @@ classifier trained with image-level labels only.  Here:
   and concatenated: D = sum of the stage widths (paper: ResNet18 64+128+256+512 = 960,
   ResNet50 256+512+1024+2048 = 3840).
 
-Never materialised densely: ``gather`` samples the native-resolution stage outputs at the
-chosen pixels with ``grid_sample`` (equal to Up followed by indexing) and ``stream`` walks one
-image in pixel chunks (:mod:`wsss_bench.nn.diffusion_features`).
+Never materialised densely: the template (:class:`wsss_bench.nn.backbone.ActivationBackbone`)
+gathers the native-resolution stage outputs at the chosen pixels with ``grid_sample`` (equal
+to Up followed by indexing) and streams one image in pixel chunks.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from wsss_bench.errors import PluginError
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.interfaces import FeatureBackbone
 from wsss_bench.lazy import torch
-from wsss_bench.nn import diffusion_features as dfeat
+from wsss_bench.nn.backbone import ActivationBackbone
 from wsss_bench.nn.classifier import get_classifier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,7 +112,7 @@ def stage_outputs(model, images: "Tensor", stages, autocast=None) -> list["Tenso
     return [found[s].float() for s in stages]
 
 
-class ResNetFeatures(FeatureBackbone):
+class ResNetFeatures(ActivationBackbone):
     """Base of the two ResNet rows; subclasses set ``name`` and ``arch``."""
 
     arch: ClassVar[str] = ""
@@ -127,7 +126,6 @@ class ResNetFeatures(FeatureBackbone):
 
     def prepare(self, ctx: "RunContext") -> None:
         self.ctx = ctx
-        self.size = int(ctx.data.image_size)
         self.stages = [s for s in STAGES if s in self.p["stages"]]
         cam_arch, t2_arch = str(ctx.profile.cam_classifier.arch), str(ctx.profile.table2_resnet.arch)
         which = network_for(ctx.profile, self.arch)
@@ -140,28 +138,14 @@ class ResNetFeatures(FeatureBackbone):
                               f"'{ctx.profile.name}' has cam_classifier={cam_arch} and table2_resnet={t2_arch}; "
                               f"set one of them to {self.arch} in the profile or use another backbone")
         self.model.eval()
-        self._dim = int(sum(stage_widths(self.model, self.stages)))
+        self.set_geometry(int(ctx.data.image_size), int(sum(stage_widths(self.model, self.stages))))
         ctx.record(f"features/{self.name}", {"network": which, "arch": self.arch, "stages": self.stages,
-                                              "widths": stage_widths(self.model, self.stages), "dim": self._dim})
-
-    @property
-    def dim(self) -> int:
-        if not hasattr(self, "_dim"):
-            raise RuntimeError(f"backbone '{self.name}': call prepare(ctx) before asking for dim")
-        return self._dim
+                                              "widths": stage_widths(self.model, self.stages), "dim": self.dim})
 
     def activations(self, images: "Tensor") -> list["Tensor"]:
         """Stage outputs at native resolution: [(B, C_l, h_l, w_l)]."""
         dev = self.ctx.device
         return stage_outputs(self.model, images.to(dev).float(), self.stages, self.ctx.autocast)
-
-    def gather(self, images: "Tensor", coords: "Tensor") -> "Tensor":
-        """(N, D) features at ``coords`` (N, 3) = (batch index, row, column)."""
-        return dfeat.gather_from(self.activations(images), coords, self.size)
-
-    def stream(self, image: "Tensor", chunk: int = dfeat.DEFAULT_CHUNK) -> Iterator[tuple[slice, "Tensor"]]:
-        """(flat pixel range, (n, D) features) over one image (C, S, S), n <= chunk."""
-        return dfeat.stream_from(self.activations(image[None]), self.size, chunk)
 
 
 class ResNet18Features(ResNetFeatures):

@@ -12,18 +12,19 @@ backbone (component ``noise/features/t=<t>``), averaged over t at native resolut
 (paper: 128+128+256+256+512+512 = 1792).  As in section 10, Up is linear and the same for
 every t, so the mean over t is taken before the (virtual) upsampling: exactly equal.
 
-Never materialised densely: ``gather`` samples the native-resolution block outputs at chosen
-pixels (grid_sample, equal to Up + index), ``stream`` walks one image in pixel chunks.
+Never materialised densely: the template (:class:`wsss_bench.nn.backbone.ActivationBackbone`)
+gathers the native-resolution block outputs at chosen pixels (grid_sample, equal to Up +
+index) and streams one image in pixel chunks.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from wsss_bench.hookspecs import hookimpl
-from wsss_bench.interfaces import FeatureBackbone
 from wsss_bench.lazy import torch
 from wsss_bench.nn import diffusion_features as dfeat
+from wsss_bench.nn.backbone import ActivationBackbone
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -56,7 +57,7 @@ def encoder_mean_features(model, images: "Tensor", ts: Sequence[int], noises: Se
     return [a.div_(len(ts)) for a in acc]
 
 
-class UNetEncoderFeatures(FeatureBackbone):
+class UNetEncoderFeatures(ActivationBackbone):
     name = "unet-encoder"
     version = "1"
     params = {"t_ref": [1, 10, 50, 100], "t_scale": "ref4000", "ref_schedule": "cosine"}
@@ -76,36 +77,22 @@ class UNetEncoderFeatures(FeatureBackbone):
 
         self.ctx = ctx
         self.model = get_noisy_classifier(ctx)
-        self.size = int(ctx.data.image_size)
+        size = int(ctx.data.image_size)
         try:
             self.ts = harness_timesteps(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"], ctx.profile)
         except ValueError as err:
             raise self.bad_param("t_ref", str(err)) from None
-        self.noises = [dfeat.feature_noise(ctx, t, self.size) for t in self.ts]  # the cdm backbone's noise
-        self._dim = feature_dim(ctx.profile.cdm_unet)
+        self.noises = [dfeat.feature_noise(ctx, t, size) for t in self.ts]  # the cdm backbone's noise
+        self.set_geometry(size, feature_dim(ctx.profile.cdm_unet))
         ctx.record("match/features", match_table(self.p["t_ref"], self.p["t_scale"], self.p["ref_schedule"],
                                                  ctx.profile))
-        ctx.record("features/unet-encoder", {"blocks": "all down blocks", "dim": self._dim,
+        ctx.record("features/unet-encoder", {"blocks": "all down blocks", "dim": self.dim,
                                              "widths": [int(c) for c in ctx.profile.cdm_unet.channels]})
-
-    @property
-    def dim(self) -> int:
-        if not hasattr(self, "_dim"):
-            raise RuntimeError("backbone 'unet-encoder': call prepare(ctx) before asking for dim")
-        return self._dim
 
     def activations(self, images: "Tensor") -> list["Tensor"]:
         """mean_t of the down-block outputs at native resolution: [(B, c_l, h_l, w_l)]."""
         return encoder_mean_features(self.model, images.to(self.ctx.device), self.ts, self.noises, self.ctx.profile,
                                      self.ctx.autocast)
-
-    def gather(self, images: "Tensor", coords: "Tensor") -> "Tensor":
-        """(N, D) features at ``coords`` (N, 3) = (batch index, row, column)."""
-        return dfeat.gather_from(self.activations(images), coords, self.size)
-
-    def stream(self, image: "Tensor", chunk: int = dfeat.DEFAULT_CHUNK) -> Iterator[tuple[slice, "Tensor"]]:
-        """(flat pixel range, (n, D) features) over one image (C, S, S), n <= chunk."""
-        return dfeat.stream_from(self.activations(image[None]), self.size, chunk)
 
 
 @hookimpl

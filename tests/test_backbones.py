@@ -176,3 +176,39 @@ def test_bad_parameters_are_named():
         ResNet18Features(stages=["layer5"])
     with pytest.raises(PluginError, match="t_scale"):
         UNetEncoderFeatures(t_scale="weird")
+
+
+# ---------------------------------------------------------------------------- the template
+def test_template_gives_dim_gather_and_stream_from_activations_alone():
+    from wsss_bench.nn.backbone import ActivationBackbone
+    from wsss_bench_plugins.cdm_features import CDMFeatures
+    from wsss_bench_plugins.resnet_features import ResNetFeatures
+    from wsss_bench_plugins.unet_encoder import UNetEncoderFeatures
+
+    g = torch.Generator().manual_seed(5)
+    maps = [torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 2, 8, 8, generator=g)]
+
+    class Fixed(ActivationBackbone):
+        name = "fixed"
+
+        def prepare(self, ctx):
+            self.set_geometry(8, 6)
+
+        def activations(self, images):
+            return [m[: images.shape[0]] for m in maps]
+
+    bb = Fixed()
+    with pytest.raises(RuntimeError, match="prepare"):
+        bb.dim
+    bb.prepare(None)
+    dense = torch.cat([F.interpolate(m, size=(8, 8), mode="bilinear", align_corners=False) for m in maps], 1)
+    coords = torch.tensor([[0, 0, 0], [2, 7, 3], [1, 4, 4], [2, 0, 7]])
+    want = dense[coords[:, 0], :, coords[:, 1], coords[:, 2]]  # the naive dense map, indexed
+    assert bb.dim == 6
+    torch.testing.assert_close(bb.gather(torch.zeros(3, 1, 8, 8), coords), want)
+    parts = list(bb.stream(torch.zeros(1, 8, 8), 20))
+    assert [p[1].shape[0] for p in parts] == [20, 20, 20, 4]
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), dense[0].reshape(6, -1).t())
+    for cls in (CDMFeatures, UNetEncoderFeatures, ResNetFeatures):  # the built-ins keep only what differs
+        assert issubclass(cls, ActivationBackbone)
+        assert not {"gather", "stream", "dim"} & set(vars(cls)), cls

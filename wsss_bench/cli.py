@@ -155,6 +155,8 @@ PLUGINS_DIR_OPT = typer.Option([], "--plugins-dir", help=PLUGINS_DIR_HELP)
 SET_OPT = typer.Option([], "--set", help="Override a profile value, e.g. --set cdm.iterations=200 (repeatable).")
 NONFINITE_OPT = typer.Option("error", "--nonfinite", help="NaN/inf voxels in real data: error (default) or zero "
                              "(read as background, counted in the manifest).")
+PLAN_OPT = typer.Option(False, "--plan", help="Run nothing: print every unit and cell this command would run, "
+                        "which are cached, and the estimated time of the rest.")
 
 
 def _common(profile: str, device: str, bf16: bool, force: bool, cache_dir: Optional[Path], phantom_seed: int,
@@ -191,6 +193,7 @@ def run(
     set_: List[str] = SET_OPT,
     nonfinite: str = NONFINITE_OPT,
     verify: bool = VERIFY_OPT,
+    plan: bool = PLAN_OPT,
 ) -> None:
     """Run every cell of task x CAM x method x seed, print Dice/IoU per gate, write results."""
     from wsss_bench.context import resolve_device
@@ -210,6 +213,9 @@ def run(
     cells = plan_cells(host, tasks, cam, method, seeds, backbones=backbone)
     resolve_device(device)  # before any compute, and one message (not one per cell)
     ex = make_executor(host, executor)
+    if plan:
+        _print_plan(cfg, host, cells, executor)
+        return
     check_out_dir(cfg)  # before any compute: writable, and not another configuration's results
     say(f"[bold]wsss-bench run[/bold]: {len(cells)} cell(s), profile {escape(profile)}, "
         f"data {'phantom' if data_root is None else escape(str(data_root))}, out {escape(str(out))}")
@@ -237,6 +243,18 @@ def run(
             f"{escape(str(rundir.manifest_path(out)))}  ({result.seconds:.1f}s)")
     if result.exit_code():
         raise typer.Exit(result.exit_code())
+
+
+def _print_plan(cfg, host, cells, executor: str) -> None:
+    """``--plan``: what the command would run, cached or not, and the estimated time; nothing runs."""
+    from wsss_bench.running.plan import make_plan, render
+    from wsss_bench.spec import parse_specs
+
+    jobs = int(parse_specs(executor)[0].expand()[0].get("jobs", 1) or 1)
+    say(f"[bold]plan[/bold] (nothing runs): {len(cells)} cell(s), profile {escape(cfg.profile)}, "
+        f"out {escape(str(cfg.out))}")
+    for line in render(make_plan(cfg, host, cells), jobs):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_failure(cell, error: Any, seen: set[str]) -> None:
@@ -312,6 +330,7 @@ def bench(
     set_: List[str] = SET_OPT,
     nonfinite: str = NONFINITE_OPT,
     verify: bool = VERIFY_OPT,
+    plan: bool = PLAN_OPT,
 ) -> None:
     """Regenerate benchmark tables: shared models and maps first (each once), then every cell."""
     from wsss_bench.boundary import check_rule, parse_metrics
@@ -329,6 +348,9 @@ def bench(
     seed_list = _seeds([seeds]) if seeds else None
     specs, cells, planned = plan_bench(host, tables, seed_list, _split_csv(task) or None, collect_only=collect)
     ex = make_executor(host, executor)
+    if plan:
+        _print_plan(cfg, host, cells, executor)
+        return
     unavailable = [p for p in planned if p.error]
     for p in unavailable:  # on stderr, not only in the manifest
         err_console.print(escape(f"warning: {p.table}: row '{p.row}' ({p.task}) {p.error}"), soft_wrap=True,

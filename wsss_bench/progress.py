@@ -3,7 +3,8 @@
 On an interactive terminal a stage shows a rich progress bar.  When stdout is not a terminal
 (CI, SLURM, ``> run.log``) each stage prints one plain line when it starts and one when it
 ends (name, elapsed time), and long ones a line every 10% or every minute, whichever comes
-first, so a user watching a log can tell a training run from a hang.
+first, with the estimated time left (ETA, from the mean rate so far), so a user watching a
+log can tell a training run from a hang and when it will end.
 ``WSSS_BENCH_NO_PROGRESS=1`` silences both; ``WSSS_BENCH_NO_BARS=1`` (set by the test suite) or
 ``CI`` keeps bars off but leaves the plain lines.
 """
@@ -46,6 +47,14 @@ def log_line(message: str) -> None:
     console.print(f"{time.strftime('%H:%M:%S')} {message}", markup=False, highlight=False, soft_wrap=True)
 
 
+def eta_text(done: int, total: int | None, elapsed: float) -> str:
+    """', ETA 42s' (or ' 3.5 min') from the mean rate so far; '' when it cannot be estimated."""
+    if not total or done <= 0 or done >= total or elapsed <= 0:
+        return ""
+    left = elapsed / done * (total - done)
+    return f", ETA {left:.0f}s" if left < 120 else f", ETA {left / 60:.1f} min"
+
+
 @contextmanager
 def progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``; a bar on an interactive terminal, plain lines in a log."""
@@ -64,7 +73,7 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
             if (pct is not None and pct >= state["next_pct"] and state["done"] < total) or \
                     now - state["last"] >= LOG_EVERY_S:
                 where = f"{state['done']}/{total} ({pct:.0f}%)" if pct is not None else f"{state['done']}"
-                log_line(f"{description}: {where}, {now - t0:.0f}s")
+                log_line(f"{description}: {where}, {now - t0:.0f}s{eta_text(state['done'], total, now - t0)}")
                 state["last"] = now
                 if pct is not None:
                     while state["next_pct"] <= pct:
@@ -77,10 +86,12 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
         finally:
             log_line(f"{description}: {'done' if ok else 'stopped'} after {time.perf_counter() - t0:.1f}s")
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
 

@@ -1,0 +1,92 @@
+"""`bench --plan` / `run --plan`: what would run, what is cached, estimates; nothing trains."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from wsss_bench.profiles import load_profile
+from wsss_bench.running import plan as pl
+
+ROOT = Path(__file__).resolve().parent.parent
+LINE = re.compile(r"^\[(1\.\d|2)\] (.*?): (cached|to run, .*|to build from .*)$")
+
+
+def _items(output: str) -> list[tuple[str, str, str]]:
+    found = []
+    for line in output.splitlines():
+        m = LINE.match(line.strip())
+        if m:
+            status = m.group(3)
+            found.append((m.group(1), m.group(2), "cached" if status == "cached" else "todo"))
+    return found
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_plan_lists_exactly_what_a_smoke_bench_then_runs_and_then_everything_is_cached(run_cli, tmp_path,
+                                                                                         cache_root):
+    table = ROOT / "benchmarks" / "table3.toml"
+    args = ["bench", table, "--profile", "smoke", "--device", "cpu", "--cache-dir", cache_root, "--out", tmp_path / "b"]
+    run_cli(*args, "--plan")  # prepares the data once (the plan needs the cells' identities)
+    files = _files(cache_root / "artifacts") if (cache_root / "artifacts").is_dir() else set()
+    res = run_cli(*args, "--plan")
+    assert res.exit_code == 0, res.output
+    before = _items(res.output)
+    assert before and all(s == "todo" for p, _, s in before if p == "2")  # no cell has run in this folder
+    assert not (tmp_path / "b").exists()  # nothing ran: no run folder, no new artifact
+    assert (_files(cache_root / "artifacts") if files else set()) == files
+
+    res = run_cli(*args)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    ran_units = [u for u in manifest["units"]]
+    from wsss_bench.running.bench import Unit
+
+    labels = [Unit(**u["unit"] | {"sources": tuple(u["unit"]["sources"])}).label for u in ran_units]
+    planned_units = [label for phase, label, _ in before if phase != "2"]
+    assert planned_units == labels  # the same units, in the order the bench ran them
+    ran_cells = sorted(f"cell {c['cell']['task']} {c['method']} seed {c['cell']['seed']}" for c in manifest["cells"])
+    planned_cells = sorted(label for phase, label, _ in before if phase == "2")
+    assert planned_cells == ran_cells
+
+    res = run_cli(*args, "--plan")
+    assert res.exit_code == 0, res.output
+    after = _items(res.output)
+    assert [(p, lab) for p, lab, _ in after] == [(p, lab) for p, lab, _ in before]
+    assert all(s == "cached" for _, _, s in after), [a for a in after if a[2] != "cached"]
+    assert "estimated 0s of worker time" in res.output
+
+
+def test_run_plan_prints_cells_and_runs_nothing(run_cli, tmp_path):
+    res = run_cli("run", "--profile", "smoke", "--device", "cpu", "--task", "brats", "--cam", "gradcam,mg",
+                  "--method", "threshold", "--out", tmp_path / "r", "--plan")
+    assert res.exit_code == 0, res.output
+    items = _items(res.output)
+    assert {lab for p, lab, _ in items if p == "2"} == {"cell brats gradcam+threshold seed 0",
+                                                         "cell brats mg+threshold seed 0"}
+    assert not (tmp_path / "r").exists()
+
+
+def test_estimates_scale_with_the_profile():
+    cpu, smoke, paper = load_profile("cpu"), load_profile("smoke"), load_profile("paper")
+    sec_cpu, known = pl.estimate("source:cdm", cpu, cpu)
+    assert known and sec_cpu == pytest.approx(pl.COSTS["source:cdm"][0])
+    sec_smoke, _ = pl.estimate("source:cdm", smoke, cpu)
+    # (32/64)^2 pixels x (30/3000) iterations x (4/8) batch
+    assert sec_smoke == pytest.approx(sec_cpu * 0.25 * 0.01 * 0.5)
+    assert pl.estimate("source:cdm", paper, cpu)[0] > 100 * sec_cpu
+    sec, known = pl.estimate("source:someone-elses", cpu, cpu)
+    assert not known and sec == pl.UNKNOWN_SECONDS
+
+
+def test_render_totals_and_wall_time_with_workers():
+    items = [pl.PlanItem("1.1", "a", "x", False, "cdm", 100.0), pl.PlanItem("1.1", "b", "x", False, "cdm", 20.0),
+             pl.PlanItem("1.2", "c", "x", True), pl.PlanItem("2", "d", "x", False, "", 10.0)]
+    last = pl.render(items, jobs=2)[-1]
+    # worker time 130 s; wall: phase 1.1 max(120/2, 100) = 100, phase 2: 10 -> 110 s
+    assert "3 to run" in last and "2.2 min of worker time" in last and "about 1.8 min wall" in last

@@ -1,0 +1,207 @@
+"""What a ``bench`` or ``run`` would do, and about how long it would take, without training.
+
+:func:`make_plan` lists the phase-1 units (gate classifiers, map sources, refiners) and the
+cells of a command, in the order the command runs them, and says for each whether it is
+cached:
+
+- a **unit** is probed with a dry artifact cache (:class:`DryCache`): it runs the unit's
+  preparation, every artifact it finds is a hit, and the first artifact it would have to
+  build stops it (:class:`WouldBuild`, a ``BaseException`` so no plugin's ``except
+  Exception`` swallows it).  Nothing is trained, nothing is written to the cache;
+- a **cell** is cached when the identity stored in the run folder (:mod:`rundir`) matches
+  its identity now, the same test the command itself makes before it skips a cell.
+
+Each uncached item gets an estimate from :data:`COSTS`, seconds per unit or cell measured on
+the cpu profile on this project's 2-core reference machine (one thread per worker), scaled
+to the command's profile by :func:`scale`.  The plan reads the data of every task (it
+needs the cells' identities), so a cold data cache is prepared first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsss_bench.cache import ArtifactCache, Built
+
+#: cpu-profile seconds per item, one thread: ``kind:plugin`` -> (seconds, knobs the cost
+#: scales with).  Measured in the cold cpu bench of Tables 1-3 + Fig. 4 (units' and cells'
+#: ``seconds`` in its manifest, 2-core machine, 2 one-thread workers), except CLDF: a decoder
+#: on the feature cache trains in about 11 s and infers the test split in about 3 s, CPU time
+#: (benchmarks/results/perf_cldf_cache_after_supcon.md); ``refiner:cldf`` adds its seeds and a
+#: share of the task's feature cache (34 s, shared by every decoder of the task).
+#: ``maps:<plugin>`` is a source whose model is cached and whose test maps are not.
+COSTS: dict[str, tuple[float, tuple[str, ...]]] = {
+    "gate:": (16.1, ("classifier.epochs",)),
+    "source:cdm": (1326.0, ("cdm.iterations", "cdm.batch")),
+    "source:dig": (93.0, ("dig.epochs",)),
+    "source:mg": (94.0, ("mg.t_ref",)),
+    "source:amecam": (26.4, ("amecam.stage1_epochs",)),
+    "source:seam": (10.6, ("seam.epochs",)),
+    "source:scorecam": (29.8, ()),
+    "source:gradcam": (0.8, ()),
+    "source:gradcampp": (0.5, ()),
+    "source:layercam": (0.5, ()),
+    "refiner:cldf": (16.0, ("cldf.epochs",)),
+    "refiner:fsl": (21.3, ("fsl.iterations",)),
+    "refiner:threshold": (0.2, ()),
+    "maps:cdm": (107.0, ()),
+    "maps:mg": (31.0, ("mg.t_ref",)),
+    "cell:cldf": (4.0, ()),
+    "cell:": (2.0, ()),
+}
+#: an unknown plugin (a third party's): this many cpu seconds, flagged in the plan
+UNKNOWN_SECONDS = 30.0
+REFERENCE_PROFILE = "cpu"
+
+
+class WouldBuild(BaseException):
+    """Raised by :class:`DryCache` at the first artifact that is not cached."""
+
+    def __init__(self, stage: str, key: str) -> None:
+        super().__init__(f"{stage} {key[:10]}")
+        self.stage, self.key = stage, key
+
+
+class DryCache(ArtifactCache):
+    """An artifact cache that only looks: hits are returned, a miss raises :class:`WouldBuild`."""
+
+    def build(self, stage: str, key: str, builder: Any, describe: dict | None = None) -> Built:
+        path = self.lookup(stage, key)
+        if path is None or self.force or not self.enabled:
+            raise WouldBuild(stage, key)
+        self.events.append({"stage": stage, "key": key, "hit": True})
+        return Built(path, key, True)
+
+
+@dataclass
+class PlanItem:
+    phase: str  # "1.1", "1.2" (shared units) or "2" (cells)
+    label: str
+    cost_key: str
+    cached: bool
+    missing: str = ""  # the first artifact stage that would be built
+    seconds: float = 0.0  # estimate, 0 when cached
+    known: bool = True  # False: no measured cost for this plugin
+
+
+def _knob(profile: Any, path: str) -> float:
+    section, key = path.split(".")
+    value = dict(getattr(profile, section))[key]
+    return float(len(value)) if isinstance(value, (list, tuple)) else float(value)
+
+
+def scale(profile: Any, knobs: tuple[str, ...], reference: Any) -> float:
+    """Cost factor of ``profile`` vs the reference (cpu) profile: pixels x the knobs' ratios."""
+    factor = (float(profile.image_size) / float(reference.image_size)) ** 2
+    for k in knobs:
+        ref = _knob(reference, k)
+        factor *= _knob(profile, k) / ref if ref else 1.0
+    return factor
+
+
+def estimate(cost_key: str, profile: Any, reference: Any) -> tuple[float, bool]:
+    """(seconds, known) of one uncached item."""
+    if cost_key in COSTS:
+        sec, knobs = COSTS[cost_key]
+        return sec * scale(profile, knobs, reference), True
+    generic = cost_key.split(":")[0] + ":"
+    if generic in COSTS and cost_key.startswith("cell:"):
+        sec, knobs = COSTS[generic]
+        return sec * scale(profile, knobs, reference), True
+    return UNKNOWN_SECONDS * scale(profile, (), reference), False
+
+
+def _plugin_name(spec: str) -> str:
+    return spec.split("[")[0].strip()
+
+
+def probe_unit(session: Any, unit: Any) -> tuple[str, str]:
+    """('', '') if every artifact of ``unit`` is cached, else the (stage, key) it would build first."""
+    from wsss_bench.running.runner import classifier_p1
+
+    try:
+        ctx = session.context(unit.task, unit.seed)
+        ctx.begin_cell(unit.label)
+        if unit.kind == "gate":
+            classifier_p1(ctx, ctx.data.split("test"))
+        elif unit.kind == "source":
+            ctx.maps(ctx.plugin("cams", unit.spec), "test")
+        else:
+            sources = tuple(ctx.plugin("cams", s) for s in unit.sources)
+            ctx.plugin("refiners", unit.spec, sources=sources)
+    except WouldBuild as stop:
+        return stop.stage, stop.key
+    return "", ""
+
+
+def make_plan(cfg: Any, host: Any, cells: list) -> list[PlanItem]:
+    """Every unit and cell the command would run, cached or not, with estimates."""
+    from wsss_bench.profiles import load_profile
+    from wsss_bench.running import rundir
+    from wsss_bench.running.bench import shared_units
+    from wsss_bench.running.runner import Session, cell_identity
+
+    session = Session(cfg, host=host)
+    session.cache = DryCache(session.cache.root, enabled=session.cache.enabled, force=session.cache.force)
+    profile, reference = cfg.load_profile(), load_profile(REFERENCE_PROFILE)
+    items: list[PlanItem] = []
+    claimed: dict[str, str] = {}  # artifact key -> the unit that builds it first
+    for level, units in enumerate(shared_units(cells)):
+        for u in units:
+            missing, art = probe_unit(session, u)
+            if missing and art in claimed:  # an earlier unit builds it; this one runs after it
+                missing = f"{missing} (built by {claimed[art]})"
+            elif missing:
+                claimed[art] = u.label
+            name = _plugin_name(u.spec)
+            key = f"{u.kind}:{name}" if u.kind != "gate" else "gate:"
+            if missing.startswith("maps") and f"maps:{name}" in COSTS:
+                key = f"maps:{name}"
+            item = PlanItem(f"1.{level + 1}", u.label, key, not missing, missing)
+            if missing:
+                item.seconds, item.known = estimate(key, profile, reference)
+            items.append(item)
+    for c in cells:
+        ctx = session.context(c.task, c.seed)
+        stored = None if cfg.force else rundir.stored_identity(Path(cfg.out), c.key)
+        cached = stored is not None and stored == cell_identity(cfg, ctx, host, c)
+        key = f"cell:{_plugin_name(c.refiner_spec)}"
+        item = PlanItem("2", f"cell {c.task} {c.method} seed {c.seed}", key, cached)
+        if not cached:
+            item.seconds, item.known = estimate(key, profile, reference)
+        items.append(item)
+    return items
+
+
+def render(items: list[PlanItem], jobs: int = 1) -> list[str]:
+    """Plain lines: one per item, then the totals (worker time, and wall time at ``jobs``)."""
+    lines = []
+    for it in items:
+        if it.cached:
+            status = "cached"
+        else:
+            what = f"to build from {it.missing}, " if it.missing else "to run, "
+            status = f"{what}~{_dur(it.seconds)}" + ("" if it.known else " (no measured cost: a guess)")
+        lines.append(f"[{it.phase}] {it.label}: {status}")
+    todo = [it for it in items if not it.cached]
+    total = sum(it.seconds for it in todo)
+    wall = 0.0
+    for phase in sorted({it.phase for it in items}):  # phases run one after the other
+        part = [it.seconds for it in todo if it.phase == phase]
+        if part:
+            wall += max(sum(part) / max(1, jobs), max(part))
+    lines.append(f"{len(items)} item(s): {len(items) - len(todo)} cached, {len(todo)} to run; estimated "
+                 f"{_dur(total)} of worker time, about {_dur(wall)} wall with {jobs} worker(s)")
+    return lines
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+__all__ = ["COSTS", "DryCache", "WouldBuild", "PlanItem", "make_plan", "probe_unit", "render", "scale", "estimate"]
