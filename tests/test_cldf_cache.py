@@ -84,10 +84,12 @@ def test_the_cache_is_built_once_for_every_decoder_of_a_task(cache_root):
     assert len({c.refiner.decoder for c in cells}) == 4  # four different decoders were trained
     for c in cells:  # each decoder records the cache as upstream
         assert key in c.ctx.used
-    # the cache holds the label-1 training slices and every test slice, once each
+    # the cache holds the label-1 training and validation slices (the decoder's convergence
+    # criterion scores the validation seeds) and every test slice, once each
     ctx = cells[0].ctx
-    train = ctx.data.split("train")
-    want = np.union1d(train[ctx.data.labels[train] == 1], ctx.data.split("test"))
+    train, val = ctx.data.split("train"), ctx.data.split("val")
+    want = np.union1d(np.union1d(train[ctx.data.labels[train] == 1], val[ctx.data.labels[val] == 1]),
+                      ctx.data.split("test"))
     assert np.array_equal(np.sort(np.fromiter(cells[0].refiner.features.pos, int)), want)
 
 
