@@ -136,6 +136,7 @@ class CLDF(Refiner):
         self.backbone = ctx.plugin("backbones", self.p["backbone"])
         backbone_keys = ctx.upstream(self.backbone)
         seeds = self._train_seeds(ctx)
+        self._seeds = seeds
         self.kmeans_seed = ctx.seed("cldf/kmeans")
         self._test_seeds: dict[int, dict[str, Any]] = {}
         self._test_pos: dict[int, int] | None = None
@@ -292,6 +293,20 @@ class CLDF(Refiner):
             ctx.record(f"cldf/seeds/{split}", comp)
         return {"fg": np.load(built.path / "fg.npy", mmap_mode="r"), "bg": np.load(built.path / "bg.npy", mmap_mode="r"),
                 "rows": np.load(built.path / "rows.npy"), "key": built.key}
+
+    def added_sources(self) -> list[CamSource]:
+        """MG when the refiner added it itself (``--cam amecam``: CAM+MG+CL)."""
+        return [self.mg] if getattr(self, "mg_added", False) and self.mg is not None else []
+
+    def train_seeds(self) -> tuple[Any, Any, Any] | None:
+        """(rows, fg, bg) of the training seeds made in ``prepare`` (for the runner's report)."""
+        from wsss_bench.nn import cldf as core
+
+        seeds = getattr(self, "_seeds", None)
+        if seeds is None:
+            return None
+        return (np.asarray(seeds["rows"]), core.unpack_masks(np.asarray(seeds["fg"]), self.size).numpy(),
+                core.unpack_masks(np.asarray(seeds["bg"]), self.size).numpy())
 
     # ================================================================== refine
     def _maps_of(self, source: CamSource, batch: SliceBatch) -> "Tensor":

@@ -310,7 +310,8 @@ def test_cell_logs_do_not_leak_between_cells(tmp_path):
     gc = session.run_cell(Cell("brats", "threshold", (), (("gradcam", ()),), 0))
     assert "match/mg" in mg.info["records"] and "match/mg" not in gc.info["records"]
     assert not any(s["stage"].startswith("prepare/mg") for s in gc.info["stages"])
-    assert gc.info["stage_list"] == ["prepare sources", "maps", "prepare refiner", "refine", "gate", "score"]
+    assert gc.info["stage_list"] == ["prepare sources", "maps", "prepare refiner", "refine", "gate", "score",
+                                     "pseudo-masks"]
 
 
 def test_classifier_training_killed_after_a_checkpoint_resumes_bit_identical(tmp_path):

@@ -13,6 +13,9 @@ exact signatures):
 - ``ctx.maps``: a map source's maps on train, val or test, cached, read-only memmap;
 - seeds, records, timed stages, progress and bf16 autocast.
 
+Every trained model a cell uses leaves a ``model/<name>`` record in that cell's log: how its
+training stopped (:func:`wsss_bench.quality.read_stop_record`).
+
 The context knows no method.  What a cell did (records, stages, artifacts, seeds) goes to
 that cell's own :class:`~wsss_bench.records.CellLog`; a memoised model or plugin replays
 its records into every cell that uses it.
@@ -38,6 +41,7 @@ from wsss_bench.lazy import torch
 from wsss_bench.nn import training
 from wsss_bench.plugins import load_plugins
 from wsss_bench.progress import log_line, log_lines_enabled, progress, say
+from wsss_bench.quality import MODEL_RECORD, read_stop_record
 from wsss_bench.records import CellLog, TaskDef
 from wsss_bench.seeding import derive_seed
 from wsss_bench.spec import parse_specs
@@ -348,6 +352,8 @@ class RunContext:
                                   source=[*source, training])
             model.load_state_dict(load_file(str(built.path / f"{fname}.safetensors")))
             model.to(self.device).eval().requires_grad_(False)
+            # how it stopped, for the rows made from it (replayed with the memo)
+            self.record(f"{MODEL_RECORD}{name}", read_stop_record(built.path / f"{fname}.train.json"))
         self._model_keys[name] = built.key
         self._memo[("model", key)] = _Memo(model, cap["used"], cap["records"], cap["seeds"])
         return model

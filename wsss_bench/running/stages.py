@@ -1,6 +1,7 @@
 """The stages of one cell: what computes its numbers, and nothing else.
 
     prepare sources -> maps (per source, test split) -> prepare refiner -> refine -> gate -> score
+    -> pseudo-masks (training-split mask and seed quality, for the manifest)
 
 Each stage is a small function of the cell's :class:`CellState`.  Everything a stage trains or
 computes goes through the context (``ctx.plugin``, ``ctx.maps``, ``ctx.shared_model``,
@@ -27,6 +28,7 @@ from wsss_bench.errors import PluginError, UserError
 from wsss_bench.lazy import pd, torch
 from wsss_bench.metrics import apply_gate, dice_iou
 from wsss_bench.nn.classifier import get_classifier, predict_p1
+from wsss_bench.quality import MODEL_RECORD, mask_agreement, model_quality, rule_masks, seed_quality
 
 GATES = ("label", "classifier", "none")
 
@@ -48,6 +50,10 @@ class CellState:
     #: gate -> (gated masks, gate pass per slice)
     gated: dict[str, tuple] = field(default_factory=dict)
     frame: Any = None
+    #: names of the trained models the maps and masks came from (made before the gate)
+    map_models: list = field(default_factory=list)
+    #: training-split pseudo-mask and seed quality (the manifest's ``pseudo_masks``)
+    pseudo: dict = field(default_factory=dict)
 
 
 def stage_prepare_sources(st: CellState) -> None:
@@ -121,6 +127,48 @@ def stage_score(st: CellState) -> None:
     st.frame = pd.concat(frames, ignore_index=True)
 
 
+def stage_pseudo_masks(st: CellState) -> None:
+    """Quality of the training-split pseudo-masks, after the method: each map source's masks
+    (its own rule) and the refiner's training seeds against the training masks, over the
+    positive training slices.  The masks are read here, by the runner; no plugin sees them."""
+    ctx, data = st.ctx, st.ctx.task_data
+    train = np.asarray(data.split("train"))
+    is_pos = np.asarray(data.labels)[train] == 1  # row i of ctx.maps(source, "train") is train[i]
+    pos = train[is_pos]
+    out: dict[str, Any] = {"split": "train", "slices": "positive", "n_slices": int(len(pos)),
+                           "sources": {}, "seeds": None}
+    st.pseudo = out
+    if not len(pos):
+        return
+    refiner = st.refiner
+    extra = tuple(getattr(refiner, "added_sources", lambda: ())() or ())
+    sources = {s.spec(): s for s in (*st.sources, *extra)}
+    with ctx.stage("pseudo-masks"):
+        gt = np.asarray(data.masks(pos)).astype(bool)
+        for spec, source in sources.items():
+            maps = ctx.maps(source, "train")  # what the method wrote (cached), else made once here
+            out["sources"][spec] = {"rule": source.mask_rule,
+                                    **mask_agreement(rule_masks(np.asarray(maps)[is_pos], source.mask_rule), gt)}
+        seeds = getattr(refiner, "train_seeds", lambda: None)()
+        if seeds is not None:
+            out["seeds"] = _seed_report(st, seeds, train)
+
+
+def _seed_report(st: CellState, seeds: tuple, train: Any) -> dict[str, Any]:
+    rows, fg, bg = (np.asarray(a) for a in seeds)
+    name = getattr(st.refiner, "name", "?")
+    size = int(st.ctx.data.image_size)
+    if fg.shape != (len(rows), size, size) or bg.shape != fg.shape:
+        raise PluginError(f"refiner '{name}': train_seeds() returned fg {fg.shape} and bg {bg.shape} for "
+                          f"{len(rows)} rows; expected ({len(rows)}, {size}, {size}) each")
+    if not np.isin(rows, train).all():
+        raise PluginError(f"refiner '{name}': train_seeds() names rows outside the training split")
+    data = st.ctx.task_data
+    gt = np.asarray(data.masks(rows)).astype(bool)
+    tissue = (np.asarray(data.images(rows)) != 0).any(axis=1)
+    return {"n_slices": int(len(rows)), **seed_quality(fg.astype(bool), bg.astype(bool), gt, tissue)}
+
+
 #: the stages of a cell, in order
 CELL_STAGES: tuple[tuple[str, Callable[[CellState], None]], ...] = (
     ("prepare sources", stage_prepare_sources),
@@ -129,6 +177,7 @@ CELL_STAGES: tuple[tuple[str, Callable[[CellState], None]], ...] = (
     ("refine", stage_refine),
     ("gate", stage_gate),
     ("score", stage_score),
+    ("pseudo-masks", stage_pseudo_masks),
 )
 
 
@@ -151,12 +200,17 @@ def compute_cell(ctx: RunContext, cell: Any, profile: Any) -> tuple[CellState, d
     every gate; ``state.pred``: the masks before gating) and the info for its manifest."""
     check_scorable(ctx)
     st = CellState(ctx, cell, profile)
-    for _, stage in CELL_STAGES:
+    for name, stage in CELL_STAGES:
+        if name == "gate":  # the models made so far are the ones the maps and masks come from
+            st.map_models = [k[len(MODEL_RECORD):] for k in ctx.log.records if k.startswith(MODEL_RECORD)]
         stage(st)
     log = ctx.log
+    classifier = gate_stats(ctx.data.labels[st.test], st.p1)
     info = {"artifacts": list(dict.fromkeys(log.used)), "records": dict(log.records),
             "base_seed": ctx.base_seed, "derived_seeds": dict(log.seeds),
-            "classifier_gate": gate_stats(ctx.data.labels[st.test], st.p1),
+            "classifier_gate": classifier,
+            "model_quality": model_quality(log.records, classifier, st.map_models),
+            "pseudo_masks": st.pseudo,
             "thresholds": {"cam": profile.common.cam_threshold, "otsu_bins": profile.common.otsu_bins},
             "stage_list": [name for name, _ in CELL_STAGES]}
     return st, info
