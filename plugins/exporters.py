@@ -57,13 +57,13 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}"}
 _LATEX_SYMBOL = {"±": r"$\pm$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "—": "---", "–": "--",
-                 "<": r"$<$", ">": r"$>$", "†": r"$^{\dagger}$", "…": r"\ldots{}", "≥": r"$\geq$",
+                 "<": r"$<$", ">": r"$>$", "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$", "…": r"\ldots{}", "≥": r"$\geq$",
                  "≤": r"$\leq$", "×": r"$\times$", "∩": r"$\cap$"}
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in [*_LATEX_SPECIAL, *_LATEX_SYMBOL]))
 
 
 def latex_escape(text: str) -> str:
-    """Escape LaTeX specials and spell ±, ↑, ↓, †, dashes and a few symbols in LaTeX."""
+    """Escape LaTeX specials and spell ±, ↑, ↓, †, ‡, dashes and a few symbols in LaTeX."""
     text = _LATEX_RE.sub(lambda m: _LATEX_SPECIAL.get(m.group(0)) or _LATEX_SYMBOL[m.group(0)], text)
     return "".join(ch if ord(ch) < 128 else "?" for ch in text)  # pdflatex without inputenc tricks
 
@@ -254,7 +254,7 @@ class HtmlExporter(Exporter):
             first = f"<b>{first}</b>"
         rest = "".join(f'<span class="ci">{self._esc(x)}</span>' for x in lines[1:] if x.strip())
         klass = ' class="failed"' if lines[0].startswith("failed") else ""
-        value = lines[0].split("±")[0].rstrip("†").strip()
+        value = lines[0].split("±")[0].rstrip("†‡").strip()
         data = f' data-value="{self._esc(value)}"' if re.fullmatch(r"-?[0-9.]+", value) else ""
         return f"<{tag}{klass}{data}>{first}{rest}</{tag}>"
 

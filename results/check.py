@@ -64,7 +64,8 @@ def check_bench(folder: Path) -> list[str]:
     got = bench_markdown(b["frame"], b["planned"], b["tables"], resamples=b["resamples"],
                          failures=failed_cells(folder), profile=b["profile"],
                          metrics=b["manifest"].get("table_metrics"),
-                         empty_distance=b["manifest"].get("empty_distance") or "undefined")
+                         empty_distance=b["manifest"].get("empty_distance") or "undefined",
+                         quality=folder)
     want = (folder / "tables.md").read_text()
     diff = [] if got == want else list(difflib.unified_diff(want.splitlines(), got.splitlines(),
                                                               "committed tables.md", "recomputed", lineterm=""))
@@ -98,7 +99,7 @@ def check_paper_tables(folder: Path) -> list[str]:
     for path, fmt, table in wanted:
         if table not in built:
             built[table] = build_tables(frame, table, "label", with_paper=True, resamples=resamples,
-                                        failed=failed_cells(manifests))
+                                        failed=failed_cells(manifests), quality=manifests)
         got = render_many(built[table], host.get("exporters", fmt)())
         want = path.read_text()
         if got != want:

@@ -438,7 +438,7 @@ def list_(
 def report(
     run_dir: List[Path] = typer.Argument(..., help="Run directory (or several, or a folder of runs)."),
     fmt: str = typer.Option("markdown", "--format", "-f", help="Exporter: markdown, latex, csv, html (a whole page), ...; latex[preset=full] keeps every column (the paper tables default to the compact preset)."),
-    table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows) | cases (one row per case x method x gate: per-volume Dice, IoU, HD95, ASSD; csv or markdown)."),
+    table: str = typer.Option("summary", "--table", help="summary (every method) | table1 | table2 | table3 (the paper's rows) | cases (one row per case x method x gate: per-volume Dice, IoU, HD95, ASSD; csv or markdown) | seeds (training-split pseudo-mask quality) | quality (the models behind each row)."),
     gate: str = typer.Option("all", "--gate", help="label | classifier | none | all (default: all, one table per gate held)."),
     with_paper: bool = typer.Option(False, "--with-paper", help="Put the paper's numbers (docs/protocol.md §13) beside ours."),
     per_volume: bool = typer.Option(False, "--per-volume", help="Add a per-volume (3D) Dice column per task (docs/metrics.md)."),
@@ -480,7 +480,8 @@ def report(
         r = bootstrap_resamples(frame, manifests) if resamples is None else resamples
         tables = build_tables(frame, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
                               reference=reference, failed=failed_cells(manifests), metrics=chosen,
-                              empty_distance=empty_distance)
+                              empty_distance=empty_distance, quality=manifests,
+                              quality_table=ex_spec.name != "csv")  # CSV: the quality columns sit in the rows
         text = render_many(tables, exporter)
     if output:
         write_text(output, text)

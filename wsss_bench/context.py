@@ -353,7 +353,8 @@ class RunContext:
             model.load_state_dict(load_file(str(built.path / f"{fname}.safetensors")))
             model.to(self.device).eval().requires_grad_(False)
             # how it stopped, for the rows made from it (replayed with the memo)
-            self.record(f"{MODEL_RECORD}{name}", read_stop_record(built.path / f"{fname}.train.json"))
+            self.record(f"{MODEL_RECORD}{name}", read_stop_record(built.path / f"{fname}.train.json",
+                                                                  getattr(training, "convergence_of", None)))
         self._model_keys[name] = built.key
         self._memo[("model", key)] = _Memo(model, cap["used"], cap["records"], cap["seeds"])
         return model

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from wsss_bench.lazy import torch
 from wsss_bench.maps import binarize_cam, otsu_masks
 from wsss_bench.metrics import overlap_counts
-from wsss_bench.nn import training
 
 #: a classifier below this test AUC has not learned the task well enough to explain it
 MIN_CLASSIFIER_AUC = 0.9
@@ -81,17 +80,17 @@ def stop_record(info: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"stop_reason": worst, "stages": short}
 
 
-def read_stop_record(train_json: Path) -> dict[str, Any]:
+def read_stop_record(train_json: Path, reader: Callable[[Path], Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """:func:`stop_record` of a stored ``<name>.train.json`` (plain JSON; a missing file: fixed steps).
 
-    Where the training loop offers ``convergence_of`` (its public reader of the same
-    records), the convergence records are read through it.
+    ``reader``: the training loop's public reader of the same records
+    (``wsss_bench.nn.training.convergence_of``, ``{model or model/stage: record}``) where it
+    offers one; the context passes it, so this core module does not import ``nn/``.
     """
     try:
         info = json.loads(Path(train_json).read_text())
     except (OSError, ValueError):
         return stop_record({})
-    reader = getattr(training, "convergence_of", None)
     if reader is not None and isinstance(info, Mapping):
         found = reader(Path(train_json))
         if found:

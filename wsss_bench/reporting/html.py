@@ -8,6 +8,7 @@ from wsss_bench.interfaces import Exporter, ReportTable
 from wsss_bench.reporting import figures as figs
 from wsss_bench.reporting.layout import _tasks_in, _values, gates_of
 from wsss_bench.reporting.load import bootstrap_resamples, failed_cells, load_manifests, load_results
+from wsss_bench.reporting.quality import QualityIndex, model_quality_table, seeds_table
 from wsss_bench.reporting.tables import build_tables, classifier_table, per_case_table
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -198,20 +199,28 @@ def html_report(source: Any, exporter: Exporter, *, table: str = "summary", gate
                 with_paper: bool = False, per_volume: bool = False, resamples: int | None = None,
                 reference: str | None = None, figures: bool = True, metrics: Any = None,
                 empty_distance: str = "undefined", labels: Sequence[str] = (), cache_dir: Any = None) -> str:
-    """The whole HTML page of one or more runs: tables with CIs, classifier gate, failed cells,
-    the figures (embedded PNG), and the sortable per-case Dice table."""
+    """The whole HTML page of one or more runs: tables with CIs and quality marks, the model
+    quality and training-split pseudo-mask tables, classifier gate, failed cells, the figures
+    (embedded PNG), and the sortable per-case Dice table."""
     from wsss_bench.reporting.load import load_runs
 
     df, manifests = load_runs(source, labels)
     failed = failed_cells(manifests)
     r = bootstrap_resamples(df, manifests) if resamples is None else resamples
     gates = gates_of(df, gate)
+    quality = QualityIndex.of(manifests)
     tables = build_tables(df, table, gate, with_paper=with_paper, per_volume=per_volume, resamples=r,
-                          reference=reference, failed=failed, metrics=metrics, empty_distance=empty_distance)
+                          reference=reference, failed=failed, metrics=metrics, empty_distance=empty_distance,
+                          quality=quality, quality_table=False)
     sections: list[tuple[str, list]] = [("Results", [*[("note", GATE_LINES[g]) for g in gates if g in GATE_LINES],
                                                      *tables])]
     warned = run_warnings(manifests)
     sections.insert(0, ("Warnings of the run", [("note", w) for w in warned] or [("note", "none recorded")]))
+    mq = model_quality_table(quality, df) if table != "quality" else None
+    if mq is not None:
+        sections.append(("Model quality", [mq]))
+    if quality and table != "seeds":
+        sections.append(("Pseudo-mask quality (training split)", [seeds_table(quality, df)]))
     clf = classifier_table(df)
     if clf is not None:
         sections.append(("Negative gate", [clf]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from wsss_bench.boundary import BOUNDARY_METRICS, DEFAULT_EMPTY_RULE, LOWER_IS_BETTER, apply_rule_to_rows, rule_line
 from wsss_bench.errors import UserError
@@ -39,8 +39,10 @@ PAPER_SUFFIX = " (paper)"
 UP = "↑"
 DOWN = "↓"
 MARK = "†"
+#: after a row's Dice when a model behind it is in doubt (wsss_bench.reporting.quality)
+QUALITY_MARK = "‡"
 ALPHA = 0.05
-TABLES = ("summary", "table1", "table2", "table3", "cases")
+TABLES = ("summary", "table1", "table2", "table3", "cases", "seeds", "quality")
 TASK_ORDER = paper.TASKS
 
 
@@ -177,12 +179,16 @@ def _count(rec: Mapping, key: str, total: int) -> str:
 
 def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], *, gate: str,
             resamples: int = 0, references: Mapping[str, str | None] | None = None,
-            failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE
+            failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE,
+            quality: Any = None
             ) -> tuple[list[list[str]], set, "pd.DataFrame", list[str]]:
     """Cells, bold set, the tidy numbers and footer notes for ``specs`` x ``cols``.
 
     Boundary metrics (HD95, ASSD) are averaged under the ``empty_distance`` rule; lower is
-    better there, so their best value is the smallest.
+    better there, so their best value is the smallest.  ``quality`` (a
+    :class:`wsss_bench.reporting.quality.QualityIndex`) marks a row's Dice with
+    :data:`QUALITY_MARK` where a model behind it is in doubt, adds the footnote, and puts the
+    classifier's test stats and the stop reasons into the tidy numbers.
     """
     import pandas as pd
 
@@ -219,6 +225,7 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
 
     rows = [[s.label] for s in specs]
     bold: set[tuple[int, int]] = set()
+    marked: dict[tuple[str, str], list[str]] = {}
     for j, col in enumerate(cols, start=1):
         means: list[float] = []
         for i, spec in enumerate(specs):
@@ -256,6 +263,11 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
                         text += MARK
                     elif str(test["note"]).startswith(f"n/a: {test['n_cases']} common"):
                         second = f"{second} n/a".strip()
+                flags = quality.flags(method, col.task, gate) if quality and col.block == "all" \
+                    and col.metric == "dice" else []
+                if flags:
+                    text += QUALITY_MARK
+                    marked.setdefault((col.task, method), flags)
                 text = f"{text}\n{second}" if second else text
             rows[i].append(text)
             means.append(round(value, 3) if _finite(value) else float("nan"))
@@ -276,6 +288,8 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
             if (method, t) in vol_index:
                 rec.update({k: v for k, v in vol_index[(method, t)].items()
                             if k.startswith(("dice3d", "iou3d", "n_vol", "hd95_3d", "assd_3d"))})
+            if quality:
+                rec.update(quality.row_facts(method, t, gate))
             test = tests.get((method, t, "dice"))
             if test is not None:
                 rec.update({"reference": test["reference"], "p": test["p"], "p_holm": test["p_holm"],
@@ -319,6 +333,8 @@ def _layout(sel: "pd.DataFrame", specs: Sequence[RowSpec], cols: Sequence[Col], 
     if any(c.block == "paper" for c in cols):
         notes.append(f"{PAPER_SUFFIX.strip()}: Zeng et al. (CLDF), their test sets and full-size data "
                      "(docs/protocol.md §13); not comparable number for number with a phantom or a small profile.")
+    if marked:
+        notes.append(quality.footnote([(t, m, f) for (t, m), f in marked.items()]))
     shown_fail = [f for f in failed if f.task in tasks]
     if shown_fail:
         notes.append("Failed cells (manifest.json): " + "; ".join(

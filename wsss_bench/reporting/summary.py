@@ -15,6 +15,8 @@ from wsss_bench.boundary import (BOUNDARY_METRICS, DEFAULT_EMPTY_RULE, apply_rul
                                  parse_metrics, rule_line)
 from wsss_bench.interfaces import ReportTable
 from wsss_bench.reporting.format import fmt_stat, markdown_grid
+from wsss_bench.reporting.layout import QUALITY_MARK
+from wsss_bench.reporting.quality import QualityIndex
 from wsss_bench.reporting.stats import aggregate, bootstrap_ci, bootstrap_seed
 from wsss_bench.running.rundir import FailedCell
 
@@ -67,7 +69,8 @@ def summary_markdown(frame: "pd.DataFrame") -> str:
 
 # --------------------------------------------------------------------------- a bench table
 def _cell_text(frame: "pd.DataFrame | None", task: str, methods: set[str], gate: str, resamples: int,
-               failures: dict[tuple[str, str], str], metric: str = "dice") -> str:
+               failures: dict[tuple[str, str], str], metric: str = "dice",
+               quality: "QualityIndex | None" = None, marked: dict | None = None) -> str:
     sub = frame[(frame.task == task) & (frame.method.isin(methods)) & (frame.gate == gate)] \
         if frame is not None and len(frame) else None
     parts = []
@@ -79,8 +82,13 @@ def _cell_text(frame: "pd.DataFrame | None", task: str, methods: set[str], gate:
             continue
         lo, hi = bootstrap_ci(m, resamples, bootstrap_seed(m, task), column=metric)
         v = m[metric].dropna()  # boundary metrics: NaN = undefined, left out and counted
-        parts.append(fmt_stat(v.mean() if len(v) else float("nan"), v.std(ddof=0), (lo, hi), compact=False)
-                     + (_defined(len(v), len(m)) if metric in BOUNDARY_METRICS else ""))
+        text = (fmt_stat(v.mean() if len(v) else float("nan"), v.std(ddof=0), (lo, hi), compact=False)
+                + (_defined(len(v), len(m)) if metric in BOUNDARY_METRICS else ""))
+        flags = quality.flags(method, task, gate) if quality and metric == "dice" else []
+        if flags and marked is not None:
+            marked.setdefault((task, method), flags)
+            text = text.replace(" [", f"{QUALITY_MARK} [", 1) if " [" in text else text + QUALITY_MARK
+        parts.append(text)
     return "; ".join(parts)
 
 
@@ -96,7 +104,8 @@ def bench_metrics(frame: "pd.DataFrame | None", metrics: Any = None) -> tuple[st
 
 def bench_table(frame: "pd.DataFrame | None", planned: Sequence[Any], table: Any, gate: str = "label",
                 resamples: int = 1000, failures: Sequence[FailedCell] = (), profile: str | None = None,
-                metrics: Any = None, empty_distance: str = DEFAULT_EMPTY_RULE) -> ReportTable:
+                metrics: Any = None, empty_distance: str = DEFAULT_EMPTY_RULE,
+                quality: Any = None) -> ReportTable:
     """One benchmark file's table: its rows x tasks, Dice mean ± std with the case-level bootstrap
     95% CI (``resamples`` draws, seeded with seed(base, task, "bootstrap")); with boundary
     columns in the rows also HD95 and ASSD per task (``metrics`` chooses; ``empty_distance`` is
@@ -104,12 +113,16 @@ def bench_table(frame: "pd.DataFrame | None", planned: Sequence[Any], table: Any
 
     ``planned`` are the bench's planned rows (table, row, task, cells, error); a row with a
     ``note`` for ``profile`` gets a numbered caveat in the footer; a failed cell shows the first
-    line of its recorded error.
+    line of its recorded error.  ``quality`` (the bench folder, its manifests or a QualityIndex)
+    marks cells whose models are in doubt and adds, per task, the CAM classifier's test stats
+    and the models' stop reasons to the footer.
     """
     reasons = {(f.task, f.method): f.reason for f in failures}
     chosen = bench_metrics(frame, metrics)
     if frame is not None and has_boundary(frame) and any(m in BOUNDARY_METRICS for m in chosen):
         frame = apply_rule_to_rows(frame, check_rule(empty_distance))
+    index = QualityIndex.of(quality)
+    marked: dict[tuple[str, str], list[str]] = {}
     rows: list[list[str]] = []
     notes: list[str] = []
     for row in table.rows:
@@ -121,7 +134,8 @@ def bench_table(frame: "pd.DataFrame | None", planned: Sequence[Any], table: Any
             elif pr.error:
                 cells.append(pr.error.split(":")[0])
             else:
-                cells.extend(_cell_text(frame, task, {c.method for c in pr.cells}, gate, resamples, reasons, m)
+                cells.extend(_cell_text(frame, task, {c.method for c in pr.cells}, gate, resamples, reasons, m,
+                                         index, marked)
                              for m in chosen)
                 continue
             cells.extend([cells[-1]] * (len(chosen) - 1))
@@ -137,14 +151,24 @@ def bench_table(frame: "pd.DataFrame | None", planned: Sequence[Any], table: Any
         footer += "\n\n" + rule_line(empty_distance)
     if notes:
         footer += "\n\n" + "\n".join(f"[{i}] {text}" for i, text in enumerate(notes, 1))
+    if index:
+        lines = [index.task_summary(t, {c.method for p in planned if p.table == table.name and p.task == t
+                                        for c in p.cells}) for t in table.tasks]
+        lines = [x for x in lines if x]
+        if marked:
+            lines.append(index.footnote([(t, m, f) for (t, m), f in marked.items()]))
+        if lines:
+            footer += "\n\nModel quality: " + "\n".join(lines)
     header = ["method", *(f"{t} {names[m]}" for t in table.tasks for m in chosen)]
     return ReportTable(title=f"{table.name}: {table.caption}", header=header, rows=rows, footer=footer)
 
 
 def bench_markdown(frame: "pd.DataFrame | None", planned: Sequence[Any], tables: Sequence[Any], *,
                    resamples: int, failures: Sequence[FailedCell] = (), profile: str | None = None,
-                   metrics: Any = None, empty_distance: str = DEFAULT_EMPTY_RULE) -> str:
+                   metrics: Any = None, empty_distance: str = DEFAULT_EMPTY_RULE, quality: Any = None) -> str:
     """Every benchmark file's table as Markdown (``tables.md``)."""
+    index = QualityIndex.of(quality)
     return "\n".join(to_markdown(bench_table(frame, planned, t, resamples=resamples, failures=failures,
-                                             profile=profile, metrics=metrics, empty_distance=empty_distance))
+                                             profile=profile, metrics=metrics, empty_distance=empty_distance,
+                                             quality=index))
                      for t in tables)

@@ -30,6 +30,7 @@ from wsss_bench.reporting.layout import (DEFAULT_TASK_LABELS, METRIC_LABELS, TAB
                                          cldf_references, gates_of)
 from wsss_bench.reporting.cases import cases_table
 from wsss_bench.reporting.load import REQUIRED_COLUMNS
+from wsss_bench.reporting.quality import QualityIndex, model_quality_table, seeds_table
 from wsss_bench.reporting.stats import classifier_gate_stats, compare_to, require_columns, volume_scores
 from wsss_bench.running.rundir import FailedCell
 
@@ -58,7 +59,8 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
                   title: str | None = None, task_labels: Mapping[str, str] | None = None,
                   not_bold: Iterable[str] = (), ci_resamples: int = 0, per_volume: bool = False,
                   with_paper: bool = False, reference: str | None = None, stats: bool | None = None,
-                  failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
+                  failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE,
+                  quality: Any = None) -> StatTable:
     """Every method (rows) x task and metric (columns), one column block per entry of ``blocks``.
 
     ``gate=None`` picks gate=label when present, else the only gate.  ``not_bold`` names methods
@@ -69,6 +71,8 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
     mapping of :mod:`wsss_bench.reporting.paper`).  ``failed`` (from :func:`failed_cells`) fills the cells of
     failed methods.  ``raw`` is the tidy aggregate of the shown cells.  ``metrics`` default: see
     :func:`table_metrics`; HD95/ASSD are averaged under ``empty_distance``.
+    ``quality`` (run folder, manifests or a QualityIndex) marks rows whose models are in doubt
+    (:mod:`wsss_bench.reporting.quality`).
     """
     require_columns(df, REQUIRED_COLUMNS, what="results")
     metrics = table_metrics(df, metrics)
@@ -98,7 +102,8 @@ def summary_table(df: "pd.DataFrame", gate: str | None = None, *, blocks: Sequen
     cols, header, sub, groups = _columns(tasks, metrics, blocks, task_labels, per_volume=per_volume,
                                          with_paper=with_paper)
     rows, bold, raw, notes = _layout(sel, specs, cols, gate=gate, resamples=ci_resamples,
-                                     references=refs, failed=failed, empty_distance=empty_distance)
+                                     references=refs, failed=failed, empty_distance=empty_distance,
+                                     quality=QualityIndex.of(quality))
     notes = [_NOTES[b] for b in blocks] + notes
     return StatTable(title=title or f"Segmentation results (gate={gate})", header=["Method", *header],
                      rows=rows, bold=bold, footer=_footer(sel, gate, data, notes), raw=raw,
@@ -122,7 +127,8 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
                 ci_resamples: int = 0, per_volume: bool = False, stats: bool | None = None,
                 references: Mapping[str, str | None] | None = None,
                 paper_rows: Mapping[str, tuple[str, str]] | None = None,
-                failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
+                failed: Sequence[FailedCell] = (), empty_distance: str = DEFAULT_EMPTY_RULE,
+                quality: Any = None) -> StatTable:
     """A paper-style table: the given (row label, method) rows in order, then the
     supplementary rows after a rule; cells ``mean±std`` or '—' where a method has no result.
 
@@ -154,7 +160,8 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
     cols, header, sub, groups = _columns(tasks, metrics, [block], task_labels, per_volume=per_volume,
                                          with_paper=bool(paper_rows))
     cells, bold, raw, notes = _layout(sel, specs, cols, gate=gate, resamples=ci_resamples,
-                                      references=refs, failed=failed, empty_distance=empty_distance)
+                                      references=refs, failed=failed, empty_distance=empty_distance,
+                                      quality=QualityIndex.of(quality))
     return StatTable(title=title, header=["Method", *header], rows=cells, bold=bold,
                      rules_after=[n_main - 1] if supplementary_rows and n_main else [],
                      footer=_footer(sel, gate, data, [_NOTES[block], *notes]), raw=raw,
@@ -164,7 +171,7 @@ def paper_table(df: "pd.DataFrame", rows: Sequence[tuple[str, Any]], tasks: Sequ
 def reference_table(df: "pd.DataFrame", table: str, gate: str = "label", *, with_paper: bool = False,
                     ci_resamples: int = 0, per_volume: bool = False, data: str | None = None,
                     failed: Sequence[FailedCell] = (), metrics: Sequence[str] | None = None,
-                    empty_distance: str = DEFAULT_EMPTY_RULE) -> StatTable:
+                    empty_distance: str = DEFAULT_EMPTY_RULE, quality: Any = None) -> StatTable:
     """Table 1, 2 or 3 of the paper (docs/protocol.md section 9), rows filled by :mod:`wsss_bench.reporting.paper`.
 
     The footer names the method label that filled each row whose label differs from the
@@ -200,7 +207,7 @@ def reference_table(df: "pd.DataFrame", table: str, gate: str = "label", *, with
     t = paper_table(df, main, tasks, gate, supp, title=f"{paper.TITLES[table]} (gate={gate})",
                     data=data, not_bold=paper.NOT_BOLD, ci_resamples=ci_resamples, per_volume=per_volume,
                     paper_rows=paper_rows, references=cldf_references(sel, tasks), failed=failed,
-                    metrics=metrics, empty_distance=empty_distance)
+                    metrics=metrics, empty_distance=empty_distance, quality=quality)
     filled = []
     for label, methods in [*main, *supp]:
         used = {t: m for t, m in methods.items() if m}
@@ -309,9 +316,16 @@ def build_tables(df: "pd.DataFrame", table: str = "summary", gate: str | None = 
                  with_paper: bool = False, per_volume: bool = False, resamples: int = 0,
                  reference: str | None = None, failed: Sequence[FailedCell] = (),
                  data: str | None = None, metrics: Sequence[str] | str | None = None,
-                 empty_distance: str = DEFAULT_EMPTY_RULE) -> list[ReportTable]:
+                 empty_distance: str = DEFAULT_EMPTY_RULE, quality: Any = None,
+                 quality_table: bool = True) -> list[ReportTable]:
     """The tables ``wsss-bench report`` prints: one per gate (``gate="all"``: every gate held);
-    ``table="cases"`` is one per-case table over the chosen gates."""
+    ``table="cases"`` is one per-case table over the chosen gates.
+
+    ``quality`` (run folder, loaded manifests or a QualityIndex): the cells' model and
+    pseudo-mask quality.  With it, result rows whose models are in doubt are marked, and
+    (``quality_table``) the model-quality table follows the result tables.  ``table="seeds"``
+    is the training-split pseudo-mask table, ``table="quality"`` the model-quality table alone.
+    """
     if table not in TABLES:
         raise UserError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
     check_rule(empty_distance)
@@ -321,17 +335,29 @@ def build_tables(df: "pd.DataFrame", table: str = "summary", gate: str | None = 
     if table == "cases":
         require_columns(df, REQUIRED_COLUMNS, what="results")
         return [cases_table(df, empty_distance, chosen, gates=gates_of(df, gate), data=data)]
+    index = QualityIndex.of(quality)
+    if table == "seeds":
+        return [seeds_table(index, df)]
+    if table == "quality":
+        got = model_quality_table(index, df)
+        if got is None:
+            raise UserError("no cell of these runs recorded model quality (runs made before it existed); "
+                            "re-run them to get it")
+        return [got]
     out: list[ReportTable] = []
     for g in gates_of(df, gate):
         if table == "summary":
             out.append(summary_table(df, g, blocks=("all", "pos"), ci_resamples=resamples, per_volume=per_volume,
                                      with_paper=with_paper, reference=reference, failed=failed, data=data,
-                                     metrics=chosen, empty_distance=empty_distance))
+                                     metrics=chosen, empty_distance=empty_distance, quality=index))
         else:
             out.append(reference_table(df, table, g, with_paper=with_paper, ci_resamples=resamples,
                                        per_volume=per_volume, data=data, failed=failed, metrics=chosen,
-                                       empty_distance=empty_distance))
+                                       empty_distance=empty_distance, quality=index))
             out[-1].kind = table  # the LaTeX exporter's compact preset is for the paper's tables
+    mq = model_quality_table(index, df) if quality_table else None
+    if mq is not None:
+        out.append(mq)
     return out
 
 

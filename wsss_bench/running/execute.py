@@ -195,6 +195,6 @@ def execute_bench(cfg: RunConfig, host, executor, specs: list, cells: list[Cell]
         "table_metrics": metrics, "empty_distance": empty_distance})
     text = bench_markdown(frame, planned, specs, resamples=int(load_profile(cfg.profile).bootstrap.resamples),
                           failures=rundir.failed_cells(cfg.out), profile=cfg.profile, metrics=metrics,
-                          empty_distance=empty_distance)
+                          empty_distance=empty_distance, quality=cfg.out)
     rundir.write_tables(cfg.out, text)
     return BenchResult(Path(cfg.out), list(rep["cells"]), seconds, text, unavailable)

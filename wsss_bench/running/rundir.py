@@ -326,6 +326,25 @@ def failed_cells(source: str | Path | Sequence[Mapping[str, Any]]) -> list[Faile
     return [f for m in source for f in map(_failed, m.get("cells", []) or []) if f is not None]
 
 
+def cell_quality(source: str | Path | Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, Any], dict[str, Any]]:
+    """Model and pseudo-mask quality of every finished cell of a run folder (its
+    ``cells/<key>.json``) or of loaded manifests (their ``cells`` records):
+    ``{(task, method, seed): {"model_quality": ..., "pseudo_masks": ...}}``, the one reader of
+    these records.  Cells recorded before they existed are left out."""
+    if isinstance(source, (str, os.PathLike)):
+        records = [r for r in cell_manifests(source) if isinstance(r, Mapping)]
+    else:
+        records = [r for m in source for r in (m.get("cells", []) or []) if isinstance(r, Mapping)]
+    out: dict[tuple[str, str, Any], dict[str, Any]] = {}
+    for rec in records:
+        if rec.get("status") != "done" or not ("model_quality" in rec or "pseudo_masks" in rec):
+            continue
+        cell = rec.get("cell") if isinstance(rec.get("cell"), Mapping) else {}
+        key = (str(cell.get("task", rec.get("task", ""))), str(rec.get("method", "")), cell.get("seed", rec.get("seed")))
+        out[key] = {"model_quality": rec.get("model_quality") or {}, "pseudo_masks": rec.get("pseudo_masks") or {}}
+    return out
+
+
 # --------------------------------------------------------------------------- results, manifest, tables
 def collect(out: str | Path):
     """Concatenate every finished cell of ``out`` into ``results.parquet`` (atomically)."""
