@@ -57,7 +57,8 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}"}
 _LATEX_SYMBOL = {"±": r"$\pm$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "—": "---", "–": "--",
-                 "<": r"$<$", ">": r"$>$", "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$", "…": r"\ldots{}", "≥": r"$\geq$",
+                 "<": r"$<$", ">": r"$>$", "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$",
+                 "…": r"\ldots{}", "≥": r"$\geq$",
                  "≤": r"$\leq$", "×": r"$\times$", "∩": r"$\cap$"}
 _LATEX_RE = re.compile("|".join(re.escape(k) for k in [*_LATEX_SPECIAL, *_LATEX_SYMBOL]))
 

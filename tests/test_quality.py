@@ -163,7 +163,8 @@ def test_the_mark_appears_for_an_under_trained_model_and_not_for_a_converged_one
     rundir.collect(out)
     rundir.write_manifest(out, {"profile": {}})
     frame = pd.read_parquet(out / "results.parquet")
-    text = render_many(build_tables(frame, "summary", "label", quality=out), load_plugins().get("exporters", "markdown")())
+    markdown = load_plugins().get("exporters", "markdown")()
+    text = render_many(build_tables(frame, "summary", "label", quality=out), markdown)
     quality_rows = [line for line in text.splitlines() if line.startswith("| gradcam+threshold | BraTS21")]
     assert quality_rows and reason in quality_rows[-1]  # the model-quality table names the stop reason
     results = text.split("**Model quality")[0]

@@ -134,7 +134,8 @@ def row_flags(quality: Mapping[str, Any] | None, gate: str) -> list[str]:
         return []
     flags = list(quality.get("flags") or [])
     auc = (quality.get("classifier") or {}).get("auc")
-    if gate == "classifier" and quality.get("classifier_auc_low") and not any(f.startswith("classifier") for f in flags):
+    auc_flagged = any(f.startswith("classifier") for f in flags)
+    if gate == "classifier" and quality.get("classifier_auc_low") and not auc_flagged:
         flags.insert(0, f"classifier test AUC {float(auc):.3f} < {MIN_CLASSIFIER_AUC} (it gates this row)")
     return flags
 

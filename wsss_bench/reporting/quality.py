@@ -183,8 +183,8 @@ def seeds_table(index: QualityIndex, df: "pd.DataFrame | None" = None) -> Report
         pm = index.records[(task, method, seed)].get("pseudo_masks") or {}
         entries: list[tuple[str, str, Mapping[str, Any], Any]] = []
         for spec, rec in sorted((pm.get("sources") or {}).items()):
-            entries.append((f"{spec} masks", {"cam": "min-max > 0.5", "otsu": "Otsu"}.get(rec.get("rule"), str(rec.get("rule"))),
-                            rec, None))
+            rule = {"cam": "min-max > 0.5", "otsu": "Otsu"}.get(rec.get("rule"), str(rec.get("rule")))
+            entries.append((f"{spec} masks", rule, rec, None))
         seeds = pm.get("seeds")
         if seeds:
             entries.append(("fg seeds", "vs target", seeds.get("fg") or {}, None))

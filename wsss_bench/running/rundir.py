@@ -340,8 +340,8 @@ def cell_quality(source: str | Path | Sequence[Mapping[str, Any]]) -> dict[tuple
         if rec.get("status") != "done" or not ("model_quality" in rec or "pseudo_masks" in rec):
             continue
         cell = rec.get("cell") if isinstance(rec.get("cell"), Mapping) else {}
-        key = (str(cell.get("task", rec.get("task", ""))), str(rec.get("method", "")), cell.get("seed", rec.get("seed")))
-        out[key] = {"model_quality": rec.get("model_quality") or {}, "pseudo_masks": rec.get("pseudo_masks") or {}}
+        task, seed = str(cell.get("task", rec.get("task", ""))), cell.get("seed", rec.get("seed"))
+        out[(task, str(rec.get("method", "")), seed)] = {"model_quality": rec.get("model_quality") or {}, "pseudo_masks": rec.get("pseudo_masks") or {}}
     return out
 
 
