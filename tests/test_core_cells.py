@@ -295,7 +295,9 @@ def test_shared_model_is_built_once_and_memoised_with_its_records(tmp_path):
     log = ctx.begin_cell()
     b = ctx.shared_model("toy", build, train, params={"x": 1})
     assert b is a and builds == ["build"]
-    assert log.records == {"toy/trained": True} and log.used == [ctx.shared_model_key("toy")]
+    # the model's stop record replays too (a train info without a convergence record: fixed steps)
+    assert log.records == {"toy/trained": True, "model/toy": {"stop_reason": "fixed steps", "steps": None}}
+    assert log.used == [ctx.shared_model_key("toy")]
     assert list((tmp_path / "artifacts" / "toy").glob("*/toy.safetensors"))
     fresh = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host).context("brats", 0)
     c = fresh.shared_model("toy", build, lambda m, r: pytest.fail("retrained"), params={"x": 1})

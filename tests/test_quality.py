@@ -173,6 +173,19 @@ def test_the_mark_appears_for_an_under_trained_model_and_not_for_a_converged_one
         assert "‡" in row.split("|")[2] and marked in results  # the Dice cell carries the mark; the note why
     else:
         assert "‡" not in results and "in doubt" not in text
+    # HTML page: the marked result table, then the model-quality and pseudo-mask sections
+    from wsss_bench.reporting.html import html_report
+
+    page = html_report(out, load_plugins().get("exporters", "html")(), gate="label", figures=False)
+    head, _, tail = page.partition("<h2>Model quality</h2>")
+    assert tail and "Pseudo-mask quality (training split)" in tail and reason in tail
+    assert ("‡" in head) == bool(marked)
+    # CSV: one table shape, the quality columns in the row
+    csv = render_many(build_tables(frame, "summary", "label", quality=out, quality_table=False),
+                      load_plugins().get("exporters", "csv")())
+    rows = pd.read_csv(__import__("io").StringIO(csv))
+    assert rows["classifier_auc"].item() == pytest.approx(auc) and reason in rows["stop_reasons"].item()
+    assert (marked or "") in str(rows["quality_flags"].fillna("").item())
     # the bench table marks the same cell and lists the classifier's test stats per task
     from wsss_bench.running.bench import PlannedRow, Row, Table
 
