@@ -150,6 +150,7 @@ def test_kill_during_training_and_map_writing_loses_nothing(tmp_path):
                      text, re.M), text
     assert (gradcam_cell.stat().st_mtime_ns, gradcam_cell.read_bytes()) == stamp
     assert_nothing_half_written(cache, out)
-    assert len(published(cache, "cdm")) == 1 and len(maps_of(cache, "cdm")) == 1
+    # one model; two map artifacts: the test maps and the training maps the pseudo-mask quality reads
+    assert len(published(cache, "cdm")) == 1 and len(maps_of(cache, "cdm")) == 2
 
     pd.testing.assert_frame_equal(per_slice(out), reference, check_exact=True)
