@@ -294,10 +294,6 @@ class CLDF(Refiner):
         return {"fg": np.load(built.path / "fg.npy", mmap_mode="r"), "bg": np.load(built.path / "bg.npy", mmap_mode="r"),
                 "rows": np.load(built.path / "rows.npy"), "key": built.key}
 
-    def added_sources(self) -> list[CamSource]:
-        """MG when the refiner added it itself (``--cam amecam``: CAM+MG+CL)."""
-        return [self.mg] if getattr(self, "mg_added", False) and self.mg is not None else []
-
     def train_seeds(self) -> tuple[Any, Any, Any] | None:
         """(rows, fg, bg) of the training seeds made in ``prepare`` (for the runner's report)."""
         from wsss_bench.nn import cldf as core

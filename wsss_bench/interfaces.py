@@ -188,12 +188,6 @@ class Refiner(Plugin):
     def refine(self, batch: SliceBatch, maps: "Sequence[torch.Tensor]", sources: "Sequence[CamSource]") -> "torch.Tensor":
         """(B, S, S) bool masks."""
 
-    def added_sources(self) -> "Sequence[CamSource]":
-        """Map sources this refiner uses beyond the cell's own (CLDF adds MG), after ``prepare``.
-
-        The runner reports the training-split mask quality of these too (docs/metrics.md)."""
-        return ()
-
     def train_seeds(self) -> "tuple[Any, Any, Any] | None":
         """The training seeds this refiner made in ``prepare``, for the runner's seed-quality
         report: (row indices into the task's slices, fg (N, S, S) bool, bg (N, S, S) bool),

@@ -141,8 +141,10 @@ def stage_pseudo_masks(st: CellState) -> None:
     if not len(pos):
         return
     refiner = st.refiner
-    extra = tuple(getattr(refiner, "added_sources", lambda: ())() or ())
-    sources = {s.spec(): s for s in (*st.sources, *extra)}
+    sources = {s.spec(): s for s in st.sources}
+    for name in refiner.implied_sources([s.name for s in st.sources]) if refiner is not None else ():
+        source = ctx.plugin("cams", name)  # the instance the refiner added (memoised per spec)
+        sources.setdefault(source.spec(), source)
     with ctx.stage("pseudo-masks"):
         gt = np.asarray(data.masks(pos)).astype(bool)
         for spec, source in sources.items():
