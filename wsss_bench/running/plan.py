@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from wsss_bench.cache import ArtifactCache, Built
+from wsss_bench.profiles import load_profile
+from wsss_bench.running import rundir
+from wsss_bench.running.bench import shared_units
+from wsss_bench.running.runner import Session, cell_identity, classifier_p1
 
 #: cpu-profile seconds per item, one thread: ``kind:plugin`` -> (seconds, knobs the cost
 #: scales with).  Measured in the cold cpu bench of Tables 1-3 + Fig. 4 (units' and cells'
@@ -118,8 +122,6 @@ def _plugin_name(spec: str) -> str:
 
 def probe_unit(session: Any, unit: Any) -> tuple[str, str]:
     """('', '') if every artifact of ``unit`` is cached, else the (stage, key) it would build first."""
-    from wsss_bench.running.runner import classifier_p1
-
     try:
         ctx = session.context(unit.task, unit.seed)
         ctx.begin_cell(unit.label)
@@ -137,11 +139,6 @@ def probe_unit(session: Any, unit: Any) -> tuple[str, str]:
 
 def make_plan(cfg: Any, host: Any, cells: list) -> list[PlanItem]:
     """Every unit and cell the command would run, cached or not, with estimates."""
-    from wsss_bench.profiles import load_profile
-    from wsss_bench.running import rundir
-    from wsss_bench.running.bench import shared_units
-    from wsss_bench.running.runner import Session, cell_identity
-
     session = Session(cfg, host=host)
     session.cache = DryCache(session.cache.root, enabled=session.cache.enabled, force=session.cache.force)
     profile, reference = cfg.load_profile(), load_profile(REFERENCE_PROFILE)
