@@ -101,10 +101,13 @@ class SlurmExecutor(Executor):
               "folder": "slurm-logs", "account": "", "parallelism": 64, "config": "", "cluster": "slurm"}
 
     def validate(self) -> None:
-        """Refuse, before a run writes anything, an executor that cannot run on this machine:
-        SLURM asked for where there is none, or submitit not installed."""
         if self.p["cluster"] not in ("slurm", "local", "auto"):
             raise self.bad_param("cluster", "is not one of slurm, local (submitit's local executor), auto")
+
+    def preflight(self) -> None:
+        """Refuse, before a run writes anything, an executor that cannot run on this machine:
+        SLURM asked for where there is none, or submitit not installed (called by the CLI when
+        it makes the executor; constructing one, as the contract suite does, checks nothing)."""
         cluster = self.options()["cluster"]
         if cluster == "slurm" and shutil.which("sbatch") is None:
             raise UserError("executor 'slurm': this machine has no SLURM (sbatch is not on PATH); run on a "

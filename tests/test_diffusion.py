@@ -1,6 +1,8 @@
 """Diffusion core (docs/methods/diffusion.md): schedules, match(), the CDM and resumable training."""
 from __future__ import annotations
 
+import copy
+
 import math
 
 import numpy as np
@@ -225,7 +227,10 @@ def test_cdm_training_uses_the_profiles_learning_rate(tmp_path):
     data = FakeTaskData(n=16)
     moved = {}
     for lr in (0.0, 1e-3):
-        prof = apply_overrides(load_profile("smoke"), [f"cdm.lr={lr}"])
+        # --set refuses lr = 0 for users; the test sets it on a private copy of the profile
+        prof = apply_overrides(load_profile("smoke"), ["cdm.lr=1e-3"])
+        prof = copy.deepcopy(prof)
+        prof.cdm["lr"] = lr
         model = dif.build_cdm(prof.cdm_unet, 4, seed=1)
         init = {k: v.clone() for k, v in model.state_dict().items()}
         weights, info = dif.train_cdm(model, data, prof, "cpu", 7, tmp_path / str(lr), flips=False, iterations=3)

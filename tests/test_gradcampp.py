@@ -99,9 +99,12 @@ def test_weights_equal_a_naive_loop_in_float64():
 
 
 # --------------------------------------------------------------------------- plugin
-def test_plugin_end_to_end_with_a_fake_context():
+def test_plugin_end_to_end_with_a_fake_context(monkeypatch):
+    from wsss_bench.nn import cam as cam_base
+
     model = smoke_resnet(4)
-    ctx = SimpleNamespace(device="cpu", classifier=lambda: model)
+    ctx = SimpleNamespace(device="cpu")
+    monkeypatch.setattr(cam_base, "get_classifier", lambda c: model if c is ctx else None)
     cam = gradcampp.GradCAMPP()
     assert cam.name == "gradcampp" and cam.mask_rule == "cam" and cam.p == {"layer": "layer4"}
     cam.prepare(ctx)

@@ -223,9 +223,12 @@ def test_default_layers_and_spec_forms():
         layercam.LayerCAM(layers="layer4+layer4")
 
 
-def test_unknown_layer_lists_valid_names():
+def test_unknown_layer_lists_valid_names(monkeypatch):
+    from wsss_bench.nn import cam as cam_base
+
     model = smoke_resnet(1)
-    ctx = SimpleNamespace(device="cpu", classifier=lambda: model)
+    ctx = SimpleNamespace(device="cpu")
+    monkeypatch.setattr(cam_base, "get_classifier", lambda c: model if c is ctx else None)
     with pytest.raises(PluginError) as err:
         layercam.LayerCAM(layers="layer3+layer5").prepare(ctx)
     msg = str(err.value)
@@ -243,11 +246,14 @@ def test_strided_layers_follow_the_output_stride():
 
 
 # --------------------------------------------------------------------------- plugin
-def test_plugin_end_to_end_with_a_fake_context():
+def test_plugin_end_to_end_with_a_fake_context(monkeypatch):
+    from wsss_bench.nn import cam as cam_base
+
     model = smoke_resnet(4)
     records = {}
-    ctx = SimpleNamespace(device="cpu", classifier=lambda: model, record=records.__setitem__,
+    ctx = SimpleNamespace(device="cpu", record=records.__setitem__,
                           profile=SimpleNamespace(image_size=32), task=SimpleNamespace(channels=4))
+    monkeypatch.setattr(cam_base, "get_classifier", lambda c: model if c is ctx else None)
     cam = layercam.LayerCAM()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default layers are not strided at output stride 8

@@ -303,10 +303,13 @@ def test_works_under_inference_mode_and_leaves_model_clean():
 
 
 # --------------------------------------------------------------------------- plugin
-def test_plugin_chunk_from_profile_and_errors():
+def test_plugin_chunk_from_profile_and_errors(monkeypatch):
+    from wsss_bench.nn import cam as cam_base
+
     model = smoke_resnet(4)
     profile = SimpleNamespace(scorecam=SimpleNamespace(chunk=128))
-    ctx = SimpleNamespace(device="cpu", classifier=lambda: model, profile=profile)
+    ctx = SimpleNamespace(device="cpu", profile=profile)
+    monkeypatch.setattr(cam_base, "get_classifier", lambda c: model if c is ctx else None)
     cam = scorecam.ScoreCAM()
     assert cam.p == {"layer": "layer4", "variant": "paper", "chunk": 0} and cam.mask_rule == "cam"
     assert scorecam.ScoreCAM.version == "2" and scorecam.ScoreCAM.no_grad is True

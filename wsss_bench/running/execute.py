@@ -69,7 +69,11 @@ def make_config(opts: CommonOptions, out: Path, *, data_root: Path | None = None
 def make_executor(host, spec: str):
     """The executor plugin an ``--executor`` spec names, with its parameters."""
     ex_spec = parse_specs(spec)[0]
-    return host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
+    ex = host.get("executors", ex_spec.name)(**ex_spec.expand()[0])
+    preflight = getattr(ex, "preflight", None)  # e.g. slurm off a cluster: one sentence, nothing written
+    if callable(preflight):
+        preflight()
+    return ex
 
 
 def _command() -> str:
