@@ -336,14 +336,16 @@ def test_unchanged_files_are_hashed_once(tmp_path, monkeypatch):
     for i, f in enumerate(files):
         f.write_bytes(bytes([i]) * 1000)
         _old(f)
-    real = st.file_sha256
+    from wsss_bench.data import fingerprint as fp
+
+    real = fp.file_sha256
     calls: list[str] = []
 
     def spy(path):
         calls.append(Path(path).name)
         return real(path)
 
-    monkeypatch.setattr(st, "file_sha256", spy)
+    monkeypatch.setattr(fp, "file_sha256", spy)
     first = st.data_fingerprint(root, cache)
     assert sorted(calls) == ["f0.bin", "f1.bin", "f2.bin"]
     calls.clear()
