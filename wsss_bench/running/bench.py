@@ -270,6 +270,21 @@ class UnitOutcome:
     warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
+def build_unit(session: Any, unit: Unit) -> None:
+    """Build (or load) what ``unit`` shares with its cells: the classifier gate's p(1) on the
+    test split, a source's test maps, or a refiner's trained model.  ``bench --plan`` probes
+    units through this same function, so the plan lists what the bench then builds."""
+    ctx = session.context(unit.task, unit.seed)
+    ctx.begin_cell(unit.label)
+    if unit.kind == "gate":
+        classifier_p1(ctx, ctx.data.split("test"))
+    elif unit.kind == "source":
+        ctx.maps(ctx.plugin("cams", unit.spec), "test")
+    else:
+        sources = tuple(ctx.plugin("cams", s) for s in unit.sources)
+        ctx.plugin("refiners", unit.spec, sources=sources)
+
+
 class UnitJob:
     """Picklable callable an executor applies to each phase-1 unit (one Session per process)."""
 
@@ -285,15 +300,7 @@ class UnitJob:
         before = len(session.cache.events)
         with runwarnings.capture() as warned:  # e.g. AME-CAM's polarity tie: one line, kept in the manifest
             try:
-                ctx = session.context(unit.task, unit.seed)
-                ctx.begin_cell(unit.label)
-                if unit.kind == "gate":
-                    classifier_p1(ctx, ctx.data.split("test"))
-                elif unit.kind == "source":
-                    ctx.maps(ctx.plugin("cams", unit.spec), "test")
-                else:
-                    sources = tuple(ctx.plugin("cams", s) for s in unit.sources)
-                    ctx.plugin("refiners", unit.spec, sources=sources)
+                build_unit(session, unit)
                 status, error = "done", None
             except Exception as err:  # the cells that need it fail with their own message in phase 2
                 status, error = "failed", f"{type(err).__name__}: {err}"

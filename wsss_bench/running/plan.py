@@ -25,8 +25,8 @@ from typing import Any
 from wsss_bench.cache import ArtifactCache, Built
 from wsss_bench.profiles import load_profile
 from wsss_bench.running import rundir
-from wsss_bench.running.bench import shared_units
-from wsss_bench.running.runner import Session, cell_identity, classifier_p1
+from wsss_bench.running.bench import build_unit, shared_units
+from wsss_bench.running.runner import Session, cell_identity
 
 #: cpu-profile seconds per item, one thread: ``kind:plugin`` -> (seconds, knobs the cost
 #: scales with).  Measured in the cold cpu bench of Tables 1-3 + Fig. 4 (units' and cells'
@@ -123,15 +123,7 @@ def _plugin_name(spec: str) -> str:
 def probe_unit(session: Any, unit: Any) -> tuple[str, str]:
     """('', '') if every artifact of ``unit`` is cached, else the (stage, key) it would build first."""
     try:
-        ctx = session.context(unit.task, unit.seed)
-        ctx.begin_cell(unit.label)
-        if unit.kind == "gate":
-            classifier_p1(ctx, ctx.data.split("test"))
-        elif unit.kind == "source":
-            ctx.maps(ctx.plugin("cams", unit.spec), "test")
-        else:
-            sources = tuple(ctx.plugin("cams", s) for s in unit.sources)
-            ctx.plugin("refiners", unit.spec, sources=sources)
+        build_unit(session, unit)
     except WouldBuild as stop:
         return stop.stage, stop.key
     return "", ""
