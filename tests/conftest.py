@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-pytest_plugins = ["pytester"]
+# Fixtures live in modules of their own and reach every test module from here, never by star import:
+# data_fixtures = the smoke phantoms and task data, built once per session.
+pytest_plugins = ["pytester", "data_fixtures"]
 
 # No rich progress bars in tests.  Not through ``CI``: that variable means "the real CI"
 # (``.ci/run`` exports it), where a missing browser fails tests/test_html.py instead of skipping.

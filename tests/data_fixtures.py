@@ -1,7 +1,7 @@
 """Session fixtures of the data-layer tests: smoke phantoms and task data, built once.
 
-Import the fixtures into a test module with ``from data_fixtures import *  # noqa: F401,F403``
-(the tests folder is on sys.path under pytest's default import mode).
+conftest.py loads this module as a pytest plugin, so every test module can ask for these
+fixtures by name; import only plain names such as ``SMOKE_TASKS`` from here.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import FakeTaskData
 from wsss_bench.interfaces import SliceBatch
 from wsss_bench.nn import amecam as am
 from wsss_bench.profiles import load_profile
@@ -22,39 +23,6 @@ def smoke_cfg(**over):
     cfg = dict(load_profile("smoke").amecam)
     cfg.update(over)
     return cfg
-
-
-class FakeTaskData:
-    """TaskData's interface on random images; positives carry a bright square."""
-
-    def __init__(self, n=48, size=S, channels=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        lab = (torch.arange(n) % 2).long()
-        self.labels = lab.numpy().astype(np.int8)
-        self._images = torch.rand(n, channels, size, size, generator=g) * 0.4
-        for i in torch.nonzero(lab).flatten().tolist():
-            r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
-            self._images[i, :, r:r + 12, c:c + 12] += 0.6
-        n_tr = (3 * n) // 4
-        self._splits = {"train": np.arange(n_tr), "val": np.arange(n_tr, n), "test": np.arange(n_tr, n)}
-        self.image_size, self.channels, self.fingerprint, self.is_phantom = size, channels, f"fake-{seed}-{n}", True
-
-    def __len__(self):
-        return len(self.labels)
-
-    def split(self, name):
-        return self._splits[name].copy()
-
-    def images(self, idx):
-        return self._images[torch.as_tensor(np.asarray(idx))].numpy()
-
-    def batches(self, idx_or_split, batch_size, shuffle=False, seed=None, device="cpu", with_masks=False):
-        idx = self.split(idx_or_split) if isinstance(idx_or_split, str) else np.asarray(idx_or_split)
-        for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
-            t = torch.as_tensor(part)
-            yield SliceBatch(images=self._images[t].to(device), labels=torch.from_numpy(self.labels[part]).long(),
-                             index=part, case_ids=[f"c{i}" for i in part], z=[0] * len(part))
 
 
 def stage1(seed=0, channels=4, **over):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from data_fixtures import *  # noqa: F401,F403
 from wsss_bench.boundary import (
     apply_empty_rule,
     image_diagonal,

@@ -6,40 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wsss_bench.interfaces import SliceBatch
+from fakes import FakeTaskData
 from wsss_bench.nn.classifier import build_classifier, classifier_steps, predict_p1, train_classifier
 from wsss_bench.profiles import Section, load_profile
 
 
-class FakeTaskData:
-    """The slice of TaskData's interface the classifier uses, on random images.
-
-    Positives carry a bright 16 x 16 blob at a random place; negatives are noise only.
-    """
-
-    def __init__(self, n_train=192, n_val=64, size=32, channels=1, seed=0, val_labels=None, blob=16):
-        g = torch.Generator().manual_seed(seed)
-        n = n_train + n_val
-        self.labels = (torch.arange(n) % 2).long()
-        if val_labels is not None:
-            self.labels[n_train:] = val_labels
-        self.images = torch.rand(n, channels, size, size, generator=g) * 0.5
-        for i in torch.nonzero(self.labels).flatten().tolist():
-            r, c = torch.randint(0, size - blob, (2,), generator=g).tolist()
-            self.images[i, :, r:r + blob, c:c + blob] += 1.0
-        self._splits = {"train": np.arange(n_train), "val": np.arange(n_train, n), "test": np.arange(0)}
-
-    def split(self, name):
-        return self._splits[name]
-
-    def batches(self, idx_or_split, batch_size, shuffle=False, seed=None, device="cpu"):
-        idx = self.split(idx_or_split) if isinstance(idx_or_split, str) else np.asarray(idx_or_split)
-        assert not shuffle  # train_classifier shuffles itself
-        for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
-            t = torch.as_tensor(part)
-            yield SliceBatch(images=self.images[t].to(device), labels=self.labels[t].to(device),
-                             index=part, case_ids=[f"c{i}" for i in part], z=[0] * len(part))
+def classifier_data(n_train=192, n_val=64, size=32, channels=1, seed=0, val_labels=None, blob=16):
+    """Noise in [0, 0.5); positives carry a bright blob x blob square (+1.0) at a random place."""
+    n = n_train + n_val
+    return FakeTaskData(n, size, channels, seed, noise=0.5, blob=blob, bright=1.0,
+                        labels=None if val_labels is None else {"val": val_labels},
+                        splits={"train": np.arange(n_train), "val": np.arange(n_train, n), "test": np.arange(0)},
+                        refuse_shuffle=True)  # train_classifier shuffles itself
 
 
 def _profile(epochs: int, batch: int = 16, eval_every: int | None = None):
@@ -76,7 +54,7 @@ def test_build_classifier_seed_is_reproducible_and_leaves_global_rng_alone():
 
 
 def test_training_learns_keeps_best_epoch_and_round_trips(tmp_path):
-    data = FakeTaskData()
+    data = classifier_data()
     prof = _profile(epochs=2)
     model = build_classifier(prof.cam_classifier, in_chans=1, seed=0)
     ticks = []
@@ -96,7 +74,7 @@ def test_training_learns_keeps_best_epoch_and_round_trips(tmp_path):
 
     p1 = predict_p1(model, data.batches("val", 16))
     assert p1.shape == (64,) and ((p1 >= 0) & (p1 <= 1)).all()
-    assert roc_auc_score(data.labels[192:].numpy(), p1) == pytest.approx(info["best_val_auc"], abs=1e-6)
+    assert roc_auc_score(data.labels[192:], p1) == pytest.approx(info["best_val_auc"], abs=1e-6)
 
     # safetensors round trip
     save_file(state, str(tmp_path / "model.safetensors"))
@@ -107,7 +85,7 @@ def test_training_learns_keeps_best_epoch_and_round_trips(tmp_path):
 
 
 def test_single_class_validation_keeps_last_epoch_and_is_deterministic():
-    data = FakeTaskData(n_train=32, n_val=8, val_labels=1)
+    data = classifier_data(n_train=32, n_val=8, val_labels=1)
     prof = _profile(epochs=2)
     runs = []
     for _ in range(2):
@@ -123,7 +101,7 @@ def test_single_class_validation_keeps_last_epoch_and_is_deterministic():
 
 def test_training_stops_by_the_rule_before_the_cap():
     """A separable toy task: validation AUC reaches 1 early, its loss flattens, the rule stops."""
-    data = FakeTaskData(n_train=96, n_val=32, blob=20)
+    data = classifier_data(n_train=96, n_val=32, blob=20)
     prof = _profile(epochs=40, batch=16, eval_every=6)
     prof["convergence"] = Section(patience=2, delta_score=0.002, delta_loss=0.5)
     model = build_classifier(prof.cam_classifier, in_chans=1, seed=0)
@@ -134,4 +112,4 @@ def test_training_stops_by_the_rule_before_the_cap():
     from sklearn.metrics import roc_auc_score
 
     p1 = predict_p1(model, data.batches("val", 16))
-    assert roc_auc_score(data.labels[96:].numpy(), p1) == pytest.approx(info["best_val_auc"], abs=1e-6)
+    assert roc_auc_score(data.labels[96:], p1) == pytest.approx(info["best_val_auc"], abs=1e-6)

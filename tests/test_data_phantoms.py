@@ -4,7 +4,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from data_fixtures import *  # noqa: F401,F403
 from data_fixtures import SMOKE_TASKS
 
 from wsss_bench.data import phantom_abdomen, phantom_brain

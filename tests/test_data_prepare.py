@@ -10,7 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from data_fixtures import *  # noqa: F401,F403
 from typer.testing import CliRunner
 
 from wsss_bench import cli

@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from data_fixtures import *  # noqa: F401,F403
 
 from wsss_bench.data import phantom_abdomen
 from wsss_bench.data.preprocess import (

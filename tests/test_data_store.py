@@ -16,7 +16,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from data_fixtures import *  # noqa: F401,F403
 
 from wsss_bench.data import store as st
 from wsss_bench.data.preprocess import resize_images, resize_masks, tissue_fraction

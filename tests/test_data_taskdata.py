@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-from data_fixtures import *  # noqa: F401,F403
 from data_fixtures import SMOKE_TASKS
 
 from wsss_bench.data import splits as sp

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import FakeTaskData
 from wsss_bench.cache import ArtifactCache
 from wsss_bench.context import RunContext
 from wsss_bench.interfaces import SliceBatch, TaskDef
@@ -20,32 +21,6 @@ MG_HARNESS = [2, 4, 7, 9, 12, 14, 17, 19, 22, 24, 27, 29, 32, 34, 37, 39, 42, 44
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread (conftest)
-
-
-class FakeTaskData:
-    """TaskData's training interface on random images; positives carry a bright square."""
-
-    def __init__(self, n=48, size=32, channels=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = (torch.arange(n) % 2).long()
-        self.images = torch.rand(n, channels, size, size, generator=g) * 0.4
-        for i in torch.nonzero(self.labels).flatten().tolist():
-            r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
-            self.images[i, :, r:r + 12, c:c + 12] += 0.6
-        n_tr = (3 * n) // 4
-        self._splits = {"train": np.arange(n_tr), "val": np.arange(n_tr, n), "test": np.arange(n_tr, n)}
-        self.image_size, self.fingerprint, self.is_phantom = size, f"fake-{seed}-{n}", True
-
-    def split(self, name):
-        return self._splits[name]
-
-    def batches(self, idx_or_split, batch_size, shuffle=False, seed=None, device="cpu"):
-        idx = self.split(idx_or_split) if isinstance(idx_or_split, str) else np.asarray(idx_or_split)
-        for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
-            t = torch.as_tensor(part)
-            yield SliceBatch(images=self.images[t].to(device), labels=self.labels[t].to(device), index=part,
-                             case_ids=[f"c{i}" for i in part], z=[0] * len(part))
 
 
 def make_ctx(tmp_path, profile="smoke", data=None, **overrides):

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from data_fixtures import *  # noqa: F401,F403
 
 from wsss_bench import integrity
 from wsss_bench.cache import META, ArtifactCache

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import diffusion_helpers as H
+from fakes import FakeTaskData
 from wsss_bench.cache import ArtifactCache
 from wsss_bench.context import RunContext
 from wsss_bench.errors import PluginError
@@ -182,33 +183,14 @@ def test_noisy_classifier_architecture():
     assert model(torch.randn(1, 4, 48, 48), dif.timesteps(0, 1)).shape == (1, 2)  # any size: pooled head
 
 
-class BlobData:
-    """Positives carry a bright 12 x 12 square; negatives are dim noise."""
-
-    def __init__(self, n=96, size=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = (torch.arange(n) % 2).long()
-        self.images = torch.rand(n, 4, size, size, generator=g) * 0.4
-        for i in torch.nonzero(self.labels).flatten().tolist():
-            r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
-            self.images[i, :, r:r + 12, c:c + 12] += 0.6
-        self._splits = {"train": np.arange(64), "val": np.arange(64, n), "test": np.arange(64, n)}
-        self.image_size, self.fingerprint, self.is_phantom = size, f"blob-{seed}", True
-
-    def split(self, name):
-        return self._splits[name]
-
-    def batches(self, idx, batch_size, shuffle=False, seed=None, device="cpu"):
-        idx = self.split(idx) if isinstance(idx, str) else np.asarray(idx)
-        for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
-            t = torch.as_tensor(part)
-            yield SliceBatch(images=self.images[t], labels=self.labels[t], index=part,
-                             case_ids=[f"c{i}" for i in part], z=[0] * len(part))
+def blob_data(n=96, size=32, seed=0):
+    """train = rows 0..63, val = test = the rest."""
+    return FakeTaskData(n, size, 4, seed, splits={"train": np.arange(64), "val": np.arange(64, n), "test": np.arange(64, n)},
+                        fingerprint=f"blob-{seed}")
 
 
 def test_smoke_training_beats_the_majority_rate_at_small_t(tmp_path):
-    data = BlobData()
+    data = blob_data()
     ctx = RunContext(TaskDef("brats", "brats", None, 4, True, "amecam"), data, SMOKE, 0, "cpu",
                      ArtifactCache(tmp_path / "cache"))
     model = ncl.get_noisy_classifier(ctx)

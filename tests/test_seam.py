@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fakes import FakeTaskData
 from wsss_bench.errors import PluginError
 from wsss_bench.interfaces import SliceBatch
 from wsss_bench.nn import seam
@@ -35,29 +36,9 @@ def smoke_brats(tmp_path_factory):
     return load_task_data(BratsDataset(), "brats", None, prof, 0, root)
 
 
-class FakeTaskData:
-    """TaskData's training interface on random images; positives carry a bright square."""
-
-    def __init__(self, n=24, size=32, channels=4, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.labels = (torch.arange(n) % 2).long()
-        self.images = torch.rand(n, channels, size, size, generator=g) * 0.4
-        for i in torch.nonzero(self.labels).flatten().tolist():
-            r, c = torch.randint(0, size - 12, (2,), generator=g).tolist()
-            self.images[i, :, r:r + 12, c:c + 12] += 0.6
-        self._splits = {"train": np.arange(n), "val": np.arange(n - 8, n)}
-        self.image_size = size
-
-    def split(self, name):
-        return self._splits[name]
-
-    def batches(self, idx, batch_size, shuffle=False, seed=None, device="cpu"):
-        idx = np.asarray(idx)
-        for s in range(0, len(idx), batch_size):
-            part = idx[s:s + batch_size]
-            t = torch.as_tensor(part)
-            yield SliceBatch(images=self.images[t].to(device), labels=self.labels[t].to(device), index=part,
-                             case_ids=[f"c{i}" for i in part], z=[0] * len(part))
+def seam_data(n=24, size=32, channels=4, seed=0):
+    """train = every row, val = the last 8."""
+    return FakeTaskData(n, size, channels, seed, splits={"train": np.arange(n), "val": np.arange(n - 8, n)})
 
 
 # ---------------------------------------------------------------- float64 references
@@ -333,7 +314,7 @@ def test_a_collapsed_view_is_a_clear_error_before_training(tmp_path):
     prof["seam"] = Section.of({**dict(prof.seam), "view_scale": 0.1})
     steps = []
     with pytest.raises(PluginError, match=r"seam\.view_scale"):
-        seam.train_seam(model, FakeTaskData(), prof, "cpu", 0, tmp_path, flips=True, step_hook=steps.append)
+        seam.train_seam(model, seam_data(), prof, "cpu", 0, tmp_path, flips=True, step_hook=steps.append)
     assert steps == [] and not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
@@ -374,7 +355,7 @@ def test_training_uses_poly_decay_and_the_lr_multipliers(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.SGD, "step", spy)
     model = seam.build_seam(SMOKE_SPEC, 4, seed=0)
-    seam.train_seam(model, FakeTaskData(), load_profile("smoke"), "cpu", 0, tmp_path, flips=False, iterations=4)
+    seam.train_seam(model, seam_data(), load_profile("smoke"), "cpu", 0, tmp_path, flips=False, iterations=4)
     assert len(seen) == 4
     mult = {"backbone": 1, "backbone_bias": 2, "new": 10}
     for it, groups in enumerate(seen):
@@ -384,7 +365,7 @@ def test_training_uses_poly_decay_and_the_lr_multipliers(tmp_path, monkeypatch):
 
 
 def test_training_resumes_bit_identically_after_a_kill(tmp_path):
-    prof, data = load_profile("smoke"), FakeTaskData()
+    prof, data = load_profile("smoke"), seam_data()
 
     class Killed(Exception):
         pass
@@ -495,7 +476,7 @@ def test_training_names_its_criterion_and_keeps_the_best_evaluation(tmp_path):
     """The rule scores the classification head on val; the kept weights reproduce the best AUC."""
     from sklearn.metrics import roc_auc_score
 
-    data = FakeTaskData(n=32)
+    data = seam_data(n=32)
     prof = load_profile("smoke")
     prof["seam"] = type(prof.seam)({**prof.seam, "eval_every": 2})
     model = seam.build_seam(SMOKE_SPEC, 4, seed=3)
@@ -510,6 +491,6 @@ def test_training_names_its_criterion_and_keeps_the_best_evaluation(tmp_path):
     fresh.eval()
     rows = data.split("val")
     with torch.no_grad():
-        cam, _ = fresh(data.images[rows])
+        cam, _ = fresh(torch.from_numpy(data.images(rows)))
     p = torch.sigmoid(cam[:, 1].mean(dim=(1, 2))).numpy()
-    assert roc_auc_score(data.labels[rows].numpy(), p) == pytest.approx(conv["best"], abs=1e-6)
+    assert roc_auc_score(data.labels[rows], p) == pytest.approx(conv["best"], abs=1e-6)
