@@ -9,6 +9,7 @@ import pytest
 from wsss_bench.errors import PluginError, UserError
 from wsss_bench.plugins import PluginLoadWarning, load_plugins
 from wsss_bench.registry import Registry
+from wsss_bench.spec import parse_specs
 
 CAM_MODULE = textwrap.dedent('''
     from wsss_bench.hookspecs import hookimpl
@@ -140,3 +141,43 @@ def test_cli_trace_flag_prints_hook_calls(monkeypatch):
     result = CliRunner().invoke(cli.app, ["plugins", "--trace"])
     assert result.exit_code == 0
     assert "register_cam_sources" in result.output and "register_refiners" in result.output
+
+
+HTML_EXPORTER = textwrap.dedent('''
+    from wsss_bench.hookspecs import hookimpl
+    from wsss_bench.interfaces import Exporter
+
+    class MyHtml(Exporter):
+        name = "html"
+        suffix = ".html"
+        def export(self, table):
+            return "<p>third party</p>"
+
+    @hookimpl
+    def register_exporters(register):
+        register(MyHtml)
+''')
+
+
+def test_a_name_clash_keeps_the_builtin_and_qualifies_the_plugin(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "tp_html.py").write_text(HTML_EXPORTER)
+    info = tmp_path / "tp_html-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-html\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[wsss_bench]\ntp_html = tp_html\n")
+    try:
+        with pytest.warns(PluginLoadWarning) as caught:
+            host = load_plugins()
+        (message,) = [str(w.message) for w in caught if "html" in str(w.message)]
+        assert "kept the built-in as 'html'" in message and "reachable as 'tp-html:html'" in message
+        assert host.registries["exporters"].entry("html").plugin != "tp_html"  # the built-in
+        mine = host.get("exporters", parse_specs("tp-html:html")[0].name)
+        assert mine().export(None) == "<p>third party</p>" and mine.name == "tp-html:html"
+        assert "exporters:tp-html:html" in host.infos["tp_html"].provides
+        with pytest.raises(PluginError, match="fatal under --strict"):
+            load_plugins(strict=True)
+    finally:
+        import sys
+
+        sys.modules.pop("tp_html", None)

@@ -2,8 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsss_bench.errors import PluginError, UserError
-from wsss_bench.interfaces import CamSource
+from wsss_bench.errors import UserError
 from wsss_bench.spec import format_spec, parse_specs
 
 
@@ -46,22 +45,3 @@ def test_format_then_parse_round_trips(params):
     assert spec.expand() == [params]
 
 
-class _Cam(CamSource):
-    name = "toy"
-    params = {"layer": "layer4", "chunk": 64, "scale": 1.0, "flip": False, "layers": ["layer3", "layer4"]}
-
-    def maps(self, batch):  # pragma: no cover - not called
-        raise AssertionError
-
-
-def test_plugin_params_are_coerced_and_unknown_names_rejected():
-    cam = _Cam(chunk="32", scale=2, flip="true", layers="layer2+layer3")
-    assert cam.p["chunk"] == 32 and cam.p["scale"] == 2.0 and cam.p["flip"] is True
-    assert cam.p["layers"] == ["layer2", "layer3"]
-    assert cam.spec() == "toy[chunk=32,flip=true,layers=layer2+layer3,scale=2.0]"
-    with pytest.raises(PluginError) as err:
-        _Cam(layr="layer3")
-    msg = str(err.value)
-    assert "toy" in msg and "layr" in msg and "did you mean 'layer'" in msg and "chunk=64" in msg
-    with pytest.raises(PluginError, match="expects int"):
-        _Cam(chunk="many")

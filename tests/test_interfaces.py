@@ -1,5 +1,6 @@
-"""The plugin API version: a refiner written against the first published docs keeps working,
-a plugin for a newer API is refused in one sentence, a name clash keeps both plugins reachable."""
+"""wsss_bench.interfaces: the plugin base classes and the plugin API version: parameters are
+coerced and checked, a refiner written against the first published docs keeps working through
+the adapter, a plugin for a newer API is refused in one sentence."""
 from __future__ import annotations
 
 import textwrap
@@ -14,9 +15,8 @@ from typer.testing import CliRunner
 import wsss_bench
 from wsss_bench import cli
 from wsss_bench.errors import PluginError
-from wsss_bench.interfaces import target_api
+from wsss_bench.interfaces import CamSource, target_api
 from wsss_bench.plugins import PluginLoadWarning, load_plugins
-from wsss_bench.spec import parse_specs
 
 #: the refiner example of the first published docs/plugins.md, verbatim (plugin API 1)
 API1_REFINER = textwrap.dedent('''
@@ -116,51 +116,24 @@ def test_a_plugin_for_a_newer_api_is_refused_in_one_sentence(tmp_path):
         load_plugins(plugins_dirs=[tmp_path], strict=True)
 
 
-def test_ctx_classifier_names_the_change_and_the_fix():
-    from wsss_bench.context import RunContext
-
-    ctx = RunContext.__new__(RunContext)
-    with pytest.raises(PluginError, match=r"removed in plugin API 3.*get_classifier\(ctx\)"):
-        ctx.classifier()
-    with pytest.raises(AttributeError):
-        ctx.no_such_thing
 
 
-HTML_EXPORTER = textwrap.dedent('''
-    from wsss_bench.hookspecs import hookimpl
-    from wsss_bench.interfaces import Exporter
+class _Cam(CamSource):
+    name = "toy"
+    params = {"layer": "layer4", "chunk": 64, "scale": 1.0, "flip": False, "layers": ["layer3", "layer4"]}
 
-    class MyHtml(Exporter):
-        name = "html"
-        suffix = ".html"
-        def export(self, table):
-            return "<p>third party</p>"
-
-    @hookimpl
-    def register_exporters(register):
-        register(MyHtml)
-''')
+    def maps(self, batch):  # pragma: no cover - not called
+        raise AssertionError
 
 
-def test_a_name_clash_keeps_the_builtin_and_qualifies_the_plugin(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "tp_html.py").write_text(HTML_EXPORTER)
-    info = tmp_path / "tp_html-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tp-html\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[wsss_bench]\ntp_html = tp_html\n")
-    try:
-        with pytest.warns(PluginLoadWarning) as caught:
-            host = load_plugins()
-        (message,) = [str(w.message) for w in caught if "html" in str(w.message)]
-        assert "kept the built-in as 'html'" in message and "reachable as 'tp-html:html'" in message
-        assert host.registries["exporters"].entry("html").plugin != "tp_html"  # the built-in
-        mine = host.get("exporters", parse_specs("tp-html:html")[0].name)
-        assert mine().export(None) == "<p>third party</p>" and mine.name == "tp-html:html"
-        assert "exporters:tp-html:html" in host.infos["tp_html"].provides
-        with pytest.raises(PluginError, match="fatal under --strict"):
-            load_plugins(strict=True)
-    finally:
-        import sys
-
-        sys.modules.pop("tp_html", None)
+def test_plugin_params_are_coerced_and_unknown_names_rejected():
+    cam = _Cam(chunk="32", scale=2, flip="true", layers="layer2+layer3")
+    assert cam.p["chunk"] == 32 and cam.p["scale"] == 2.0 and cam.p["flip"] is True
+    assert cam.p["layers"] == ["layer2", "layer3"]
+    assert cam.spec() == "toy[chunk=32,flip=true,layers=layer2+layer3,scale=2.0]"
+    with pytest.raises(PluginError) as err:
+        _Cam(layr="layer3")
+    msg = str(err.value)
+    assert "toy" in msg and "layr" in msg and "did you mean 'layer'" in msg and "chunk=64" in msg
+    with pytest.raises(PluginError, match="expects int"):
+        _Cam(chunk="many")

@@ -1,5 +1,7 @@
-"""The core carries the paper's cells: combined map sources, the backbone axis, maps on any
-split, shared models with one resumable loop, mask isolation and honest cell identity."""
+"""wsss_bench.running.runner: planning and running the paper's cells: combined map sources,
+the backbone axis, no plugin touching a mask, one configuration per output folder, honest cell
+identity, cell logs kept apart.  The run context's own tests are in test_context.py, the
+training loop's in test_training.py."""
 from __future__ import annotations
 
 import json
@@ -13,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from wsss_bench import cli
-from wsss_bench.errors import PluginError, UserError
+from wsss_bench.errors import UserError
 from wsss_bench.interfaces import Refiner
 from wsss_bench.plugins import load_plugins
 from wsss_bench.running.runner import Cell, RunConfig, Session, parse_method, plan_cells
@@ -78,24 +79,6 @@ def test_intersection_masks_equal_the_single_source_masks_anded():
 
 
 # ---------------------------------------------------------------------------- maps on any split
-def test_maps_on_the_training_split_cover_every_training_slice(tmp_path):
-    host = load_plugins()
-    session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host)
-    ctx = session.context("brats", 0)
-    train = ctx.maps("gradcam", "train")
-    assert train.shape == (len(ctx.data.split("train")), 32, 32)
-    assert not train.flags.writeable
-    assert float(train.max()) <= 1.0 and float(train.min()) >= 0.0 and np.ptp(train) > 0
-    again = ctx.maps("gradcam", "train")  # memoised: the same array
-    assert again is train
-    source = ctx.plugin("cams", "gradcam")
-    assert ctx.plugin("cams", "gradcam") is source  # one prepared instance per canonical spec
-    batch = next(iter(ctx.data.batches(ctx.data.split("train")[:4], 4)))
-    with torch.no_grad():
-        direct = source.maps(batch)
-    assert np.allclose(train[:4], direct.numpy(), atol=1e-6)
-
-
 # ---------------------------------------------------------------------------- backbone axis
 class _FeatureRefiner(Refiner):
     name = "featref"
@@ -125,34 +108,6 @@ def test_cli_backbone_error_is_one_line(run_cli, tmp_path):
 
 
 # ---------------------------------------------------------------------------- mask isolation
-def test_data_view_refuses_masks_unless_declared(tmp_path):
-    host = load_plugins()
-    session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host)
-    ctx = session.context("brats", 0)
-    train = ctx.data.split("train")[:3]
-    gradcam = host.get("cams", "gradcam")()
-    with ctx.acting(gradcam), pytest.raises(PluginError, match="gradcam.*reads_train_masks"):
-        ctx.data.masks(train)
-    with ctx.acting(gradcam), pytest.raises(PluginError):
-        next(iter(ctx.data.batches(train, 2, with_masks=True)))
-    with pytest.raises(PluginError):
-        ctx.data.store  # noqa: B018 - the raw store holds the labels
-    with pytest.raises(PluginError):
-        ctx.data.fg_fraction  # noqa: B018 - foreground areas are mask information
-
-    class Supervised(Refiner):
-        name, needs_cam, reads_train_masks = "sup", False, True
-
-        def refine(self, batch, maps, sources):  # pragma: no cover
-            raise NotImplementedError
-
-    sup = Supervised()
-    with ctx.acting(sup):
-        assert ctx.data.masks(train).shape == (3, 32, 32)
-        with pytest.raises(PluginError, match="test slices"):
-            ctx.data.masks(ctx.data.split("test")[:2])
-
-
 def test_no_plugin_touches_a_mask(monkeypatch, tmp_path):
     """Spy: run every registered map source (with threshold) and every refiner (with gradcam)
     on the smoke phantom; only the runner's scoring and plugins that declare
@@ -262,49 +217,7 @@ def test_editing_an_imported_module_changes_the_plugin_source_hash(tmp_path):
     assert digest() == edited  # a neutral module does not invalidate artifacts
 
 
-def test_bf16_and_source_hash_enter_artifact_keys(tmp_path):
-    host = load_plugins()
-    session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host)
-    ctx = session.context("brats", 0)
-    gradcam = host.get("cams", "gradcam")()
-    plain, _ = ctx.artifact_key("maps", gradcam)
-    ctx.bf16 = True
-    assert ctx.artifact_key("maps", gradcam)[0] != plain
-    ctx.bf16 = False
-    assert ctx.artifact_key("maps", gradcam)[0] == plain
-
-
 # ---------------------------------------------------------------------------- shared models
-def test_shared_model_is_built_once_and_memoised_with_its_records(tmp_path):
-    host = load_plugins()
-    session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host)
-    ctx = session.context("brats", 0)
-    builds = []
-
-    def build():
-        builds.append("build")
-        return torch.nn.Linear(3, 2)
-
-    def train(model, run):
-        ctx.record("toy/trained", True)
-        assert run.work.is_dir() and run.seed == ctx.seed("train/toy")
-        return {k: v + 1 for k, v in model.state_dict().items()}, {"ok": True}
-
-    ctx.begin_cell()
-    a = ctx.shared_model("toy", build, train, params={"x": 1})
-    assert not a.training and not any(p.requires_grad for p in a.parameters())
-    log = ctx.begin_cell()
-    b = ctx.shared_model("toy", build, train, params={"x": 1})
-    assert b is a and builds == ["build"]
-    # the model's stop record replays too (a train info without a convergence record: fixed steps)
-    assert log.records == {"toy/trained": True, "model/toy": {"stop_reason": "fixed steps", "steps": None}}
-    assert log.used == [ctx.shared_model_key("toy")]
-    assert list((tmp_path / "artifacts" / "toy").glob("*/toy.safetensors"))
-    fresh = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host).context("brats", 0)
-    c = fresh.shared_model("toy", build, lambda m, r: pytest.fail("retrained"), params={"x": 1})
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
-
-
 def test_cell_logs_do_not_leak_between_cells(tmp_path):
     host = load_plugins()
     cfg = RunConfig(profile="smoke", device="cpu", out=tmp_path / "o", cache_dir=Path(os.environ["WSSS_BENCH_CACHE"]))
@@ -317,36 +230,3 @@ def test_cell_logs_do_not_leak_between_cells(tmp_path):
                                      "pseudo-masks"]
 
 
-def test_classifier_training_killed_after_a_checkpoint_resumes_bit_identical(tmp_path):
-    from wsss_bench.nn import training
-    from wsss_bench.nn.classifier import build_classifier, train_classifier
-    from wsss_bench.profiles import load_profile
-
-    host = load_plugins()
-    session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host)
-    ctx = session.context("brats", 0)
-    prof = load_profile("smoke")
-    prof["classifier"] = type(prof.classifier)(epochs=3, batch=8)
-
-    def run(work, stop_at=None):
-        model = build_classifier(prof.cam_classifier, 4, seed=1)
-        ticks = []
-
-        def progress(n):
-            ticks.append(n)
-            if stop_at is not None and len(ticks) == stop_at:
-                raise KeyboardInterrupt
-
-        return train_classifier(model, ctx.data, prof, "cpu", seed=3, flips=True, progress=progress, work=work)
-
-    full, info = run(tmp_path / "full")
-    per_epoch = info["cap"] // 3
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", stop_at=per_epoch + 2)  # killed in epoch 2, after epoch 1's checkpoint
-    state = training.load_state(tmp_path / "cut")
-    assert state is not None and state["iteration"] == per_epoch
-    assert not list((tmp_path / "cut").glob("*.pt"))  # safetensors + JSON, nothing pickled
-    resumed, info2 = run(tmp_path / "cut")
-    assert info2["resumed_from"] == per_epoch and info["resumed_from"] is None
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert info2["val_auc"] == info["val_auc"] and info2["best_step"] == info["best_step"]

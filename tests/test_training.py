@@ -1,4 +1,5 @@
-"""The convergence rule of the one training loop (wsss_bench.nn.training), on toy curves."""
+"""wsss_bench.nn.training, the one training loop: its convergence rule on toy curves, and a
+killed training that resumes from its checkpoint bit-identical."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from wsss_bench.nn import training as tr
+from wsss_bench.plugins import load_plugins
+from wsss_bench.running.runner import RunConfig, Session
 
 
 class Toy(torch.nn.Module):
@@ -150,3 +153,38 @@ def test_auc_and_loss_match_sklearn():
     auc, loss = tr.auc_and_loss(y, p)
     assert auc == pytest.approx(roc_auc_score(y, p)) and loss == pytest.approx(log_loss(y, p))
     assert tr.auc_and_loss([1, 1], [0.5, 0.9])[0] is None
+
+
+def test_classifier_training_killed_after_a_checkpoint_resumes_bit_identical(tmp_path):
+    from wsss_bench.nn import training
+    from wsss_bench.nn.classifier import build_classifier, train_classifier
+    from wsss_bench.profiles import load_profile
+
+    host = load_plugins()
+    session = Session(RunConfig(profile="smoke", device="cpu", cache_dir=tmp_path), host=host)
+    ctx = session.context("brats", 0)
+    prof = load_profile("smoke")
+    prof["classifier"] = type(prof.classifier)(epochs=3, batch=8)
+
+    def run(work, stop_at=None):
+        model = build_classifier(prof.cam_classifier, 4, seed=1)
+        ticks = []
+
+        def progress(n):
+            ticks.append(n)
+            if stop_at is not None and len(ticks) == stop_at:
+                raise KeyboardInterrupt
+
+        return train_classifier(model, ctx.data, prof, "cpu", seed=3, flips=True, progress=progress, work=work)
+
+    full, info = run(tmp_path / "full")
+    per_epoch = info["cap"] // 3
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", stop_at=per_epoch + 2)  # killed in epoch 2, after epoch 1's checkpoint
+    state = training.load_state(tmp_path / "cut")
+    assert state is not None and state["iteration"] == per_epoch
+    assert not list((tmp_path / "cut").glob("*.pt"))  # safetensors + JSON, nothing pickled
+    resumed, info2 = run(tmp_path / "cut")
+    assert info2["resumed_from"] == per_epoch and info["resumed_from"] is None
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert info2["val_auc"] == info["val_auc"] and info2["best_step"] == info["best_step"]
