@@ -41,7 +41,11 @@ def _rows(out: Path) -> pd.DataFrame:
 
 
 def _only(cache: Path, stage: str) -> Path:
+    """The one artifact folder of ``stage``; for maps, the test split's (a cell also writes its
+    sources' training-split maps, scored as pseudo-masks)."""
     found = [d for d in (cache / "artifacts" / stage).iterdir() if not d.name.startswith(".")]
+    if stage == "maps":
+        found = [d for d in found if json.loads((d / "artifact.json").read_text())["meta"].get("split") == "test"]
     assert len(found) == 1, found
     return found[0]
 
