@@ -18,6 +18,8 @@ def test_test_suite_does_not_pretend_to_be_ci(pytester, monkeypatch):
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv("WSSS_BENCH_NO_BARS", raising=False)
     monkeypatch.delenv("WSSS_BENCH_NO_PROGRESS", raising=False)
+    # the conftest loads its fixture modules (data_fixtures) from tests/
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text(encoding="utf-8"))
     pytester.makepyfile(test_probe="""
 import os, sys
