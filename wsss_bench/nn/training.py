@@ -24,8 +24,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from rich.markup import escape
+
 from wsss_bench.cache import atomic_path, atomic_write_json
 from wsss_bench.lazy import np, torch
+from wsss_bench.progress import say
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch as _torch
@@ -413,6 +416,9 @@ def run_resumable(
                        **rule.as_dict(), "cap": iterations, "steps": steps, "stop_reason": stopped,
                        "kept_step": best["step"], "best": best["value"], "best_tie": best["tie"],
                        "curve": curve, "curve_columns": ["step", "train_loss", "value", "tie"]}
+        best_txt = "no score" if best["value"] is None else f"{best['value']:.4g}"
+        say(escape(f"  stopped: {stopped} after {steps} of {iterations} steps; kept step {best['step']} "
+                   f"({criterion.name}: {best_txt})"))
     if best["weights"] is not None:
         weights, kept = best["weights"], f"best score at iteration {best['step']}"
     else:
