@@ -187,3 +187,18 @@ def test_tissue_fraction_is_max_over_channels():
     s[0, 0, 0, :2] = 0.5
     s[0, 1, 1, :2] = 0.5
     assert tissue_fraction(s)[0] == pytest.approx(4 / 16)
+
+
+def test_a_degenerate_affine_is_one_sentence(tmp_path):
+    """An affine with a zero column leaves a voxel axis without a direction (nibabel's
+    io_orientation gives NaN there); found by the header fuzzer."""
+    import nibabel as nib_
+
+    from wsss_bench.data.readers import read_header
+    from wsss_bench.errors import UserError
+
+    affine = np.array([[0., 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]])
+    path = tmp_path / "bad.nii.gz"
+    nib_.save(nib_.Nifti1Image(np.zeros((2, 2, 4), np.uint8), affine), str(path))
+    with pytest.raises(UserError, match="bad.nii.gz.*affine"):
+        read_header(path)

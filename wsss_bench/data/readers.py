@@ -60,6 +60,9 @@ def read_header(path: Path) -> tuple[Any, tuple[int, ...], tuple[int, int, int]]
         raise UserError(f"cannot read NIfTI file {path}: {err}") from None
     if len(disk_shape) != 3:
         raise UserError(f"{path} has shape {disk_shape}; expected a 3D volume")
+    if not np.isfinite(np.asarray(ornt, dtype=float)).all():
+        raise UserError(f"{path}: its header's affine gives no direction to at least one voxel axis (a zero or "
+                        f"degenerate column); fix the file's sform/qform")
     ras = [0, 0, 0]
     for axis, (target, _flip) in enumerate(ornt):
         ras[int(target)] = disk_shape[axis]
