@@ -39,6 +39,7 @@ def test_plan_lists_exactly_what_a_smoke_bench_then_runs_and_then_everything_is_
     before = _items(res.output)
     assert before and all(s == "todo" for p, _, s in before if p == "2")  # no cell has run in this folder
     assert not (tmp_path / "b").exists()  # nothing ran: no run folder, no new artifact
+    assert not re.search(r"stage \S+.*: (started|failed)", res.output), res.output  # probes print no stages
     assert (_files(cache_root / "artifacts") if files else set()) == files
 
     res = run_cli(*args)

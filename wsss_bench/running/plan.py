@@ -18,6 +18,7 @@ needs the cells' identities), so a cold data cache is prepared first.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,17 @@ def _plugin_name(spec: str) -> str:
 
 def probe_unit(session: Any, unit: Any) -> tuple[str, str]:
     """('', '') if every artifact of ``unit`` is cached, else the (stage, key) it would build first."""
+    quiet = os.environ.get("WSSS_BENCH_NO_PROGRESS")
+    os.environ["WSSS_BENCH_NO_PROGRESS"] = "1"  # a probe's stages end at their first miss: no stage lines
     try:
         build_unit(session, unit)
     except WouldBuild as stop:
         return stop.stage, stop.key
+    finally:
+        if quiet is None:
+            os.environ.pop("WSSS_BENCH_NO_PROGRESS", None)
+        else:
+            os.environ["WSSS_BENCH_NO_PROGRESS"] = quiet
     return "", ""
 
 
