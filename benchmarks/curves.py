@@ -11,6 +11,13 @@ so an interrupted run keeps what it measured; ``--report`` merges logs into
 
     python benchmarks/curves.py --task brats --models classifier,seam,amecam,noisy-classifier
     python benchmarks/curves.py --report benchmarks/results/curves_*.jsonl
+    python benchmarks/curves.py --from-cache .cache-cold --manifest runs/bench_cpu/manifest.json \
+        --log benchmarks/results/curves_cpu_bench.jsonl   # every model a bench trained
+
+``--from-cache`` reads the convergence records a bench left in its artifact cache (every
+model of every task it trained, CLDF decoders included), with the bench's command, commit
+and machine from its manifest, so the curves published are those of the models behind the
+published tables.
 
 Models: ``classifier`` (CAM classifier), ``table2-resnet``, ``seam``, ``amecam`` (stages 1
 and 2), ``noisy-classifier``, ``fsl``, ``dig`` and ``cldf`` (both need the task's CDM,
@@ -153,6 +160,71 @@ def snapshot(cache_dir: Path, task: str, log: Path) -> None:
               f"at {state.get('best_step')}, {state.get('since')} evaluation(s) since")
 
 
+# ---------------------------------------------------------------------------- from a bench's cache
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def from_cache(cache_dir: Path, manifest_path: Path, log: Path) -> None:
+    """Append the curves of every model trained in a bench's cache to ``log``: one header per
+    task (the bench's command, commit, machine and data from its manifest), one row per model.
+    Models of one (task, stage) that differ in their parameters (CLDF decoders) are told apart
+    by the parameters that differ."""
+    from wsss_bench.cache import read_meta
+    from wsss_bench.nn.training import convergence_of
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    env = manifest.get("environment", {})
+    found: dict[tuple[str, str], list[tuple[dict, Path]]] = {}
+    for meta_file in sorted(Path(cache_dir).glob("artifacts/*/*/artifact.json")):
+        folder = meta_file.parent
+        if folder.name.startswith(".") or not list(folder.glob("*.train.json")):
+            continue
+        meta = read_meta(folder)
+        task = (meta.get("describe") or {}).get("task", "?")
+        found.setdefault((task, meta["stage"]), []).append((meta, folder))
+    tasks = sorted({t for t, _ in found})
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        for task in tasks:
+            data = next((v for k, v in manifest.get("data", {}).items() if k.split("/")[0] == task), {})
+            split = data.get("splits", {})
+            prov = {"command": manifest.get("command"), "git_sha": env.get("git_sha"), "uncommitted": [],
+                    "machine": f"{env.get('cpu_model')}; {env.get('cpu_count')} logical CPUs; Python "
+                               f"{env.get('python')}; torch {env.get('packages', {}).get('torch')}; "
+                               f"{manifest.get('config', {}).get('executor')} workers, 1 thread each",
+                    "date": "models built " + max(m.get("created", "?") for (t, _), g in found.items() if t == task
+                                                  for m, _ in g),
+                    "profile": manifest.get("config", {}).get("profile"),
+                    "phantom_generator": data.get("generator_version", "-")}
+            fh.write(json.dumps({"kind": "header", "task": task, "provenance": prov,
+                                 "val": {"n_pos": split.get("val", {}).get("n_pos"),
+                                         "n_neg": split.get("val", {}).get("n_neg")},
+                                 "n_train_cases": split.get("train", {}).get("n_cases"),
+                                 "n_train_slices": split.get("train", {}).get("n_slices"),
+                                 "n_val_cases": split.get("val", {}).get("n_cases"), "threads": 1}) + "\n")
+        for (task, stage), group in sorted(found.items()):
+            params = [_flat((m.get("describe") or {}).get("params", {})) for m, _ in group]
+            varying = sorted({k for p in params for k in p if len({json.dumps(q.get(k)) for q in params}) > 1})
+            for (meta, folder), p in zip(group, params):
+                tag = ", ".join(f"{k}={p.get(k)}" for k in varying)
+                for name, conv in convergence_of(folder).items():
+                    info = json.loads((folder / f"{name.split('/')[0]}.train.json").read_text())
+                    model = stage if name.replace("_", "-") == stage else f"{stage}/{name}"
+                    row = {"kind": "curve", "task": task, "model": model + (f" [{tag}]" if tag else ""),
+                           "profile": (meta.get("describe") or {}).get("profile"), "convergence": conv,
+                           "train_seconds": info.get("seconds_this_attempt", info.get("seconds")),
+                           "resumed_from": info.get("resumed_from")}
+                    fh.write(json.dumps(row) + "\n")
+    print(f"{log}: {sum(len(g) for g in found.values())} trained model(s) on {len(tasks)} task(s)")
+
+
 # ---------------------------------------------------------------------------- report
 def _fmt(v, digits=3) -> str:
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
@@ -218,12 +290,19 @@ def main() -> None:
     ap.add_argument("--report", type=Path, nargs="+")
     ap.add_argument("--snapshot", action="store_true",
                     help="append the last checkpoints of models still training in --cache-dir to --log")
+    ap.add_argument("--from-cache", type=Path, help="a bench's cache: log every model it trained")
+    ap.add_argument("--manifest", type=Path, help="with --from-cache: the bench's manifest.json")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "curves.jsonl")
     args = ap.parse_args()
     for m in args.models:
         if m not in MODELS:
             ap.error(f"--models: unknown model '{m}'; choose from {', '.join(MODELS)}")
-    if args.report:
+    if args.from_cache:
+        if not args.manifest:
+            ap.error("--from-cache needs --manifest (the bench's manifest.json: its command, commit, machine)")
+        from_cache(args.from_cache, args.manifest, Path(args.log or ROOT / "benchmarks" / "results" /
+                                                        f"curves_{args.profile}_bench.jsonl"))
+    elif args.report:
         report(args.report, args.out, args.out.with_suffix(".md"))
     elif args.snapshot:
         snapshot(args.cache_dir, args.task, Path(args.log or ROOT / "benchmarks" / "results" /
