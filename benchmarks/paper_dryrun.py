@@ -281,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                                              "date": other["provenance"]["date"], "cells": sorted(other["cells"])})
         for name, row in other["cells"].items():
             have = dry["cells"].get(name, {})
-            # a cell run in two passes: keep the run that did the work (the other found it cached)
-            if have.get("status") in (None, "not run") or (have.get("from_pass") and row.get("status") == "done"
-                                                           and row.get("wall_s", 0) > have.get("wall_s", 0)):
+            # a later pass replaces a row that did not finish (not run, killed, failed) with one
+            # that did; a cell run in two passes keeps the run that did the work (the other found
+            # it cached)
+            unfinished = have.get("status") != "done" and row.get("status") == "done"
+            if have.get("status") in (None, "not run") or unfinished or (
+                    have.get("from_pass") and row.get("status") == "done" and row.get("wall_s", 0) > have.get("wall_s", 0)):
                 dry["cells"][name] = {**row, "from_pass": extra.name}
     if API_OUT.exists():
         dry["api"] = json.loads(API_OUT.read_text())

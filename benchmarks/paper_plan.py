@@ -233,7 +233,9 @@ def cell_lines(dry: dict) -> list[str]:
         rss = max((s["peak_rss_mb"] for s in row.get("stages") or []), default=0.0) / 1024
         status = row.get("status", "?")
         note = (dry.get("notes") or {}).get(name)
-        if note:
+        if note and row.get("from_pass") and status == "done":  # the note is about an earlier pass
+            status = f"done in {row['from_pass']}; the first pass: {note['text']}".replace("|", "/")
+        elif note:
             status = f"{status}: {note['text']}".replace("|", "/")
         elif status != "done":
             err = row.get("why") or row.get("error") or " ".join(row.get("stderr_tail") or [])

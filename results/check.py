@@ -78,6 +78,10 @@ PAPER_TABLES = {f"{kind}{name}": (fmt, name)
                 for kind, fmt in (("latex/", "latex"), ("", "markdown"))}
 
 
+#: the side tables collect.sh renders (``wsss-bench report DIR --table T``): file -> (exporter, table)
+SIDE_TABLES = {"seeds": ("markdown", "seeds"), "quality": ("markdown", "quality")}
+
+
 def check_paper_tables(folder: Path) -> list[str]:
     """Re-render every committed ``latex/tableN.tex`` and ``tableN.md`` from the per-slice rows
     (what ``wsss-bench report DIR --format F --table tableN --with-paper --gate label`` writes)."""
@@ -87,7 +91,7 @@ def check_paper_tables(folder: Path) -> list[str]:
 
     out: list[str] = []
     wanted = [(folder / (stem + (".tex" if fmt == "latex" else ".md")), fmt, table)
-              for stem, (fmt, table) in PAPER_TABLES.items()]
+              for stem, (fmt, table) in {**PAPER_TABLES, **SIDE_TABLES}.items()]
     wanted = [w for w in wanted if w[0].is_file()]
     if not wanted:
         return out
@@ -97,7 +101,9 @@ def check_paper_tables(folder: Path) -> list[str]:
     resamples = bootstrap_resamples(frame, manifests)
     built: dict[str, list] = {}  # one build (bootstrap) per table, rendered by each exporter
     for path, fmt, table in wanted:
-        if table not in built:
+        if table not in built and table in ("seeds", "quality"):  # the model and seed tables of every cell
+            built[table] = build_tables(frame, table, "all", resamples=resamples, quality=manifests)
+        elif table not in built:
             built[table] = build_tables(frame, table, "label", with_paper=True, resamples=resamples,
                                         failed=failed_cells(manifests), quality=manifests)
         got = render_many(built[table], host.get("exporters", fmt)())
@@ -169,8 +175,8 @@ def check_readme(readme: Path, folder: Path) -> list[str]:
 def readme_facts(folder: Path) -> set[str]:
     """Every number the README's prose may state about ``folder``, as printed: the numbers of the
     recomputed tables, the Fig. 4 points (all-slice mean Dice, 3 decimals), the bench's wall
-    time in minutes, its test-slice counts and bootstrap resamples, and the cpu profile's time
-    target."""
+    time in minutes, its test-slice counts and bootstrap resamples, the cpu profile's time
+    target, and :func:`side_facts` (model quality, seed quality, AME-CAM's deletion drops)."""
     import re
 
     from wsss_bench.reporting.figures import ablation_points
@@ -184,9 +190,29 @@ def readme_facts(folder: Path) -> set[str]:
     facts.add(str(round(manifest["wall_seconds"] / 60)))
     facts |= {str(b["resamples"]), "95"}  # the CI level
     facts |= set(re.findall(r"\d+", str(load_profile(b["profile"]).hardware)))
+    facts |= side_facts(folder)
     label = b["frame"][b["frame"].gate == "label"].drop_duplicates(["task", "case_id", "z"])
     for _, g in label.groupby("task"):
         facts |= {str(int((g.label == 1).sum())), str(int((g.label == 0).sum())), str(g.case_id.nunique())}
+    return facts
+
+
+def side_facts(folder: Path) -> set[str]:
+    """Numbers the README may quote beyond the Dice tables: every number of the checked side
+    tables (``quality.md``: each model's stop and the classifiers' test AUC, sensitivity and
+    specificity; ``seeds.md``: training-split pseudo-mask and seed quality) and AME-CAM's two
+    deletion drops per task (``records["amecam/polarity"]`` of the committed cell manifests)."""
+    import json
+    import re
+
+    facts: set[str] = set()
+    for stem in SIDE_TABLES:
+        path = folder / f"{stem}.md"
+        if path.is_file():
+            facts |= set(re.findall(r"\d+\.\d+", path.read_text()))
+    for f in sorted((folder / "cells").glob("*.json")):
+        pol = (json.loads(f.read_text()).get("records") or {}).get("amecam/polarity") or {}
+        facts |= {f"{pol[k]:.3f}" for k in ("drop_plus", "drop_minus") if isinstance(pol.get(k), float)}
     return facts
 
 

@@ -14,6 +14,7 @@ for t in table1 table2 table3; do
   wsss-bench report "$NEW" --format markdown --table "$t" --with-paper --gate label -o "$NEW/$t.md"
 done
 wsss-bench report "$NEW" --format markdown --table seeds -o "$NEW/seeds.md"   # training-split pseudo-mask quality
+wsss-bench report "$NEW" --format markdown --table quality -o "$NEW/quality.md"   # the models behind each row
 wsss-bench figures "$NEW" --out "$NEW/figures" --format png
 cp results/cpu/regenerate.sh results/cpu/collect.sh "$NEW"/
 rm -rf "$DEST.old"; [ -d "$DEST" ] && mv "$DEST" "$DEST.old"; mv "$NEW" "$DEST"; rm -rf "$DEST.old"
