@@ -49,3 +49,22 @@ def smoke_task_data(data_cache, smoke_profile, brats_phantom, flare_phantom) -> 
     return {
         task: load_task_data(cls(), task, None, smoke_profile, 0, data_cache) for task, cls in SMOKE_TASKS.items()
     }
+
+
+def _synth(tmp_path_factory, kind: str, cases: int) -> Path:
+    """A smoke phantom in the real dataset's layout, written by ``wsss-bench data synth``."""
+    from typer.testing import CliRunner
+
+    from wsss_bench import cli
+
+    root = tmp_path_factory.mktemp(kind)
+    result = CliRunner().invoke(cli.app, ["data", "synth", "--kind", kind, "--out", str(root),
+                                          "--cases", str(cases), "--profile", "smoke"])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture(scope="module")
+def brats_root(tmp_path_factory) -> Path:
+    """A 5-case smoke phantom in the real BraTS21 layout, one per test module (tests may damage it)."""
+    return _synth(tmp_path_factory, "brats", 5)

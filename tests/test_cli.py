@@ -6,20 +6,9 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from wsss_bench import cli
-
-
-@pytest.fixture(scope="module")
-def brats_root(tmp_path_factory):
-    """A small phantom in the real BraTS21 layout, written by the CLI itself."""
-    root = tmp_path_factory.mktemp("brats")
-    result = CliRunner().invoke(cli.app, ["data", "synth", "--kind", "brats", "--out", str(root),
-                                          "--cases", "5", "--profile", "smoke"])
-    assert result.exit_code == 0, result.output
-    return root
 
 
 def test_main_job_prints_the_table_and_reuses_the_cache(run_cli, tmp_path):

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from wsss_bench import cache as cache_mod
-from wsss_bench import cli
 from wsss_bench.data.readers import BratsDataset
 from wsss_bench.data.store import data_fingerprint, prepare_slices
 from wsss_bench.errors import disk_problem
@@ -34,15 +32,6 @@ def _one_error(output: str) -> str:
     lines = [ln for ln in output.splitlines() if ln.startswith(("error:", "cell failed"))]
     assert len(lines) == 1 and "Traceback" not in output, output
     return " ".join(output.split())
-
-
-@pytest.fixture(scope="module")
-def brats_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("brats")
-    result = CliRunner().invoke(cli.app, ["data", "synth", "--kind", "brats", "--out", str(root),
-                                          "--cases", "5", "--profile", "smoke"])
-    assert result.exit_code == 0, result.output
-    return root
 
 
 # ============================================================================ disk full

@@ -97,16 +97,6 @@ def check_bad(result, case: str, cache: Path | None, *needles: str, code: int = 
 
 
 @pytest.fixture(scope="module")
-def brats_root(tmp_path_factory):
-    """A 5-case smoke phantom in the real BraTS21 layout (written by the CLI)."""
-    root = tmp_path_factory.mktemp("brats")
-    result = CliRunner().invoke(cli.app, ["data", "synth", "--kind", "brats", "--out", str(root),
-                                          "--cases", "5", "--profile", "smoke"])
-    assert result.exit_code == 0, result.output
-    return root
-
-
-@pytest.fixture(scope="module")
 def flare_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("flare")
     result = CliRunner().invoke(cli.app, ["data", "synth", "--kind", "flare", "--out", str(root),
