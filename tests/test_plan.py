@@ -91,3 +91,22 @@ def test_render_totals_and_wall_time_with_workers():
     last = pl.render(items, jobs=2)[-1]
     # worker time 130 s; wall: phase 1.1 max(120/2, 100) = 100, phase 2: 10 -> 110 s
     assert "3 to run" in last and "2.2 min of worker time" in last and "about 1.8 min wall" in last
+
+
+def test_a_cell_pays_for_the_training_split_maps_of_a_source_built_in_the_same_command(run_cli, tmp_path):
+    """The pseudo-mask stage of the first cell of a freshly built slow source computes its
+    training-split maps: that cell's estimate carries their cost, other cells do not."""
+    res = run_cli("bench", ROOT / "benchmarks" / "table1.toml", "--profile", "smoke", "--device", "cpu",
+                  "--task", "brats", "--out", tmp_path / "b", "--plan")
+    assert res.exit_code == 0, res.output
+    seconds = {}
+    for line in res.output.splitlines():
+        m = re.match(r"^\[2\] cell brats (\S+) seed 0: to run, ~(\d+)s$", line.strip())
+        if m:
+            seconds[m.group(1)] = int(m.group(2))
+    smoke, cpu = load_profile("smoke"), load_profile("cpu")
+    base = pl.estimate("cell:", smoke, cpu)[0]
+    cdm = pl.estimate("trainmaps:cdm", smoke, cpu)[0]
+    assert seconds["cdm+threshold"] == round(base + cdm)
+    assert seconds["scorecam+threshold"] == round(base + pl.estimate("trainmaps:scorecam", smoke, cpu)[0])
+    assert seconds["gradcam+threshold"] == round(base)
