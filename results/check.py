@@ -188,6 +188,10 @@ def readme_facts(folder: Path) -> set[str]:
     facts |= {f"{v:.3f}" for v in pts["dice_mean"]}
     manifest = b["manifest"]
     facts.add(str(round(manifest["wall_seconds"] / 60)))
+    cold = folder / "manifest-cold.json"  # the cold run (regenerate.sh keeps it before the warm re-run)
+    if cold.is_file():
+        wall = json.loads(cold.read_text())["wall_seconds"]
+        facts |= {str(round(wall / 60)), f"{wall / 60:.1f}"}
     facts |= {str(b["resamples"]), "95"}  # the CI level
     facts |= set(re.findall(r"\d+", str(load_profile(b["profile"]).hardware)))
     facts |= side_facts(folder)
