@@ -105,3 +105,16 @@ def provenance_lines(command: str | None = None, profile: str | None = None, dat
         f"- profile: {p['profile'] or 'n/a'}",
         f"- machine: {p['machine']}; run {p['date']}",
     ]
+
+
+def write_result(path: Path, lines: Iterable[str]) -> str:
+    """Write a benchmark's Markdown result file (atomically: a reader never sees half of it),
+    print it, and return its text."""
+    text = "\n".join(lines) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(text)
+    return text

@@ -29,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import command_line, provenance_lines  # noqa: E402
+from _meta import command_line, provenance_lines, write_result  # noqa: E402
 
 SOURCES = ["benchmarks/amecam_polarity.py", "wsss_bench/nn/amecam.py", "plugins/amecam.py"]
 
@@ -123,8 +123,7 @@ def main() -> None:
         lines += ["", "Dice vs training masks of each exit map alone, sign +1 / -1:", ""]
         for t, r in results.items():
             lines.append(f"- {t}: " + ", ".join(f"{k} {v[1]:.3f} / {v[-1]:.3f}" for k, v in r["parts"].items()))
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import command_line  # noqa: E402
+from _meta import command_line, write_result  # noqa: E402
 
 
 def _dice(frame, task: str, methods: set[str]) -> tuple[float | None, float | None, str]:
@@ -81,11 +81,7 @@ def main() -> None:
             f"- before: `{args.before}` ({args.before_name}; bench made at git `{env(args.before).get('git_sha')}`)",
             f"- after: `{args.after}` (bench made at git `{env(args.after).get('git_sha')}`)",
             "- both are cold cpu-profile benches of Tables 1-3 + Fig. 4 on the embedded phantoms, seed 0", ""]
-    text = "\n".join(head + compare(args.before, args.after)) + "\n"
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
-    print(text)
+    write_result(args.out, head + compare(args.before, args.after))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _meta import command_line, provenance_lines  # noqa: E402
+from _meta import command_line, provenance_lines, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,10 +276,7 @@ def main() -> None:
         what = m.what.replace("|", "\\|")  # a pipe would end the table cell
         lines.append(f"| `{m.name}` | {'yes' if m.issue else ''} | `{m.path}` | {what} | "
                      f"{n} in {', '.join(t.replace('tests/', '') for t in m.tests)} | {caught_txt} |")
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
     if missed:
         raise SystemExit(1)
 

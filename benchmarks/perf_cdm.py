@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name: (threads, bf16, channels_last, data path only)
     "fp32, 1 thread": (1, False, False, False),
@@ -132,10 +135,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['setting']} | {r['median_s'] * 1000:.0f} | {r['min_s'] * 1000:.0f} | "
                      f"{r['max_s'] * 1000:.0f} | {r['median_s'] / base:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

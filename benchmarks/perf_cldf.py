@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"256": ("paper", 256), "64": ("cpu", 64)}
 T_REF = [1, 10, 50, 100]
@@ -270,10 +273,7 @@ def supcon_report(args) -> None:
         lines.append(f"| {n} | {times['textbook']:.3f} | {times['current']:.3f} | "
                      f"{times['textbook'] / times['current']:.1f}x | {dl:.1e} | {dg:.1e} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
 
 
 def _child(args: list[str], threads: int | None = None) -> dict:
@@ -387,10 +387,7 @@ def main() -> None:
     lines += ["", "Increment = what the path allocates on top of the process and the networks' weights. "
               "The 2-means runs on the same (S^2, 16) embeddings in both paths, so its cost is shared; "
               "the difference is the feature path."]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
 
 
 def decoders_report(args) -> None:
@@ -451,10 +448,7 @@ def decoders_report(args) -> None:
               "(Table 3's variants, Table 2's rows of one backbone, Fig. 4's sizes). Weight and mask differences "
               "come from the frozen forward's batch-size dependence (~1e-7 in the features), amplified by SGD "
               "at lr 1.0."]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

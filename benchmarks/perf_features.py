@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"256": ("paper", 256), "64": ("cpu", 64)}
 
@@ -216,10 +219,7 @@ def main() -> None:
     for m in maps:
         lines.append(f"| {m['threads']} | {m['batch']} | {m['cdm_s_per_slice']:.3f} | "
                      f"{m['mg_s_per_slice']:.3f} ({m['mg_timesteps']}) |")
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

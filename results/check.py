@@ -206,7 +206,6 @@ def side_facts(folder: Path) -> set[str]:
     tables (``quality.md``: each model's stop and the classifiers' test AUC, sensitivity and
     specificity; ``seeds.md``: training-split pseudo-mask and seed quality) and AME-CAM's two
     deletion drops per task (``records["amecam/polarity"]`` of the committed cell manifests)."""
-    import json
     import re
 
     facts: set[str] = set()
