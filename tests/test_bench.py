@@ -177,6 +177,21 @@ def test_two_tables_train_nothing_twice_and_rerun_is_a_noop(run_cli, tmp_path, m
     assert again.exit_code == 0, again.output
     manifest2 = json.loads((out / "manifest.json").read_text())
     assert not bn.training_builds(manifest2["cache_events"])  # warm: nothing trains
+    # every cell is finished: no shared unit runs, no model is even loaded
+    assert manifest2["units"] == [] and manifest2["cache_events"] == [], manifest2["units"]
+    assert "3 of 3 cell(s) already finished" in again.output
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), frame)
+
+    # one cell lost (a deleted record): only the units that cell needs run, and only it is computed
+    record = next(p for p in (out / "cells").glob("*.json") if json.loads(p.read_text())["method"] == "mg+threshold")
+    record.unlink()
+    third, _ = _bench(run_cli, tmp_path, a, b, extra=("--cache-dir", tmp_path / "cache"))
+    assert third.exit_code == 0, third.output
+    manifest3 = json.loads((out / "manifest.json").read_text())
+    units = {(u["unit"]["kind"], u["unit"]["spec"]) for u in manifest3["units"]}
+    assert units == {("gate", ""), ("source", "mg"), ("refiner", "threshold")}, units
+    assert "2 of 3 cell(s) already finished" in third.output
+    assert not bn.training_builds(manifest3["cache_events"])
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), frame)
 
 

@@ -58,9 +58,16 @@ def test_plan_lists_exactly_what_a_smoke_bench_then_runs_and_then_everything_is_
     res = run_cli(*args, "--plan")
     assert res.exit_code == 0, res.output
     after = _items(res.output)
-    assert [(p, lab) for p, lab, _ in after] == [(p, lab) for p, lab, _ in before]
+    # every cell is finished: like the bench, the plan needs none of the shared units
+    assert [(p, lab) for p, lab, _ in after] == [(p, lab) for p, lab, _ in before if p == "2"]
     assert all(s == "cached" for _, _, s in after), [a for a in after if a[2] != "cached"]
     assert "estimated 0s of worker time" in res.output
+
+    res = run_cli(*args[:-1], tmp_path / "c", "--plan")  # a new run folder: models cached, cells not
+    assert res.exit_code == 0, res.output
+    fresh = _items(res.output)
+    assert [(p, lab) for p, lab, _ in fresh] == [(p, lab) for p, lab, _ in before]
+    assert all(s == "cached" for p, _, s in fresh if p != "2") and all(s == "todo" for p, _, s in fresh if p == "2")
 
 
 def test_run_plan_prints_cells_and_runs_nothing(run_cli, tmp_path):
@@ -93,6 +100,35 @@ def test_render_totals_and_wall_time_with_workers():
     assert "3 to run" in last and "2.2 min of worker time" in last and "about 1.8 min wall" in last
 
 
+def test_wall_time_scales_with_the_threads_of_a_worker():
+    assert pl.thread_factor(1) == 1.0 and pl.thread_factor(2) == pytest.approx(0.6)
+    assert pl.thread_factor(16) == pytest.approx(0.25)
+    items = [pl.PlanItem("1.1", "a", "x", False, "cdm", 100.0)]
+    assert "about 60s wall with 1 worker(s) of 2 thread(s)" in pl.render(items, jobs=1, threads=2)[-1]
+    assert "~60s" in pl.render(items, jobs=1, threads=2)[0]
+
+
+def test_a_refiner_pays_for_the_cdm_its_backbone_trains_unless_a_source_unit_builds_it(run_cli, tmp_path):
+    """CLDF's probe stops at its seeds' source; the CDM behind its features is charged to it
+    when the command has no ``cdm`` source unit (README's main job), and not twice."""
+    cache = tmp_path / "cache"
+    base = ["--profile", "smoke", "--device", "cpu", "--cache-dir", cache, "--plan"]
+    res = run_cli("run", "--task", "brats", "--cam", "gradcam", "--method", "cldf", "--out", tmp_path / "r", *base)
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("[1.2] refiner cldf"))
+    assert "cdm (backbone cdm)" in line, line
+    smoke, cpu = load_profile("smoke"), load_profile("cpu")
+    expect = (pl.estimate("refiner:cldf", smoke, cpu)[0] + pl.estimate("backbone:cdm", smoke, cpu)[0]) * \
+        pl.thread_factor(pl.worker_threads(1))
+    assert f"~{pl._dur(expect)}" in line, (line, expect)
+
+    res = run_cli("run", "--task", "brats", "--cam", "gradcam,cdm", "--method", "cldf", "--out", tmp_path / "s", *base)
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert any(ln.startswith("[1.1] source cdm") and "to build from cdm" in ln for ln in lines), res.output
+    assert not any("(backbone cdm)" in ln for ln in lines), res.output  # the source unit builds it
+
+
 def test_a_cell_pays_for_the_training_split_maps_of_a_source_built_in_the_same_command(run_cli, tmp_path):
     """The pseudo-mask stage of the first cell of a freshly built slow source computes its
     training-split maps: that cell's estimate carries their cost, other cells do not."""
@@ -107,6 +143,7 @@ def test_a_cell_pays_for_the_training_split_maps_of_a_source_built_in_the_same_c
     smoke, cpu = load_profile("smoke"), load_profile("cpu")
     base = pl.estimate("cell:", smoke, cpu)[0]
     cdm = pl.estimate("trainmaps:cdm", smoke, cpu)[0]
-    assert seconds["cdm+threshold"] == round(base + cdm)
-    assert seconds["scorecam+threshold"] == round(base + pl.estimate("trainmaps:scorecam", smoke, cpu)[0])
-    assert seconds["gradcam+threshold"] == round(base)
+    f = pl.thread_factor(pl.worker_threads(1))  # one local worker with every core
+    assert seconds["cdm+threshold"] == round((base + cdm) * f)
+    assert seconds["scorecam+threshold"] == round((base + pl.estimate("trainmaps:scorecam", smoke, cpu)[0]) * f)
+    assert seconds["gradcam+threshold"] == round(base * f)

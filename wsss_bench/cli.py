@@ -123,13 +123,14 @@ def run(
 
 def _print_plan(cfg, host, cells, executor: str) -> None:
     """``--plan``: what the command would run, cached or not, and the estimated time; nothing runs."""
-    from wsss_bench.running.plan import make_plan, render
+    from wsss_bench.running.plan import make_plan, render, worker_threads
     from wsss_bench.spec import parse_specs
 
     jobs = int(parse_specs(executor)[0].expand()[0].get("jobs", 1) or 1)
+    threads = worker_threads(jobs) if parse_specs(executor)[0].name == "local" else 1
     say(f"[bold]plan[/bold] (nothing runs): {len(cells)} cell(s), profile {escape(cfg.profile)}, "
         f"out {escape(str(cfg.out))}")
-    for line in render(make_plan(cfg, host, cells), jobs):
+    for line in render(make_plan(cfg, host, cells), jobs, threads):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 

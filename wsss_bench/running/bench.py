@@ -30,7 +30,8 @@ from typing import Any
 from wsss_bench import runwarnings
 from wsss_bench.errors import UserError
 from wsss_bench.running import rundir
-from wsss_bench.running.runner import Cell, CellJob, CellOutcome, RunConfig, Session, classifier_p1, plan_cells
+from wsss_bench.running.runner import (Cell, CellJob, CellOutcome, RunConfig, Session, cell_identity, classifier_p1,
+                                      plan_cells)
 
 TABLE_KEYS = {"name", "caption", "label", "tasks", "seeds", "paper"}
 ROW_KEYS = {"name", "cam", "method", "backbone", "supplementary", "upper_bound", "note"}
@@ -338,7 +339,14 @@ def run_bench(cfg: RunConfig, host, executor, cells: list[Cell], failed_only: bo
     if collect_only or not todo:
         return report
     t0 = time.perf_counter()
+    finished = finished_cells(cfg, host, todo, report["data"])
+    if finished:
+        say(f"{len(finished)} of {len(todo)} cell(s) already finished with this code, data and configuration: "
+            f"reused, and the shared work only they need is skipped")
+        todo = [c for c in todo if c not in finished]
     for level, units in enumerate(shared_units(todo)):
+        if not units:
+            continue
         say(f"phase 1.{level + 1}: {len(units)} shared unit(s) ({', '.join(sorted({u.kind for u in units}))})")
         outcomes = executor.map(UnitJob(cfg, host), units)
         for u, oc in zip(units, outcomes):
@@ -349,17 +357,47 @@ def run_bench(cfg: RunConfig, host, executor, cells: list[Cell], failed_only: bo
             report["cache_events"].extend(oc.cache_events)
     report["phases"].append({"phase": "shared", "seconds": round(time.perf_counter() - t0, 2)})
     t1 = time.perf_counter()
-    say(f"phase 2: {len(todo)} cell(s)")
-    outcomes = executor.map(CellJobWithEvents(cfg, host), todo)
-    for cell, oc in zip(todo, outcomes):
-        if isinstance(oc, BaseException):
-            oc = CellOutcome(cell, "failed", error=f"{type(oc).__name__}: {oc}")
-        report["cells"].append(oc)
-        report["cache_events"].extend(oc.info.get("cache_events", []))
-        if "data_summary" in oc.info:
-            report["data"][f"{cell.task}/seed{cell.seed}"] = oc.info["data_summary"]
+    by_key: dict[str, CellOutcome] = {c.key: CellOutcome(c, "resumed") for c in finished}
+    if todo:
+        say(f"phase 2: {len(todo)} cell(s)")
+        for cell, oc in zip(todo, executor.map(CellJobWithEvents(cfg, host), todo)):
+            if isinstance(oc, BaseException):
+                oc = CellOutcome(cell, "failed", error=f"{type(oc).__name__}: {oc}")
+            by_key[cell.key] = oc
+            report["cache_events"].extend(oc.info.get("cache_events", []))
+            if "data_summary" in oc.info:
+                report["data"][f"{cell.task}/seed{cell.seed}"] = oc.info["data_summary"]
+    report["cells"] = [by_key[c.key] for c in cells if c.key in by_key]
     report["phases"].append({"phase": "cells", "seconds": round(time.perf_counter() - t1, 2)})
     return report
+
+
+def finished_cells(cfg: RunConfig, host, cells: list[Cell], data: dict[str, Any]) -> list[Cell]:
+    """The cells whose stored identity in the run folder equals their identity now.
+
+    A finished cell needs none of the shared work (its rows are in the run folder), so a re-run
+    skips its units too, not only the cell: a warm bench loads no model.  Only cells with a
+    stored record are checked, so a cold run loads no data here (its workers do); a task whose
+    data cannot be read leaves its cells to the workers, which report the error per cell.
+    ``data`` gets the summary of each task read here (for the manifest)."""
+
+    if cfg.force:
+        return []
+    stored = {c.key: rundir.stored_identity(cfg.out, c.key) for c in cells}
+    if not any(v is not None for v in stored.values()):
+        return []
+    session, done = Session(cfg, host=host), []
+    for c in cells:
+        if stored[c.key] is None:
+            continue
+        try:
+            ctx = session.context(c.task, c.seed)
+        except UserError:
+            continue
+        if stored[c.key] == cell_identity(cfg, ctx, host, c):
+            done.append(c)
+            data.setdefault(f"{c.task}/seed{c.seed}", ctx.task_data.summary())
+    return done
 
 
 def training_builds(events: list[dict[str, Any]], stages: set[str] | None = None) -> dict[str, int]:
