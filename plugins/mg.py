@@ -20,10 +20,17 @@ Provenance: [paper] positive class, t-set, gradient w.r.t. the noisy input, mean
 shared noise, minmax.  Mask: Otsu per image (docs/protocol.md section 6, ``mask_rule = "otsu"``).
 One backward of the summed log-probabilities serves a batch (and several t at once): the
 classifier treats samples independently in eval, so each sample gets its own gradient.
+
+Memory: a pass holds at most ``MAX_BATCH`` = 128 noisy images with their autograd graph (two
+timesteps of a 64-slice map batch at the paper profile).  When the device runs out of memory,
+the pass is redone with half as many images, down to one, and the smaller size is kept for the
+rest of the maps (a warning says so): the map is the same up to float rounding, because every
+image's gradient is its own.  Neither the size nor a halving enters a cache key or a row name.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 from wsss_bench.hookspecs import hookimpl
@@ -64,25 +71,69 @@ def reduce_channels(g: "Tensor", reduce: str) -> "Tensor":
     return g.abs().sum(dim=-3) if reduce == "abs" else g.sum(dim=-3)
 
 
+class PassSize:
+    """Images per forward/backward pass: starts at ``limit``, halved on out-of-memory."""
+
+    def __init__(self, limit: int = MAX_BATCH) -> None:
+        if int(limit) < 1:
+            raise ValueError(f"mg: images per pass must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self.halvings = 0
+
+    def halve(self, err: BaseException) -> None:
+        if self.limit == 1:
+            raise err
+        self.limit = max(1, self.limit // 2)
+        self.halvings += 1
+        warnings.warn(f"mg: out of memory on the device ({str(err).splitlines()[0][:120]}); redoing the pass with "
+                      f"{self.limit} noisy images per forward/backward (the maps are the same up to float rounding)",
+                      RuntimeWarning, stacklevel=2)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device allocator's out-of-memory error (CUDA, MPS, ...), not any other failure."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
 def mean_gradient(model, images: "Tensor", ts: Sequence[int], noises: Sequence["Tensor"], reduce: str = "abs",
-                  profile=None, max_batch: int = MAX_BATCH) -> "Tensor":
+                  profile=None, max_batch: "int | PassSize" = MAX_BATCH) -> "Tensor":
     """mean_t reduce_c(g_t), (B, S, S), before minmax; ``images`` (B, C, S, S) in [0, 1].
 
-    ``noises[k]`` (1, C, S, S) is the fixed noise of harness timestep ``ts[k]``.
+    ``noises[k]`` (1, C, S, S) is the fixed noise of harness timestep ``ts[k]``.  A pass
+    holds at most ``max_batch`` noisy images: several timesteps of the whole batch when the
+    batch is smaller, else a slice of the batch at one timestep.  ``max_batch`` may be a
+    :class:`PassSize`, which out-of-memory errors halve (and which then stays halved).
     """
     from wsss_bench.nn.diffusion import add_noise, to_model_range
 
+    size = max_batch if isinstance(max_batch, PassSize) else PassSize(max_batch)
     x0 = to_model_range(images)
     b = x0.shape[0]
-    per = max(1, max_batch // max(1, b))  # timesteps per forward
     total = torch.zeros(x0.shape[0], *x0.shape[2:], dtype=x0.dtype, device=x0.device)
-    for k in range(0, len(ts), per):
+    k = 0
+    while k < len(ts):
+        per = max(1, size.limit // max(1, b))  # timesteps in this pass
+        rows = min(b, size.limit)  # images of the batch per forward/backward
         group = list(ts[k:k + per])
-        t = torch.tensor(group, dtype=torch.long, device=x0.device).repeat_interleave(b)  # (G*B,)
-        eps = torch.cat([noises[k + j].to(x0).expand_as(x0) for j in range(len(group))])  # (G*B, C, S, S)
-        xt = add_noise(x0.repeat(len(group), 1, 1, 1), eps, t, profile)
-        g = input_gradients(model, xt, t)
-        total += reduce_channels(g, reduce).view(len(group), b, *x0.shape[2:]).sum(0)
+        try:
+            done = torch.zeros_like(total)  # added to the total only when the whole pass succeeded
+            for r in range(0, b, rows):
+                x = x0[r:r + rows]
+                n = x.shape[0]
+                t = torch.tensor(group, dtype=torch.long, device=x0.device).repeat_interleave(n)  # (G*n,)
+                eps = torch.cat([noises[k + j].to(x0).expand_as(x) for j in range(len(group))])  # (G*n, C, S, S)
+                xt = add_noise(x.repeat(len(group), 1, 1, 1), eps, t, profile)
+                g = input_gradients(model, xt, t)
+                done[r:r + n] += reduce_channels(g, reduce).view(len(group), n, *x0.shape[2:]).sum(0)
+        except Exception as err:  # only out-of-memory is retried, with half the images
+            if not is_out_of_memory(err):
+                raise
+            done = None  # noqa: F841 - free the partial pass before the smaller one
+            size.halve(err)
+            continue
+        total += done
+        k += len(group)
     return total / len(ts)
 
 
@@ -127,12 +178,14 @@ class MeanGradient(CamSource):
         self.noises = [torch.randn((1, c, s, s), generator=ctx.generator(f"noise/mg/t={t}")).to(ctx.device)
                        for t in self.ts]
         ctx.record("match/mg", match_table(t_ref, self.p["t_scale"], self.p["ref_schedule"], ctx.profile))
+        self.pass_size = PassSize(MAX_BATCH)  # halved for the rest of the maps if the device runs out of memory
 
     def maps(self, batch: SliceBatch) -> "Tensor":
         from wsss_bench.maps import minmax
 
         images = batch.images.to(self.ctx.device).float()
-        mg = mean_gradient(self.model, images, self.ts, self.noises, self.p["reduce"], self.ctx.profile)
+        mg = mean_gradient(self.model, images, self.ts, self.noises, self.p["reduce"], self.ctx.profile,
+                           max_batch=self.pass_size)
         return minmax(mg).detach()  # (B, S, S) in [0, 1]
 
 

@@ -134,6 +134,77 @@ def test_timestep_batching_does_not_change_the_map():
     torch.testing.assert_close(one_by_one, together, rtol=1e-9, atol=1e-12)
 
 
+def test_a_pass_smaller_than_the_batch_slices_the_images_and_keeps_the_map():
+    model = tiny_classifier(seed=2)
+    images = torch.rand(5, 4, 8, 8, dtype=torch.float64)
+    ts = [2, 4, 7]
+    eps = noises(ts, 4, 8)
+    whole = mean_gradient(model, images, ts, eps, max_batch=1000)
+    torch.testing.assert_close(whole, H.reference_mean_gradient(model, images, ts, eps), rtol=1e-5, atol=1e-8)
+    for limit in (1, 2, 4):  # fewer images per pass than the batch holds: slices of it, one t each
+        torch.testing.assert_close(mean_gradient(model, images, ts, eps, max_batch=limit), whole, rtol=1e-9, atol=1e-12)
+
+
+def test_out_of_memory_halves_the_pass_until_it_fits_and_the_map_is_unchanged(monkeypatch):
+    """A fake device that holds at most 3 noisy images per pass: the pass goes 16 -> 8 -> 4 -> 2,
+    the smaller size is kept for the next batch, every pass that ran fitted, and the map equals
+    the independent reference; any other error is not retried."""
+    import wsss_bench_plugins.mg as mg_mod
+
+    model = tiny_classifier(seed=3)
+    images = torch.rand(6, 4, 8, 8, dtype=torch.float64)
+    ts = [2, 4, 7, 9]
+    eps = noises(ts, 4, 8)
+    real, sizes = mg_mod.input_gradients, []
+
+    def small_device(m, xt, t):
+        if xt.shape[0] > 3:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {xt.shape[0]} images")
+        sizes.append(xt.shape[0])
+        return real(m, xt, t)
+
+    monkeypatch.setattr(mg_mod, "input_gradients", small_device)
+    size = mg_mod.PassSize(16)
+    with pytest.warns(RuntimeWarning, match="out of memory.*2 noisy images per forward/backward"):
+        got = mean_gradient(model, images, ts, eps, max_batch=size)
+    assert size.limit == 2 and size.halvings == 3 and max(sizes) <= 3
+    torch.testing.assert_close(got, H.reference_mean_gradient(model, images, ts, eps), rtol=1e-5, atol=1e-8)
+    monkeypatch.setattr(mg_mod, "input_gradients", real)
+    torch.testing.assert_close(got, mean_gradient(model, images, ts, eps, max_batch=1000), rtol=1e-9, atol=1e-12)
+    monkeypatch.setattr(mg_mod, "input_gradients", small_device)
+    sizes.clear()
+    mean_gradient(model, images[:2], ts, eps, max_batch=size)  # the next batch starts at the smaller size
+    assert sizes and max(sizes) == 2 and size.halvings == 3
+
+    calls = []
+
+    def fails_mid_pass(m, xt, t):  # the second slice of the first pass fails (fragmentation)
+        calls.append(xt.shape[0])
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(m, xt, t)
+
+    monkeypatch.setattr(mg_mod, "input_gradients", fails_mid_pass)
+    with pytest.warns(RuntimeWarning):
+        got = mean_gradient(model, images, ts, eps, max_batch=mg_mod.PassSize(3))
+    assert calls[:2] == [3, 3] and set(calls[2:]) == {1}  # the half-done pass was redone, not half-counted
+    torch.testing.assert_close(got, H.reference_mean_gradient(model, images, ts, eps), rtol=1e-5, atol=1e-8)
+
+    def broken(m, xt, t):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(mg_mod, "input_gradients", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        mean_gradient(model, images, ts, eps, max_batch=mg_mod.PassSize(16))
+
+    def never_fits(m, xt, t):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(mg_mod, "input_gradients", never_fits)
+    with pytest.warns(RuntimeWarning), pytest.raises(torch.OutOfMemoryError):
+        mean_gradient(model, images, ts, eps, max_batch=mg_mod.PassSize(4))
+
+
 # ---------------------------------------------------------------- the plugin
 def prepared(model, monkeypatch, **params):
     monkeypatch.setattr(ncl, "get_noisy_classifier", lambda ctx: model)
