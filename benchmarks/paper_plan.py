@@ -171,8 +171,20 @@ def stage_table(net: dict, prof: Any, sets: dict[tuple[str, str], int] | None = 
             act += batch * net["_meta"]["dig_feat_in"] * int(prof.dig.grid) ** 2 * 4
         gib = (weights + act) / 2**30 + CONTEXT_GIB
         out.append({**row, "flops": flops, "per_task": per_task, "gpu_h": flops / gpu_rate() / 3600,
-                    "mem_gib": gib, "batch": batch})
+                    "mem_gib": gib, "batch": batch, "weights_bytes": weights, "act_per_item": act / max(1, batch)})
     return out
+
+
+def halved_fit(row: dict[str, Any], card_bytes: float) -> tuple[int, float] | None:
+    """MG halves its pass on out-of-memory: (images per pass, GiB) of the first halving that fits
+    ``card_bytes``, or None when not even one image does."""
+    n = int(row["batch"])
+    while n >= 1:
+        gib = (row["weights_bytes"] + row["act_per_item"] * n) / 2**30 + CONTEXT_GIB
+        if gib * 2**30 <= card_bytes:
+            return n, gib
+        n //= 2
+    return None
 
 
 def storage(prof: Any, net: dict, levels: list[list[Any]]) -> list[tuple[str, str, str]]:
@@ -426,10 +438,19 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
                                           for r in over40) or "none") + ".")
     L.append("- Over 80 GB: " + (", ".join(f"{r['stage']} ({r['mem_gib']:.0f} GiB at batch {r['batch']})"
                                           for r in over80) or "none") + ".")
+    for card, label in ((40e9, "40 GB"), (80e9, "80 GB")):
+        for r in (r for r in rows if r["stage"] == "maps/mg" and r["mem_gib"] * 2**30 > card):
+            fit = halved_fit(r, card)
+            L.append(f"- maps/mg on a {label} card: MG halves its pass by itself when the device runs out of memory "
+                     + (f"and settles at {fit[0]} noisy images per pass ({fit[1]:.1f} GiB by the same estimate); "
+                        f"the maps are the same up to rounding, in {r['batch'] // fit[0]}x as many passes."
+                        if fit else "but not even one image fits by this estimate."))
     L += [
-        "- Where an estimate is over a card's memory, the fixes are the batch knobs of the profile "
-        "(`--set amecam.batch=...`, `--set classifier.batch=...`, which also sets the map batch) or `--bf16`; "
-        "MG's 128-image pass comes from its fixed `MAX_BATCH` (two timesteps of a 64-slice map batch). "
+        "- Where a training's estimate is over a card's memory, the fixes are the batch knobs of the profile "
+        "(`--set amecam.batch=...`, `--set classifier.batch=...`, which also sets the map batch) or `--bf16`. "
+        "Set them before the first long training: every artifact key holds the whole resolved profile, so a "
+        "`--set` added later retrains every model of the run, the CDM included. MG needs no knob: its pass of "
+        "at most 128 noisy images (two timesteps of a 64-slice map batch) is halved on out-of-memory. "
         "These are upper bounds; the device check's `peak GPU memory` column decides.",
         "",
         "## Storage",
