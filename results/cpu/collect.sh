@@ -7,7 +7,7 @@ DEST=results/cpu
 NEW="$DEST.new"
 rm -rf "$NEW"; mkdir -p "$NEW/cells" "$NEW/latex"
 cp "$OUT"/results.parquet "$OUT"/manifest.json "$OUT"/tables.md "$NEW"/
-for f in manifest-cold.json bench-stages.log; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$NEW"/; done  # the cold run's record
+for f in manifest-cold.json manifest-incremental.json bench-stages.log; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$NEW"/; done  # the cold (and any incremental) run's record
 cp "$OUT"/cells/*.json "$NEW/cells"/                     # per-cell manifests (stages, seeds, errors)
 cp -r "$OUT"/predictions "$NEW"/
 for t in table1 table2 table3; do

@@ -20,6 +20,7 @@ fi
 OUT=runs/bench_cpu
 TABLES="benchmarks/table1.toml benchmarks/table2.toml benchmarks/table3.toml benchmarks/fig4.toml"
 mkdir -p "$OUT"
+rm -f "$OUT/manifest-incremental.json"   # only an incremental re-run (results/README.md) writes one
 # shellcheck disable=SC2086
 WSSS_BENCH_NO_BARS=1 wsss-bench bench $TABLES --profile cpu --executor 'local[jobs=2]' --out "$OUT" \
   | tee "$OUT.log" || echo "bench: some cells failed (recorded in the tables)" >&2
