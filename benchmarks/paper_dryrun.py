@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="cell names joined by ';' (default: all)")
     ap.add_argument("--api-only", action="store_true", help="run only the Python-API checks (DiG at paper size)")
     ap.add_argument("--note", action="append", default=[], metavar="CELL=TEXT",
-                    help="record an observation about a cell (e.g. the kernel log line of a kill) in the stored run")
+                    help="record an observation about a cell (e.g. the kernel log line of a kill) in the stored run; "
+                    "with --pass-name (and --plan-only), about that later run's row")
     ap.add_argument("--pass-name", default="", help="write this run's cells to paper_dryrun_pass-NAME.json, run "
                     "beside the main dry run; --plan-only merges them (their rows replace 'not run' rows)")
     args = ap.parse_args(argv)
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--note {note!r}: expected CELL=TEXT with CELL one of the dry run's cell names")
             return 2
         stored = json.loads(JSON_OUT.read_text())
-        stored.setdefault("notes", {})[cell] = {"text": text, "command": command_line()}
+        stored.setdefault("notes", {})[cell] = {"text": text, "command": command_line(),
+                                                **({"pass": args.pass_name} if args.pass_name else {})}
         _write_json(JSON_OUT, stored)
     if args.api_only:
         _write_json(API_OUT, api_checks())
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     for extra in sorted(RESULTS.glob("paper_dryrun_pass-*.json")):
         other = json.loads(extra.read_text())
         dry.setdefault("passes", []).append({"command": other["provenance"]["command"],
-                                             "date": other["provenance"]["date"], "cells": sorted(other["cells"])})
+                                             "date": other["provenance"]["date"], "cells": sorted(other["cells"]),
+                                             "git_sha": other["provenance"].get("git_sha"), "name": extra.name})
         for name, row in other["cells"].items():
             have = dry["cells"].get(name, {})
             # a later pass replaces a row that did not finish (not run, killed, failed) with one

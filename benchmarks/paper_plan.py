@@ -245,7 +245,9 @@ def cell_lines(dry: dict) -> list[str]:
         rss = max((s["peak_rss_mb"] for s in row.get("stages") or []), default=0.0) / 1024
         status = row.get("status", "?")
         note = (dry.get("notes") or {}).get(name)
-        if note and row.get("from_pass") and status == "done":  # the note is about an earlier pass
+        if note and note.get("pass") and row.get("from_pass") == f"paper_dryrun_pass-{note['pass']}.json":
+            status = f"{status} in {row['from_pass']}: {note['text']}".replace("|", "/")
+        elif note and row.get("from_pass") and status == "done":  # the note is about an earlier pass
             status = f"done in {row['from_pass']}; the first pass: {note['text']}".replace("|", "/")
         elif note:
             status = f"{status}: {note['text']}".replace("|", "/")
@@ -322,6 +324,10 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
     cache_share = (c6 + ep * vit) / (ep * (c6 + vit))
     loads = [r[k][0] for r in cells.values() for k in ("load_start", "load_end") if r.get(k)]
     lo, hi = (min(loads), max(loads)) if loads else (float("nan"), float("nan"))
+    passes = dry.get("passes", [])
+    cell_min = sum(float(cells[n].get("wall_s") or 0) for n in done) / 60
+    longest = sorted(done, key=lambda n: -float(cells[n].get("wall_s") or 0))[:3]
+    n_big = sum(1 for n in done if max((st["peak_rss_mb"] for st in cells[n].get("stages") or []), default=0) >= 18 * 1024)
     cdm_row = next(r for r in rows if r["stage"] == "train/cdm")
     dig_row = next(r for r in rows if r["stage"] == "train/dig")
     L = [
@@ -335,10 +341,18 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "",
         "## Status",
         "",
-        f"- **CPU dry run** (`benchmarks/results/paper_dryrun.md`): {len(done)} of {len(cells)} cells finished "
-        f"on {p['date']}, commit `{(p.get('git_sha') or 'unknown')[:12]}`, {p['machine']}. The machine was "
-        f"shared with other developers' jobs (1-minute load average {lo:.0f}-{hi:.0f} on 2 cores at the cells' "
-        "starts and ends, our processes at nice 10): "
+        f"- **CPU dry run** (`benchmarks/results/paper_dryrun.md`): {len(done)} of {len(cells)} cells finished, "
+        + (f"in {1 + len(passes)} runs: the first on {p['date']} at commit `{(p.get('git_sha') or 'unknown')[:12]}`, "
+           f"the last on {passes[-1]['date']} at commit `{(passes[-1].get('git_sha') or 'unknown')[:12]}` (each "
+           "cell's row names its run; a later run re-ran only cells that had not finished, reusing the models "
+           "earlier runs had cached)" if passes else
+           f"on {p['date']}, commit `{(p.get('git_sha') or 'unknown')[:12]}`")
+        + f"; {p['machine']}; the finished cells' wall times add up to {cell_min:.0f} min (longest: "
+        + ", ".join(f"{n} {float(cells[n].get('wall_s') or 0) / 60:.0f} min" for n in longest)
+        + f"): one worker running every cell would take over an hour here, and two side by side are limited by "
+        f"memory ({n_big} cells peak at 18 GiB or more of this machine's 23). The machine was "
+        f"shared with other developers' jobs in the first runs (1-minute load average {lo:.0f}-{hi:.0f} on 2 cores "
+        "at the cells' starts and ends, our processes at nice 10): "
         "its times are upper bounds, and they are not used for the GPU projection below.",
         "- **Device check: has not run yet.** No GPU has been available to this project. When one is, run",
         "",
@@ -527,7 +541,8 @@ def render_result(dry: dict, net: dict) -> str:
          f"- phantom generator: {p['phantom_generator']}", f"- profile: paper, with every cell's `--set` below",
          f"- machine: {p['machine']}; run {p['date']}; wall "
          f"{(dry.get('wall_s', 0) + dry.get('wall_s_before', 0)) / 60:.0f} min"
-         + "".join(f"; second pass `{q['command']}` at {q['date']}" for q in dry.get("passes", [])),
+         + "".join(f"; later run `{q['command']}` at {q['date']}, commit `{(q.get('git_sha') or 'unknown')[:12]}`"
+                   for q in dry.get("passes", [])),
          "- **the machine was shared** with other developers' jobs; the dry run ran at `nice -n 10` and the 1-minute "
          "load average at each cell's start and end is recorded next to its time: every wall time and per-step time "
          "below is an **upper bound measured under contention**, not this CPU's speed",
