@@ -242,7 +242,7 @@ def cell_lines(dry: dict) -> list[str]:
         if row.get("status") == "not run":
             lines.append(f"| {name} | not run: {row.get('why', '')} | | | | |")
             continue
-        rss = max((s["peak_rss_mb"] for s in row.get("stages") or []), default=0.0) / 1024
+        rss = _peak_gib(row)
         status = row.get("status", "?")
         note = (dry.get("notes") or {}).get(name)
         if note and note.get("pass") and row.get("from_pass") == f"paper_dryrun_pass-{note['pass']}.json":
@@ -311,6 +311,11 @@ def _h(x: float) -> str:
     return fmt_h(x)
 
 
+def _peak_gib(row: dict[str, Any]) -> float:
+    """A dry-run cell's peak RSS over its stages, GiB (0 when it recorded none)."""
+    return max((st["peak_rss_mb"] for st in row.get("stages") or []), default=0.0) / 1024
+
+
 def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int, levels: list[list[Any]],
                  api: dict | None) -> str:
     """docs/scale.md as text."""
@@ -327,7 +332,7 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
     passes = dry.get("passes", [])
     cell_min = sum(float(cells[n].get("wall_s") or 0) for n in done) / 60
     longest = sorted(done, key=lambda n: -float(cells[n].get("wall_s") or 0))[:3]
-    n_big = sum(1 for n in done if max((st["peak_rss_mb"] for st in cells[n].get("stages") or []), default=0) >= 18 * 1024)
+    n_big = sum(1 for n in done if _peak_gib(cells[n]) >= 18)
     cdm_row = next(r for r in rows if r["stage"] == "train/cdm")
     dig_row = next(r for r in rows if r["stage"] == "train/dig")
     L = [
@@ -478,7 +483,7 @@ def render_scale(dry: dict, net: dict, prof: Any, rows: list[dict], n_cells: int
         "",
         f"Host memory: the slice store is memory-mapped, so a worker holds only its batches; the dry run's "
         f"peak RSS per cell (CPU, paper networks, batches cut) is in the result file, "
-        f"{max((max((s['peak_rss_mb'] for s in r.get('stages') or []), default=0) for r in cells.values()), default=0) / 1024:.1f} "
+        f"{max((_peak_gib(r) for r in cells.values()), default=0):.1f} "
         "GiB at most. `slurm[mem_gb=32]` (the default) leaves room for that plus the data loader.",
         "",
         "## SLURM layout: what runs in parallel, what waits",

@@ -46,8 +46,10 @@ class LocalExecutor(Executor):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
+        from wsss_bench.running.plan import worker_threads
+
         jobs = min(int(self.p["jobs"]), len(cells))
-        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+        threads = worker_threads(jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                  initializer=_worker_init, initargs=(threads, os.getpid())) as pool:
             futures = [pool.submit(fn, cell) for cell in cells]

@@ -126,8 +126,9 @@ def _print_plan(cfg, host, cells, executor: str) -> None:
     from wsss_bench.running.plan import make_plan, render, worker_threads
     from wsss_bench.spec import parse_specs
 
-    jobs = int(parse_specs(executor)[0].expand()[0].get("jobs", 1) or 1)
-    threads = worker_threads(jobs) if parse_specs(executor)[0].name == "local" else 1
+    spec = parse_specs(executor)[0]
+    jobs = int(spec.expand()[0].get("jobs", 1) or 1)
+    threads = worker_threads(jobs) if spec.name == "local" else 1
     say(f"[bold]plan[/bold] (nothing runs): {len(cells)} cell(s), profile {escape(cfg.profile)}, "
         f"out {escape(str(cfg.out))}")
     for line in render(make_plan(cfg, host, cells), jobs, threads):

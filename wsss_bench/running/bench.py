@@ -372,21 +372,22 @@ def run_bench(cfg: RunConfig, host, executor, cells: list[Cell], failed_only: bo
     return report
 
 
-def finished_cells(cfg: RunConfig, host, cells: list[Cell], data: dict[str, Any]) -> list[Cell]:
+def finished_cells(cfg: RunConfig, host, cells: list[Cell], data: dict[str, Any],
+                   session: Session | None = None) -> list[Cell]:
     """The cells whose stored identity in the run folder equals their identity now.
 
     A finished cell needs none of the shared work (its rows are in the run folder), so a re-run
     skips its units too, not only the cell: a warm bench loads no model.  Only cells with a
     stored record are checked, so a cold run loads no data here (its workers do); a task whose
     data cannot be read leaves its cells to the workers, which report the error per cell.
-    ``data`` gets the summary of each task read here (for the manifest)."""
-
+    ``data`` gets the summary of each task read here (for the manifest); ``session`` is one
+    whose loaded data can be reused (the plan's), else a new one."""
     if cfg.force:
         return []
     stored = {c.key: rundir.stored_identity(cfg.out, c.key) for c in cells}
     if not any(v is not None for v in stored.values()):
         return []
-    session, done = Session(cfg, host=host), []
+    session, done = session or Session(cfg, host=host), []
     for c in cells:
         if stored[c.key] is None:
             continue

@@ -148,7 +148,7 @@ def thread_factor(threads: int) -> float:
 
 
 def worker_threads(jobs: int) -> int:
-    """Torch threads each of ``jobs`` local workers gets (the local executor's rule)."""
+    """Torch threads each of ``jobs`` local workers gets (the local executor uses this rule)."""
     return max(1, len(os.sched_getaffinity(0)) // max(1, int(jobs)))
 
 
@@ -205,9 +205,9 @@ def probe_backbone(session: Any, host: Any, unit: Any) -> tuple[str, str, str]:
 
 def make_plan(cfg: Any, host: Any, cells: list) -> list[PlanItem]:
     """Every unit and cell the command would run, cached or not, with estimates."""
-    finished = {c.key for c in finished_cells(cfg, host, cells, {})}  # the command skips their units
     session = Session(cfg, host=host)
     session.cache = DryCache(session.cache.root, enabled=session.cache.enabled, force=session.cache.force)
+    finished = {c.key for c in finished_cells(cfg, host, cells, {}, session)}  # the command skips their units
     profile, reference = cfg.load_profile(), load_profile(REFERENCE_PROFILE)
     items: list[PlanItem] = []
     claimed: dict[str, str] = {}  # artifact key -> the unit that builds it first
