@@ -7,6 +7,11 @@ model or source after it: ``train/cdm``, ``maps/scorecam``, ``refine/cldf``), le
 the ``prepare/*`` stages (they contain the ``train/*`` stages they trigger).  With a pool of
 N workers the sums are worker-seconds: they add up to about N x the wall time.
 
+With a manifest it also prints the **training floor**: the worker-minutes of the ``train/*``
+stages divided by the number of workers.  A bench that trains every model as this one did
+cannot finish sooner on that many workers, however the rest is sped up or scheduled; it is
+what a wall-time target has to be set against.
+
     python benchmarks/bench_breakdown.py results/cpu/bench-stages.log --manifest results/cpu/manifest.json
 """
 from __future__ import annotations
@@ -41,6 +46,19 @@ def breakdown(lines: list[str]) -> dict[str, tuple[float, int]]:
     return {k: (v[0], int(v[1])) for k, v in totals.items()}
 
 
+JOBS = re.compile(r"jobs=(\d+)")
+
+
+def workers(manifest: dict) -> int:
+    """Worker processes of the run: ``jobs`` of a ``local[jobs=N]`` executor, else 1."""
+    m = JOBS.search(str(manifest.get("config", {}).get("executor", "")))
+    return int(m.group(1)) if m else 1
+
+
+def training_seconds(totals: dict[str, tuple[float, int]]) -> float:
+    return sum(sec for name, (sec, _) in totals.items() if name.startswith("train/"))
+
+
 def markdown(totals: dict[str, tuple[float, int]], manifest: dict | None = None) -> str:
     total = sum(v[0] for v in totals.values())
     rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
@@ -50,6 +68,10 @@ def markdown(totals: dict[str, tuple[float, int]], manifest: dict | None = None)
         out.append(f"Wall time {manifest.get('wall_seconds', 0) / 60:.1f} min (shared phase "
                    f"{phases.get('shared', 0) / 60:.1f} min, cells {phases.get('cells', 0) / 60:.1f} min); "
                    f"stage time summed over workers {total / 60:.1f} min.")
+        n, train = workers(manifest), training_seconds(totals)
+        out.append(f"Training floor: the train/* stages are {train / 60:.1f} of those worker-minutes; "
+                   f"on {n} worker(s) no schedule finishes under {train / 60 / n:.1f} min while every "
+                   "model trains as it did here.")
         out.append("")
     out += ["| stage | runs | worker-minutes | share |", "|---|---|---|---|"]
     for name, (sec, n) in rows:

@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,7 +52,8 @@ def fresh_context(base, model, key: str):
     """A new RunContext on ``base``'s data whose shared CDM is ``model`` (own memo, own key)."""
     from wsss_bench.context import RunContext
 
-    ctx = RunContext(base.task, base.task_data, base.profile, base.seed, base.device, base.cache,
+    # base.base_seed, the run's integer seed (base.seed is the method that derives seeds from it)
+    ctx = RunContext(base.task, base.task_data, base.profile, base.base_seed, base.device, base.cache,
                      bf16=base.bf16, host=base.host)
     ctx.provide_model("cdm", model, key=key)
     return ctx
@@ -154,7 +157,9 @@ def run(args) -> None:
 
     torch.set_num_threads(args.threads)
     overrides = [f"cdm.lr={args.lr}", f"cdm.ema={args.ema}"] + ([f"cdm.batch={args.batch}"] if args.batch else [])
-    cfg = RunConfig(profile=args.profile, device="cpu", cache_dir=args.cache_dir, bf16=args.bf16,
+    # the scoring (CDM maps, features, samples) runs under the session's autocast
+    maps_bf16 = args.bf16 and not args.maps_fp32
+    cfg = RunConfig(profile=args.profile, device="cpu", cache_dir=args.cache_dir, bf16=maps_bf16,
                     out=Path(f"/tmp/wsss-cdm-curve-{args.tag}"), overrides=overrides)
     session = Session(cfg)
     base = session.context(args.task, args.seed)
@@ -171,14 +176,24 @@ def run(args) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line).get("iteration") for line in log.read_text().splitlines()} if log.exists() else set()
     command = command_line(argv=sys.argv[1:])
-    header = {"kind": "header", "tag": args.tag, "command": command,
+    header = {"kind": "header", "tag": args.tag, "seed": args.seed, "command": command,
               "provenance": provenance_lines(command, profile=args.profile,
                                              data=base.data, sources=SOURCES),
-              "recipe": {**dict(prof.cdm), "unet": dict(prof.cdm_unet), "bf16": args.bf16, "threads": args.threads},
+              "recipe": {**dict(prof.cdm), "unet": dict(prof.cdm_unet), "bf16": args.bf16, "maps_bf16": maps_bf16,
+                         "threads": args.threads},
               "real_contrast": real_contrast, "val_positive": int((labels[np.asarray(data.split("val"))] == 1).sum())}
+    work = args.cache_dir / f"cdm-curve-{args.tag}"
+    if args.from_tag:
+        # score another run's training again (the same recipe, so the same weights) without
+        # training it twice: start from that run's last checkpoint
+        src = args.cache_dir / f"cdm-curve-{args.from_tag}"
+        if not (src / "checkpoint.safetensors").exists():
+            sys.exit(f"cdm_curve: --from-tag {args.from_tag}: no checkpoint in {src}; run that tag first")
+        if not work.exists():
+            shutil.copytree(src, work)
+        header["trained_by"] = args.from_tag
     if not log.exists():
         log.write_text(json.dumps(header) + "\n")
-    work = args.cache_dir / f"cdm-curve-{args.tag}"
     model = build_cdm(dict(prof.cdm_unet), base.task.channels, seed=base.seed("init/cdm"))
     train_seconds = 0.0
     for milestone in args.milestones:
@@ -245,12 +260,85 @@ def projection(curve: dict[str, list[tuple[int, float, float]]]) -> list[str]:
     return out + ([""] if out else [])
 
 
+def run_seed(head: dict) -> int:
+    """The run's ``--seed`` (logs written before the header held it: from its command, 0 if absent)."""
+    if "seed" in head:
+        return int(head["seed"])
+    m = re.search(r"--seed[ =](\d+)", head.get("command", ""))
+    return int(m.group(1)) if m else 0
+
+
+def precision_pairs(runs: list[tuple[dict, list[dict]]]) -> list[str]:
+    """fp32 against bf16, one row per seed: runs whose recipes differ only in precision (and the
+    thread count), compared at the last milestone all of them reached, raw weights (what the
+    profile uses).  Up to three runs per seed: fp32; bf16 (training and maps, what ``--bf16``
+    does); bf16 training with fp32 maps (``--maps-fp32``).  Differences are against fp32, and
+    their means are over the seeds that have that run."""
+    variants = {(False, False): "fp32", (True, True): "bf16", (True, False): "bf16 train, fp32 maps"}
+    groups: dict[str, dict[str, tuple[dict, dict]]] = {}
+    for head, rows in runs:
+        r = head["recipe"]
+        kind = variants.get((bool(r.get("bf16")), bool(r.get("maps_bf16", r.get("bf16")))))
+        recipe = {k: v for k, v in r.items() if k not in ("bf16", "maps_bf16", "threads")}
+        key = json.dumps([run_seed(head), recipe], sort_keys=True)
+        by_it = {x["iteration"]: x for x in rows if x.get("kind") == "milestone"}
+        groups.setdefault(key, {})[kind] = (head, by_it)
+    table, diffs = [], {"bf16": [], "bf16 train, fp32 maps": []}
+    for pair in groups.values():
+        if "fp32" not in pair or len(pair) < 2:
+            continue
+        common = sorted(set.intersection(*(set(m) for _, m in pair.values())))
+        if not common:
+            continue
+        it = common[-1]
+        base = pair["fp32"][1][it]
+        cells = {"sal": [], "probe": []}
+        for kind in variants.values():
+            if kind not in pair:
+                cells["sal"].append("-")
+                cells["probe"].append("-")
+                continue
+            m = pair[kind][1][it]["raw"]
+            d_sal = m["saliency_dice_pos"] - base["raw"]["saliency_dice_pos"]
+            d_probe = m["probe_dice_pos"] - base["raw"]["probe_dice_pos"]
+            tail = "" if kind == "fp32" else f" ({d_sal:+.3f})"
+            cells["sal"].append(f"{m['saliency_dice_pos']:.3f}{tail}")
+            cells["probe"].append(f"{m['probe_dice_pos']:.3f}" + ("" if kind == "fp32" else f" ({d_probe:+.3f})"))
+            if kind != "fp32":
+                diffs[kind].append((d_sal, d_probe))
+        if "bf16" in pair:
+            b16 = pair["bf16"][1][it]
+            secs = f"{base['train_seconds_total']:.0f} / {b16['train_seconds_total']:.0f} " \
+                   f"({100 * (b16['train_seconds_total'] / base['train_seconds_total'] - 1):+.0f}%)"
+            loss = f"{base['loss_last_window']:.4f} / {b16['loss_last_window']:.4f}"
+        else:
+            secs, loss = f"{base['train_seconds_total']:.0f} / -", f"{base['loss_last_window']:.4f} / -"
+        table.append(f"| {run_seed(pair['fp32'][0])} | {it} | {pair['fp32'][0]['val_positive']} | {secs} | {loss} | "
+                     + " / ".join(cells["sal"]) + " | " + " / ".join(cells["probe"]) + " |")
+    if not table:
+        return []
+    summary = []
+    for kind, d in diffs.items():
+        if d:
+            n = len(d)
+            summary.append(f"- {kind} against fp32, over {n} seed(s): saliency Dice "
+                           f"{sum(x[0] for x in d) / n:+.3f} on average (lower on {sum(x[0] < 0 for x in d)} of {n}), "
+                           f"probe Dice {sum(x[1] for x in d) / n:+.3f}.")
+    return ["## fp32 against bf16, by seed (raw weights, last common milestone)", "",
+            "Each seed draws its own split and initialisation, shared by its runs. Train s and loss: "
+            "fp32 / bf16. Dice cells: fp32 / bf16 (training and maps, what `--bf16` does) / bf16 "
+            "training with fp32 maps (`--maps-fp32`), each with its difference from fp32.", "",
+            "| seed | iterations | val positives | train s | loss | CDM saliency Dice (val pos) | "
+            "probe Dice (val pos) |", "|---|---|---|---|---|---|---|", *table, "", *summary, ""]
+
+
 def report(paths: list[Path], out: Path) -> None:
     lines = ["# cdm_curve: sample contrast, CDM saliency and CDM-feature probe vs training iterations", ""]
-    mg_rows, real = [], None
+    mg_rows, real, runs = [], None, []
     for p in paths:
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
         head = rows[0]
+        runs.append((head, rows[1:]))
         real = head["real_contrast"]
         lines += [f"## `{head['tag']}`: lr {head['recipe']['lr']}, batch {head['recipe']['batch']}, "
                   f"EMA shadow {head['recipe']['ema']}", "", *head["provenance"],
@@ -276,6 +364,9 @@ def report(paths: list[Path], out: Path) -> None:
     for tag, r in mg_rows:
         lines += [f"MG (noisy classifier only, independent of the CDM; run `{tag}`): Dice on positive validation "
                   f"slices {r['mg_dice_pos']:.3f}, with negatives gated {r['mg_dice_all']:.3f}.", ""]
+    pairs = precision_pairs(runs)
+    if pairs:
+        lines[2:2] = pairs
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -290,7 +381,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="0 = the profile's batch")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA shadow decay scored beside the raw weights")
     ap.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",")], default=[1500, 3000, 6000, 9000])
-    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="train with bf16 autocast (and score with it, as --bf16 does)")
+    ap.add_argument("--maps-fp32", action="store_true",
+                    help="with --bf16: train in bf16 but compute the maps, features and samples in fp32")
+    ap.add_argument("--from-tag", default=None,
+                    help="start from the last checkpoint of run TAG (same cache dir; its train time is not counted)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--mg", action="store_true", help="also score MG once")

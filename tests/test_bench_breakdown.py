@@ -30,3 +30,7 @@ def test_stage_totals_by_name():
     assert totals == {"train/cdm": (1800.5, 2), "maps/layercam": (3.0, 2)}
     text = mod.markdown(totals, {"wall_seconds": 1200, "phases": [{"phase": "shared", "seconds": 1100}]})
     assert "| train/cdm | 2 | 30.0 | 99.8% |" in text and "Wall time 20.0 min" in text
+    # the floor counts only train/* stages, divided by the run's workers (1 without an executor)
+    assert "train/* stages are 30.0 of those" in text and "on 1 worker(s) no schedule finishes under 30.0 min" in text
+    two = mod.markdown(totals, {"wall_seconds": 1200, "config": {"executor": "local[jobs=2]"}})
+    assert "on 2 worker(s) no schedule finishes under 15.0 min" in two
