@@ -192,6 +192,12 @@ def run(args) -> None:
         if not work.exists():
             shutil.copytree(src, work)
         header["trained_by"] = args.from_tag
+    # a re-scored run trains nothing: its train seconds are the source run's (--from-log), or unknown
+    src_secs = {}
+    if args.from_log:
+        src_secs = {r["iteration"]: r["train_seconds_total"] for r in map(json.loads, args.from_log.read_text().splitlines())
+                    if r.get("kind") == "milestone"}
+        header["train_seconds_from"] = str(args.from_log)
     if not log.exists():
         log.write_text(json.dumps(header) + "\n")
     model = build_cdm(dict(prof.cdm_unet), base.task.channels, seed=base.seed("init/cdm"))
@@ -203,7 +209,8 @@ def run(args) -> None:
         train_seconds += time.perf_counter() - t0
         if milestone in done:
             continue
-        row = {"kind": "milestone", "iteration": milestone, "train_seconds_total": round(train_seconds, 1),
+        secs = src_secs.get(milestone) if args.from_tag else round(train_seconds, 1)
+        row = {"kind": "milestone", "iteration": milestone, "train_seconds_total": secs,
                "loss_last_window": info["final_loss"], "load": os.getloadavg()[0]}
         row["raw"] = score(base, cpu_state(model), f"curve-{args.tag}-{milestone}-raw", args, mask, real_contrast)
         if args.ema > 0:
@@ -260,6 +267,10 @@ def projection(curve: dict[str, list[tuple[int, float, float]]]) -> list[str]:
     return out + ([""] if out else [])
 
 
+def _secs(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def run_seed(head: dict) -> int:
     """The run's ``--seed`` (logs written before the header held it: from its command, 0 if absent)."""
     if "seed" in head:
@@ -308,11 +319,11 @@ def precision_pairs(runs: list[tuple[dict, list[dict]]]) -> list[str]:
                 diffs[kind].append((d_sal, d_probe))
         if "bf16" in pair:
             b16 = pair["bf16"][1][it]
-            secs = f"{base['train_seconds_total']:.0f} / {b16['train_seconds_total']:.0f} " \
-                   f"({100 * (b16['train_seconds_total'] / base['train_seconds_total'] - 1):+.0f}%)"
+            t32, t16 = base["train_seconds_total"], b16["train_seconds_total"]
+            secs = f"{_secs(t32)} / {_secs(t16)}" + (f" ({100 * (t16 / t32 - 1):+.0f}%)" if t32 and t16 else "")
             loss = f"{base['loss_last_window']:.4f} / {b16['loss_last_window']:.4f}"
         else:
-            secs, loss = f"{base['train_seconds_total']:.0f} / -", f"{base['loss_last_window']:.4f} / -"
+            secs, loss = f"{_secs(base['train_seconds_total'])} / -", f"{base['loss_last_window']:.4f} / -"
         table.append(f"| {run_seed(pair['fp32'][0])} | {it} | {pair['fp32'][0]['val_positive']} | {secs} | {loss} | "
                      + " / ".join(cells["sal"]) + " | " + " / ".join(cells["probe"]) + " |")
     if not table:
@@ -342,6 +353,10 @@ def report(paths: list[Path], out: Path) -> None:
         real = head["real_contrast"]
         lines += [f"## `{head['tag']}`: lr {head['recipe']['lr']}, batch {head['recipe']['batch']}, "
                   f"EMA shadow {head['recipe']['ema']}", "", *head["provenance"],
+                  *([f"- weights: the checkpoint of run `{head['trained_by']}` (re-scored, nothing trained; train s "
+                     f"from {head.get('train_seconds_from', 'nowhere: unknown')})"] if "trained_by" in head else []),
+                  *([f"- precision: bf16 training, {'bf16' if head['recipe'].get('maps_bf16') else 'fp32'} maps and features"]
+                    if head["recipe"].get("bf16") else []),
                   f"- validation split: {head['val_positive']} positive slices; real label-1 contrast "
                   f"{real:+.3f} (80% target {0.8 * real:+.3f})", "",
                   "| iterations | train s (cum.) | loss | weights | sample contrast | % of real | "
@@ -355,7 +370,7 @@ def report(paths: list[Path], out: Path) -> None:
                 if kind in r:
                     s = r[kind]
                     curve[kind].append((r["iteration"], s["contrast_fraction"], r["train_seconds_total"]))
-                    lines.append(f"| {r['iteration']} | {r['train_seconds_total']:.0f} | {r['loss_last_window']:.4f} | "
+                    lines.append(f"| {r['iteration']} | {_secs(r['train_seconds_total'])} | {r['loss_last_window']:.4f} | "
                                  f"{kind} | {s['contrast']:+.3f} | {100 * s['contrast_fraction']:.0f}% | "
                                  f"{s['saliency_dice_pos']:.3f} | {s['probe_dice_pos']:.3f} |")
         lines.append("")
@@ -385,7 +400,9 @@ def main() -> None:
     ap.add_argument("--maps-fp32", action="store_true",
                     help="with --bf16: train in bf16 but compute the maps, features and samples in fp32")
     ap.add_argument("--from-tag", default=None,
-                    help="start from the last checkpoint of run TAG (same cache dir; its train time is not counted)")
+                    help="start from the last checkpoint of run TAG (same cache dir); nothing is trained")
+    ap.add_argument("--from-log", type=Path, default=None,
+                    help="with --from-tag: run TAG's log, whose train seconds the rows repeat (else unknown)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--mg", action="store_true", help="also score MG once")

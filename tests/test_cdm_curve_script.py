@@ -33,7 +33,7 @@ def test_curve_scores_each_milestone_resumes_and_reports(tmp_path, one_thread):
     # --from-tag scores that run's training again without training it: the same weights give
     # the same scores, and the header says where the weights came from
     log2 = tmp_path / "again.jsonl"
-    again = cmd[:cmd.index("--tag")] + ["--tag", "t2", "--from-tag", "t", "--milestones", "20",
+    again = cmd[:cmd.index("--tag")] + ["--tag", "t2", "--from-tag", "t", "--from-log", str(log), "--milestones", "20",
                                         "--cache-dir", str(tmp_path / "cache"), "--log", str(log2), "--samples", "2"]
     subprocess.run(again, check=True, capture_output=True, env=env, cwd=ROOT)
     head2, row2 = [json.loads(line) for line in log2.read_text().splitlines()]
@@ -41,6 +41,7 @@ def test_curve_scores_each_milestone_resumes_and_reports(tmp_path, one_thread):
     assert row2["raw"]["saliency_dice_pos"] == rows[2]["raw"]["saliency_dice_pos"]
     assert row2["raw"]["probe_dice_pos"] == rows[2]["raw"]["probe_dice_pos"]
     assert row2["loss_last_window"] == rows[2]["loss_last_window"]
+    assert row2["train_seconds_total"] == rows[2]["train_seconds_total"]  # the source's, not ~0
 
 
 def _curve_module():
