@@ -294,7 +294,7 @@ def precision_pairs(runs: list[tuple[dict, list[dict]]]) -> list[str]:
         key = json.dumps([run_seed(head), recipe], sort_keys=True)
         by_it = {x["iteration"]: x for x in rows if x.get("kind") == "milestone"}
         groups.setdefault(key, {})[kind] = (head, by_it)
-    table, diffs = [], {"bf16": [], "bf16 train, fp32 maps": []}
+    table, diffs = [], {kind: [] for kind in variants.values() if kind != "fp32"}
     for pair in groups.values():
         if "fp32" not in pair or len(pair) < 2:
             continue
@@ -310,13 +310,12 @@ def precision_pairs(runs: list[tuple[dict, list[dict]]]) -> list[str]:
                 cells["probe"].append("-")
                 continue
             m = pair[kind][1][it]["raw"]
-            d_sal = m["saliency_dice_pos"] - base["raw"]["saliency_dice_pos"]
-            d_probe = m["probe_dice_pos"] - base["raw"]["probe_dice_pos"]
-            tail = "" if kind == "fp32" else f" ({d_sal:+.3f})"
-            cells["sal"].append(f"{m['saliency_dice_pos']:.3f}{tail}")
-            cells["probe"].append(f"{m['probe_dice_pos']:.3f}" + ("" if kind == "fp32" else f" ({d_probe:+.3f})"))
+            d = []
+            for cell, metric in (("sal", "saliency_dice_pos"), ("probe", "probe_dice_pos")):
+                d.append(m[metric] - base["raw"][metric])
+                cells[cell].append(f"{m[metric]:.3f}" + ("" if kind == "fp32" else f" ({d[-1]:+.3f})"))
             if kind != "fp32":
-                diffs[kind].append((d_sal, d_probe))
+                diffs[kind].append(tuple(d))
         if "bf16" in pair:
             b16 = pair["bf16"][1][it]
             t32, t16 = base["train_seconds_total"], b16["train_seconds_total"]
